@@ -1,0 +1,185 @@
+"""Train COMET (or the MOTFM baseline) from a YAML config.
+
+Example:
+    python trainer.py --config_path configs/quickstart.yaml
+    python trainer.py --config_path configs/comet_camus.yaml --set train_args.max_epochs=100
+
+Checkpoints, the resolved config, logs and sample grids go to ``<output_dir>/<run_name>/``. Running the
+same command again resumes from ``last.ckpt``; a run directory that holds a different configuration is
+never reused silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("comet.trainer")
+
+# Keys that may change between a run and its resumption (they do not change what is learned).
+RESUMABLE_CHANGES = {
+    "train_args.max_epochs", "train_args.max_steps", "train_args.devices", "train_args.num_nodes",
+    "train_args.accelerator", "data_args.num_workers", "train_args.limit_train_batches",
+    "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="example: python trainer.py --config_path configs/quickstart.yaml --set train_args.max_epochs=5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config_path", default="configs/quickstart.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train_args.lr=2e-4 (repeatable)")
+    return p
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Console (and file) logging, once per process; ranks other than 0 only log warnings."""
+    import os
+
+    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None and rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+
+
+def resolve_devices(train, cuda_count: int) -> tuple[str, int]:
+    """(accelerator, devices per node): every visible GPU by default, else one CPU process."""
+    accelerator = train.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if cuda_count > 0 else "cpu"
+    if accelerator == "gpu":
+        if cuda_count == 0:
+            raise RuntimeError("train_args.accelerator is 'gpu' but no CUDA device is visible")
+        return "gpu", train.devices or cuda_count
+    return "cpu", train.devices or 1
+
+
+def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
+    """Gradient accumulation that keeps ``effective_batch`` for this number of processes (at least 1)."""
+    per_step = batch_size * world_size
+    return max(1, round(effective_batch / per_step))
+
+
+def prepare_run_dir(cfg, config_dict: dict) -> Path | None:
+    """Create the run directory; return ``last.ckpt`` to resume from, if any.
+
+    Refuses a directory that holds a run with another configuration (beyond RESUMABLE_CHANGES).
+    """
+    import yaml
+
+    from utils.config import config_diff, dump_config
+
+    run_dir = cfg.run_dir
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        with open(saved) as f:
+            previous = yaml.safe_load(f) or {}
+        changed = [k for k in config_diff(previous, config_dict) if k not in RESUMABLE_CHANGES]
+        if changed:
+            raise SystemExit(
+                f"error: {run_dir} already holds run '{cfg.run_name}' with a different configuration "
+                f"(differs in: {', '.join(changed)}). Nothing was changed. Choose another name with "
+                "--set run_name=NAME, or move that directory away yourself."
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"error: {run_dir} exists, is not empty and has no config.yaml; not writing into it. "
+                         "Choose another name with --set run_name=NAME.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, saved)
+    last = run_dir / "last.ckpt"
+    return last if last.exists() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from utils.config import ConfigError, config_to_dict, load_config
+
+    try:
+        cfg = load_config(args.config_path, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    config_dict = config_to_dict(cfg)
+    resume = prepare_run_dir(cfg, config_dict)
+    setup_logging(cfg.run_dir / "train.log")
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from utils.data import EchoDataModule
+    from utils.model import count_parameters
+    from utils.module import COMETModule
+
+    t = cfg.train_args
+    accelerator, devices = resolve_devices(t, torch.cuda.device_count())
+    world = devices * t.num_nodes
+    accumulate = accumulation_steps(t.effective_batch_size, t.batch_size, world)
+    if t.batch_size * world * accumulate != t.effective_batch_size:
+        log.warning("effective batch %d is not reachable with %d per device x %d processes; using %d",
+                    t.effective_batch_size, t.batch_size, world, t.batch_size * world * accumulate)
+    log.info("run %s in %s: %s x %d (x %d nodes), batch %d per device x %d processes x %d accumulation = %d",
+             cfg.run_name, cfg.run_dir, accelerator, devices, t.num_nodes, t.batch_size, world, accumulate,
+             t.batch_size * world * accumulate)
+    precision = t.precision
+    if accelerator == "cpu" and precision == "16-mixed":
+        log.warning("fp16 mixed precision needs a GPU; training in 32-bit on the CPU")
+        precision = "32-true"
+    if accelerator == "gpu":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
+
+    pl.seed_everything(t.seed, workers=True)
+    dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed)
+    module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
+    unet, control = count_parameters(module.model.unet), count_parameters(module.model.controlnet)
+    log.info("model: %s parameters (UNet %s + ControlNet %s)", f"{unet + control:,}", f"{unet:,}", f"{control:,}")
+    log.info("prior: alpha %.3g, enc(mask) = %s %s; contrastive: weight %.3g from epoch %d, target %s",
+             cfg.prior_args.alpha, cfg.prior_args.mask_encoding, module.hparams.label_values,
+             cfg.contrastive_args.weight, cfg.contrastive_args.warmup_epochs, cfg.contrastive_args.target)
+
+    callbacks = [
+        ModelCheckpoint(dirpath=cfg.run_dir, monitor="val/loss", mode="min", save_top_k=1, save_last=True,
+                        filename="best-epoch{epoch:03d}-valloss{val/loss:.6f}", auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=cfg.run_dir / "periodic", every_n_epochs=t.checkpoint_every_n_epochs,
+                        save_top_k=-1, filename="epoch{epoch:03d}", auto_insert_metric_name=False),
+        LearningRateMonitor(),
+        TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
+    ]
+    loggers = [TensorBoardLogger(cfg.run_dir, name="", version="tensorboard"),
+               CSVLogger(cfg.run_dir, name="", version="csv")]
+    strategy = (DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
+                if world > 1 else "auto")
+    trainer = pl.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
+        precision=precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        accumulate_grad_batches=accumulate, gradient_clip_val=t.gradient_clip_val or None,
+        check_val_every_n_epoch=t.val_every_n_epochs, log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches or None, limit_val_batches=t.limit_val_batches or None,
+        default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
+    )
+    if resume is not None:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        log.info("resuming from %s (epoch %d, step %d)", resume, ckpt["epoch"], ckpt["global_step"])
+        del ckpt
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    best = callbacks[0].best_model_path
+    score = callbacks[0].best_model_score
+    log.info("done: best checkpoint %s (val/loss %s); last %s", best, None if score is None else f"{float(score):.6f}",
+             cfg.run_dir / "last.ckpt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Typed configuration: YAML files loaded into frozen dataclasses and validated once.
+
+Every key is checked against the dataclass that owns it: an unknown key, a value of the wrong type
+or out of range is a :class:`ConfigError` naming the file and the key, e.g.
+``configs/x.yaml: train_args.lr must be > 0, got -1``. ``--set section.key=value`` overrides are
+parsed as YAML scalars and typed by the same dataclasses. This module does not import torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+SOLVER_METHODS = ("euler", "midpoint", "heun3", "rk4")
+# Network evaluations per step of each fixed-grid method.
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """How to build the built-in synthetic echo set when the dataset file is missing."""
+
+    size: int = 256
+    patients: tuple[int, ...] = (350, 50, 50)
+    seed: int = 0
+
+    def check(self, key):
+        _require(self.size >= 16, key("size"), f"must be >= 16, got {self.size}")
+        _require(len(self.patients) == 3 and min(self.patients) >= 1, key("patients"),
+                 f"must be three positive patient counts (train, valid, test), got {list(self.patients)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/synthetic_echo.npz"
+    num_classes: int = 4
+    image_size: int = 256
+    num_workers: int = 2
+    synthetic: SyntheticConfig | None = None
+
+    def check(self, key):
+        _require(self.num_classes >= 2, key("num_classes"), f"must be >= 2, got {self.num_classes}")
+        _require(self.image_size >= 8, key("image_size"), f"must be >= 8, got {self.image_size}")
+        _require(self.num_workers >= 0, key("num_workers"), f"must be >= 0, got {self.num_workers}")
+        if self.synthetic is not None:
+            _require(self.synthetic.size == self.image_size, key("synthetic.size"),
+                     f"must equal data_args.image_size ({self.image_size}), got {self.synthetic.size}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MONAI DiffusionModelUNet + ControlNet hyperparameters (the seed's network by default)."""
+
+    channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    num_res_blocks: tuple[int, ...] = (2, 2, 2, 2, 2)
+    attention_levels: tuple[bool, ...] = (False, False, True, True, True)
+    num_head_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    norm_num_groups: int = 32
+    resblock_updown: bool = True
+    transformer_num_layers: int = 1
+    conditioning_embedding_num_channels: tuple[int, ...] = (16,)
+
+    def check(self, key):
+        n = len(self.channels)
+        for name in ("num_res_blocks", "attention_levels", "num_head_channels"):
+            got = len(getattr(self, name))
+            _require(got == n, key(name), f"needs one entry per level ({n}), got {got}")
+        for c in self.channels:
+            _require(c % self.norm_num_groups == 0, key("channels"),
+                     f"each must be divisible by norm_num_groups ({self.norm_num_groups}), got {c}")
+        for c, h in zip(self.channels, self.num_head_channels):
+            _require(h > 0 and c % h == 0, key("num_head_channels"),
+                     f"each must divide its level's channels, got {h} for {c}")
+        _require(self.transformer_num_layers >= 1, key("transformer_num_layers"), "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Warm-start prior x_0 = alpha * Blur_{k,sigma}(enc(mask)) + sqrt(1 - alpha^2) * eps."""
+
+    alpha: float = 0.3
+    kernel_size: int = 15
+    sigma: float = 5.0
+    # enc(mask): each label's mean training intensity in [-1, 1], or label / (num_classes - 1) * 2 - 1.
+    mask_encoding: Literal["mean_intensity", "scaled_labels"] = "mean_intensity"
+
+    def check(self, key):
+        _require(0.0 <= self.alpha < 1.0, key("alpha"), f"must be in [0, 1), got {self.alpha}")
+        _require(self.kernel_size >= 1 and self.kernel_size % 2 == 1, key("kernel_size"),
+                 f"must be a positive odd number, got {self.kernel_size}")
+        _require(self.sigma > 0, key("sigma"), f"must be > 0, got {self.sigma}")
+
+
+@dataclass(frozen=True)
+class ContrastiveConfig:
+    """Cosine InfoNCE on velocities: L = MSE + weight * InfoNCE, on after warmup_epochs."""
+
+    weight: float = 0.01
+    temperature: float = 0.07
+    warmup_epochs: int = 5
+    target: Literal["velocity", "same_noise", "denoised"] = "velocity"
+    exclude_same_patient: bool = True
+
+    def check(self, key):
+        _require(self.weight >= 0, key("weight"), f"must be >= 0, got {self.weight}")
+        _require(self.temperature > 0, key("temperature"), f"must be > 0, got {self.temperature}")
+        _require(self.warmup_epochs >= 0, key("warmup_epochs"), f"must be >= 0, got {self.warmup_epochs}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 4  # per device
+    effective_batch_size: int = 16  # kept for any number of devices by adjusting accumulation
+    max_epochs: int = 400
+    max_steps: int = -1  # optimizer steps; -1 = run max_epochs
+    lr: float = 1e-4
+    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "16-mixed"
+    gradient_clip_val: float = 1.0
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: int = 0  # 0 = every visible GPU (CUDA_VISIBLE_DEVICES), or 1 on CPU
+    num_nodes: int = 1
+    seed: int = 42
+    ema_decay: float = 0.0  # 0 = no EMA; else e.g. 0.999, used for sampling
+    val_every_n_epochs: int = 1
+    sample_every_n_epochs: int = 10  # sample grid + quick SSIM/PSNR
+    num_sample_images: int = 8
+    checkpoint_every_n_epochs: int = 10
+    limit_train_batches: int = 0  # 0 = all
+    limit_val_batches: int = 0  # 0 = all
+    log_every_n_steps: int = 10
+
+    def check(self, key):
+        for name in ("batch_size", "effective_batch_size", "max_epochs", "num_nodes",
+                     "val_every_n_epochs", "sample_every_n_epochs", "checkpoint_every_n_epochs",
+                     "log_every_n_steps", "num_sample_images"):
+            _require(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("devices", "limit_train_batches", "limit_val_batches"):
+            _require(getattr(self, name) >= 0, key(name), f"must be >= 0, got {getattr(self, name)}")
+        _require(self.max_steps == -1 or self.max_steps >= 1, key("max_steps"),
+                 f"must be -1 or >= 1, got {self.max_steps}")
+        _require(self.lr > 0, key("lr"), f"must be > 0, got {self.lr}")
+        _require(self.gradient_clip_val >= 0, key("gradient_clip_val"), "must be >= 0")
+        _require(0.0 <= self.ema_decay < 1.0, key("ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    num_steps: int = 10
+    method: Literal["euler", "midpoint", "heun3", "rk4"] = "euler"
+
+    def check(self, key):
+        _require(self.num_steps >= 1, key("num_steps"), f"must be >= 1, got {self.num_steps}")
+
+
+@dataclass(frozen=True)
+class Config:
+    run_name: str
+    output_dir: str = "checkpoints"
+    data_args: DataConfig = field(default_factory=DataConfig)
+    model_args: ModelConfig = field(default_factory=ModelConfig)
+    prior_args: PriorConfig = field(default_factory=PriorConfig)
+    contrastive_args: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    train_args: TrainConfig = field(default_factory=TrainConfig)
+    sampling_args: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def check(self, key):
+        _require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),
+                 f"must be a non-empty name without '/', got {self.run_name!r}")
+        m = self.model_args
+        depth = 2 ** (len(m.channels) - 1)
+        _require(self.data_args.image_size % depth == 0, "data_args.image_size",
+                 f"must be divisible by {depth} for {len(m.channels)} UNet levels, got {self.data_args.image_size}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {message}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value, tp, key: str):
+    """Check ``value`` (parsed YAML) against the annotation ``tp``; return it typed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {_type_name(tp)} for {key}")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    key = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _convert(values[f.name], hints[f.name], key(f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key(f.name)}")
+    obj = cls(**kwargs)
+    obj.check(key)
+    return obj
+
+
+def config_from_dict(values: dict, source: str = "<config>") -> Config:
+    """Build and validate a :class:`Config`; errors are prefixed with ``source``."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
+    try:
+        return _build(Config, values, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    out = yaml.safe_load(yaml.safe_dump(values))  # deep copy of plain data
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        if not sep or not dotted:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file, apply ``--set`` overrides, validate. Errors name the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    source = f"{path}" + (f" (with --set {' '.join(overrides)})" if overrides else "")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(apply_overrides(values, list(overrides)), source)
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict (lists, not tuples): YAML- and checkpoint-safe."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False))
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys

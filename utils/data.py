@@ -1,0 +1,98 @@
+"""Training data: a dataset file turned into tensors, and the Lightning DataModule."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from utils.config import DataConfig
+from utils.prior import scaled_label_values
+from utils.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
+
+log = logging.getLogger(__name__)
+
+
+def missing_dataset_message(path: Path) -> str:
+    return (
+        f"dataset file {path} does not exist. Make it with one of:\n"
+        f"  python -m utils.synthetic_echo --output {path}            (the built-in synthetic echo set)\n"
+        f"  python -m utils.camus --root CAMUS_DIR --output {path}    (from a CAMUS download)\n"
+        "or point data_args.path at an existing .npz/.pkl file or image folder (--set data_args.path=...)."
+    )
+
+
+def load_training_data(cfg: DataConfig) -> dict[str, list[dict]]:
+    """Load (building the synthetic set first when configured and missing) and validate the dataset."""
+    path = Path(cfg.path)
+    if not path.exists():
+        if cfg.synthetic is None:
+            raise FileNotFoundError(missing_dataset_message(path))
+        from utils.synthetic_echo import ensure_synthetic_dataset
+
+        ensure_synthetic_dataset(path, cfg.synthetic.size, tuple(cfg.synthetic.patients), cfg.synthetic.seed)
+    data = load_dataset(path)
+    validate_dataset(data, path, num_classes=cfg.num_classes, image_size=cfg.image_size)
+    return data
+
+
+class SegmentedImages(Dataset):
+    """One split as tensors: ``x_1`` float32 (N, 1, H, W) in [-1, 1], ``mask`` uint8 (N, 1, H, W),
+    ``patient`` int64 (N,) (a code per patient id, -1 when unknown)."""
+
+    def __init__(self, records: list[dict], patient_codes: dict[str, int]):
+        self.x_1 = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]) * 2.0 - 1.0)
+        self.mask = torch.from_numpy(np.stack([np.asarray(r["mask"]).astype(np.uint8) for r in records]))
+        patients = [str(r.get("metadata", {}).get("patient", "")) for r in records]
+        self.patient = torch.tensor([patient_codes.get(p, -1) if p else -1 for p in patients])
+
+    def __len__(self) -> int:
+        return len(self.x_1)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x_1": self.x_1[i], "mask": self.mask[i], "patient": self.patient[i], "index": i}
+
+
+def mean_label_intensity(x_1: torch.Tensor, mask: torch.Tensor, num_classes: int) -> list[float]:
+    """Each label's mean image value in [-1, 1] (labels absent from the data get label/(C-1)*2-1)."""
+    values = scaled_label_values(num_classes)
+    for label in range(num_classes):
+        sel = mask == label
+        if sel.any():
+            values[label] = x_1[sel].mean()
+    return [round(float(v), 6) for v in values]
+
+
+class EchoDataModule(pl.LightningDataModule):
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
+        super().__init__()
+        self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
+        self.data = load_training_data(cfg)
+        for split in ("train", "valid"):
+            if not self.data.get(split):
+                raise DatasetError(f"{cfg.path}: the '{split}' split is missing or empty; training needs it")
+        ids = sorted({str(r.get("metadata", {}).get("patient", "")) for s in self.data.values() for r in s} - {""})
+        codes = {p: i for i, p in enumerate(ids)}
+        self.train_set = SegmentedImages(self.data["train"], codes)
+        self.val_set = SegmentedImages(self.data["valid"], codes)
+        log.info("dataset %s: %d train, %d valid images of %dx%d", cfg.path, len(self.train_set),
+                 len(self.val_set), *self.train_set.x_1.shape[-2:])
+
+    def label_values(self, encoding: str) -> list[float]:
+        if encoding == "mean_intensity":
+            return mean_label_intensity(self.train_set.x_1, self.train_set.mask, self.cfg.num_classes)
+        return [round(float(v), 6) for v in scaled_label_values(self.cfg.num_classes)]
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
+                          drop_last=len(self.train_set) >= 2 * self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0)

@@ -1,0 +1,147 @@
+"""The LightningModule: glue between the data, the velocity field, the prior, the losses and the sampler."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from flow_matching.path import AffineProbPath
+from flow_matching.path.scheduler import CondOTScheduler
+from pytorch_lightning.utilities import rank_zero_only
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
+from utils.config import config_from_dict
+from utils.distributed import gather_no_grad
+from utils.images import grid_image, mask_to_unit, save_png, to_unit
+from utils.model import VelocityAdapter, build_model
+from utils.prior import noise_for_indices, warm_start_prior
+from utils.sampling import sample
+
+log = logging.getLogger(__name__)
+
+GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def fixed_times(index: torch.Tensor) -> torch.Tensor:
+    """A fixed t in [0, 1) per validation sample (golden-ratio sequence), so val/loss is comparable."""
+    return torch.remainder(index.double() * GOLDEN + 0.5 * GOLDEN, 1.0).float()
+
+
+class COMETModule(pl.LightningModule):
+    """Flow matching from the warm-start prior to images, with the optional contrastive velocity term.
+
+    ``config`` is the plain-dict form of :class:`utils.config.Config`; ``label_values`` (num_classes,)
+    is enc(label) for the prior. Both are saved in the checkpoint, which alone rebuilds the model.
+    """
+
+    def __init__(self, config: dict, label_values: list[float]):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = config_from_dict(config, "checkpoint config")
+        self.model = build_model(self.cfg.model_args, self.cfg.data_args.num_classes)
+        self.register_buffer("label_values", torch.tensor(label_values, dtype=torch.float32), persistent=False)
+        self.path = AffineProbPath(scheduler=CondOTScheduler())
+        decay = self.cfg.train_args.ema_decay
+        self.ema = None
+        if decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+            self.ema.requires_grad_(False)  # updated by hand; DDP must not wait for its gradients
+        self._ema_step = -1
+
+    # --- the method -------------------------------------------------------------------------------
+    def prior(self, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        p = self.cfg.prior_args
+        return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values)
+
+    def sampling_adapter(self) -> VelocityAdapter:
+        """The network used for sampling: the EMA weights when kept."""
+        return VelocityAdapter(self.ema.module if self.ema is not None else self.model)
+
+    def flow_matching_loss(self, x_1, mask, eps, t):
+        x_0 = self.prior(mask, eps)
+        ps = self.path.sample(x_0=x_0, x_1=x_1, t=t)
+        v = self.model(ps.x_t, t, mask)
+        return F.mse_loss(v.float(), ps.dx_t.float()), v, x_0, ps
+
+    def training_step(self, batch, batch_idx):
+        x_1, mask = batch["x_1"], batch["mask"]
+        t = torch.rand(x_1.shape[0], device=x_1.device)
+        fm, v, x_0, ps = self.flow_matching_loss(x_1, mask, torch.randn_like(x_1), t)
+        c = self.cfg.contrastive_args
+        weight = contrastive_weight(c.weight, c.warmup_epochs, self.current_epoch)
+        loss = fm
+        logs = {"train/fm_loss": fm, "train/nce_weight": weight}
+        if weight > 0:
+            keys_x_0, offset = gather_no_grad(x_0)
+            keys_x_1, _ = gather_no_grad(x_1)
+            patients, _ = gather_no_grad(batch["patient"])
+            positive = torch.arange(x_1.shape[0], device=x_1.device) + offset
+            valid = None
+            if c.exclude_same_patient:
+                own = batch["patient"][:, None]
+                valid = (patients[None, :] != own) | (own < 0)
+            out = contrastive_velocity_loss(c.target, v, x_0, ps.x_t, t, keys_x_0, keys_x_1, positive,
+                                            c.temperature, valid)
+            loss = fm + weight * out.loss
+            logs.update({"train/nce_loss": out.loss, "train/nce_pos_cos": out.pos_cos,
+                         "train/nce_neg_cos": out.neg_cos, "train/nce_keys": float(out.num_keys),
+                         "train/nce_chance": math.log(out.num_keys)})
+        logs["train/loss"] = loss
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=x_1.shape[0])
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=x_1.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
+            self.ema.update_parameters(self.model)
+            self._ema_step = self.global_step
+
+    def validation_step(self, batch, batch_idx):
+        x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
+        eps = noise_for_indices(index.cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
+        fm, *_ = self.flow_matching_loss(x_1, mask, eps, fixed_times(index).to(x_1.device))
+        self.log("val/loss", fm, prog_bar=True, sync_dist=True, batch_size=x_1.shape[0])
+
+    # --- what a person looks at ---------------------------------------------------------------------
+    def on_validation_epoch_end(self):
+        every = self.cfg.train_args.sample_every_n_epochs
+        last = self.current_epoch + 1 >= self.trainer.max_epochs
+        if self.trainer.sanity_checking or not ((self.current_epoch + 1) % every == 0 or last):
+            return
+        metrics = self._sample_grid()
+        if metrics:
+            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    @rank_zero_only
+    def _sample_grid(self) -> dict:
+        """Sample the first validation masks; write mask | real | generated as PNG and to TensorBoard."""
+        ds = self.trainer.datamodule.val_set
+        n = min(self.cfg.train_args.num_sample_images, len(ds))
+        index = torch.arange(n)
+        x_1, mask = ds.x_1[:n].to(self.device), ds.mask[:n].to(self.device)
+        eps = noise_for_indices(index, tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
+        s = self.cfg.sampling_args
+        gen = sample(self.sampling_adapter(), self.prior(mask, eps), mask, s.num_steps, s.method)
+        real01, gen01 = to_unit(x_1), to_unit(gen)
+        grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01])
+        out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
+        save_png(grid, out)
+        if self.logger is not None and hasattr(self.logger.experiment, "add_image"):
+            self.logger.experiment.add_image("samples/mask_real_generated", grid, self.global_step,
+                                             dataformats="HW")
+        ssim = structural_similarity_index_measure(gen01.float(), real01.float(), data_range=1.0,
+                                                   reduction="none")
+        psnr = peak_signal_noise_ratio(gen01.float(), real01.float(), data_range=1.0, reduction="none",
+                                       dim=(1, 2, 3))
+        log.info("epoch %d: sample grid %s (SSIM %.3f, PSNR %.2f dB on %d validation masks)",
+                 self.current_epoch, out, ssim.mean(), psnr.mean(), n)
+        return {"val/sample_ssim": ssim.mean(), "val/sample_psnr": psnr.mean()}
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.train_args.lr)

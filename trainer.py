@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytorch_lightning.strategies import DDPStrategy
 
     from utils.data import EchoDataModule
+    from utils.dataset_io import DatasetError
     from utils.model import count_parameters
     from utils.module import COMETModule
 
@@ -141,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
 
     pl.seed_everything(t.seed, workers=True)
-    dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed)
+    try:
+        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed)
+    except (FileNotFoundError, DatasetError) as e:
+        log.error("%s", e)
+        return 2
     module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
     unet, control = count_parameters(module.model.unet), count_parameters(module.model.controlnet)
     log.info("model: %s parameters (UNet %s + ControlNet %s)", f"{unet + control:,}", f"{unet:,}", f"{control:,}")

@@ -1,0 +1,142 @@
+"""Generate images for masks with a trained COMET checkpoint, reproducibly.
+
+Examples:
+    python inferer.py --checkpoint checkpoints/quickstart --num_samples 64 --output_dir outputs/quickstart
+    python inferer.py --config_path configs/comet_camus.yaml --num_samples 2000 --num_inference_steps 10
+    python inferer.py --checkpoint run.ckpt --masks my_masks/ --resize --png --output_dir outputs/mine
+
+Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
+or from --masks (a folder of PNG/NPY label maps, or a dataset file). Sample i starts from the prior noise
+of (--seed, i), so the images do not depend on --batch_size or --devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+from utils.config import SOLVER_METHODS
+
+log = logging.getLogger("comet.inferer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="a .ckpt file or a run directory (default: the run of --config_path)")
+    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
+    p.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value of the checkpoint, e.g. --set data_args.path=other.npz")
+    p.add_argument("--num_samples", type=int, help="images to generate (default: one per mask)")
+    p.add_argument("--num_inference_steps", type=int, help="solver steps (default: the config's, 10)")
+    p.add_argument("--method", choices=SOLVER_METHODS, help="fixed-grid solver (default: the config's, euler)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
+    p.add_argument("--masks", help="folder of PNG/NPY label maps, or a dataset file, instead of the split")
+    p.add_argument("--resize", action="store_true", help="resize masks of another size (nearest neighbour)")
+    p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--batch_invariant", action="store_true",
+                   help="run the network on one image at a time: bitwise-identical images for any --batch_size "
+                        "(slower); without it they agree to float rounding (~1e-7)")
+    p.add_argument("--devices", type=int, default=1, help="GPUs to split the work over (default: %(default)s)")
+    p.add_argument("--output_dir", help="where to write (default: <run dir>/samples_<split>_<steps>steps)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    p.add_argument("--png", action="store_true", help="also write one PNG per image")
+    p.add_argument("--format", choices=("npz", "pkl"), default="npz",
+                   help="npz always; pkl also writes the seed's/MOTFM's pickle layout")
+    return p
+
+
+def resolve_checkpoint(args) -> Path:
+    from utils.config import load_config
+    from utils.generation import find_checkpoint
+
+    if args.checkpoint:
+        return find_checkpoint(args.checkpoint, args.which)
+    if not args.config_path:
+        raise SystemExit("error: give --checkpoint (a .ckpt or run directory) or --config_path")
+    return find_checkpoint(load_config(args.config_path).run_dir, args.which)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pick_devices(count: int) -> list[str]:
+    import torch
+
+    if torch.cuda.is_available():
+        if count > torch.cuda.device_count():
+            raise SystemExit(f"error: --devices {count} but only {torch.cuda.device_count()} GPUs are visible")
+        return [f"cuda:{i}" for i in range(count)]
+    return ["cpu"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("num_samples", "num_inference_steps", "batch_size", "devices"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {value}")
+
+    import torch
+
+    from utils.config import apply_overrides
+    from utils.generation import generate, load_module
+    from utils.masks import MaskError, load_masks
+
+    ckpt = resolve_checkpoint(args)
+    devices = pick_devices(args.devices)
+    overrides = apply_overrides({}, args.overrides) if args.overrides else None
+    module = load_module(ckpt, devices[0], overrides)
+    cfg = module.cfg
+    steps = args.num_inference_steps or cfg.sampling_args.num_steps
+    method = args.method or cfg.sampling_args.method
+    out_dir = Path(args.output_dir or cfg.run_dir / f"samples_{args.split}_{steps}steps")
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
+
+    try:
+        source = load_masks(args.masks or cfg.data_args.path, args.split, cfg.data_args.num_classes,
+                            cfg.data_args.image_size, resize=args.resize)
+    except MaskError as e:
+        raise SystemExit(f"error: {e}") from None
+    n = args.num_samples or len(source.masks)
+    pick = torch.arange(n) % len(source.masks)  # cycle through the masks
+    masks = source.masks[pick]
+    batch = args.batch_size or (64 if devices[0].startswith("cuda") else 8)
+    log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
+             ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))
+    result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
+                      batch_invariant=args.batch_invariant)
+
+    from utils.outputs import write_samples
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "checkpoint": str(ckpt.resolve()), "checkpoint_sha256": sha256_file(ckpt), "config": module.hparams["config"],
+        "num_samples": n, "num_inference_steps": steps, "method": method, "seed": args.seed,
+        "nfe_per_image": result.nfe, "seconds": round(result.seconds, 3),
+        "seconds_per_image": round(result.seconds / n, 5), "device": devices, "batch_size": batch,
+        "batch_invariant": args.batch_invariant, "mask_source": source.description, "split": None if args.masks else args.split,
+        "ema": module.ema is not None,
+    }
+    write_samples(out_dir, result.images, masks, [source.ids[i] for i in pick.tolist()], manifest,
+                  num_classes=cfg.data_args.num_classes, png=args.png, pkl=args.format == "pkl",
+                  split=args.split)
+    log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, out_dir,
+             result.seconds / n, result.nfe)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+import csv
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, tiny_overrides
+
+import trainer
+from utils.config import load_config
+
+
+def _metrics(run_dir):
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_leaves_everything_a_person_needs(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"last.ckpt", "config.yaml", "train.log", "tensorboard", "csv", "samples"} <= names
+    assert any(n.startswith("best-epoch") for n in names)
+    assert sorted(p.name for p in (tiny_run / "samples").glob("*.png")) == ["epoch0000.png", "epoch0001.png"]
+    assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert load_config(tiny_run / "config.yaml").run_name == "tiny"
+    rows = _metrics(tiny_run)
+    logged = {k for r in rows for k, v in r.items() if v}
+    assert {"train/fm_loss", "train/nce_loss", "train/nce_weight", "train/nce_pos_cos", "train/nce_neg_cos",
+            "val/loss", "val/sample_ssim", "val/sample_psnr"} <= logged
+
+
+def test_checkpoint_loads_with_weights_only_and_holds_the_config(tiny_run):
+    ckpt = torch.load(tiny_run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["config"]["run_name"] == "tiny"
+    assert len(ckpt["hyper_parameters"]["label_values"]) == 4
+
+
+def test_a_different_config_is_not_written_into_an_existing_run(tiny_run, tiny_data):
+    tmp = tiny_run.parent.parent
+    args = ["--config_path", "configs/tiny.yaml"]
+    for s in tiny_overrides(tmp, **{"data_args.path": tiny_data, "train_args.lr": 0.5}):
+        args += ["--set", s]
+    before = sorted(p.name for p in tiny_run.iterdir())
+    with pytest.raises(SystemExit, match=r"different configuration \(differs in: train_args.lr\)"):
+        trainer.main(args)
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+
+
+def test_missing_dataset_says_how_to_make_it(tmp_path, capsys):
+    args = ["--config_path", "configs/comet_camus.yaml", "--set", f"data_args.path={tmp_path}/none.pkl",
+            "--set", f"output_dir={tmp_path}/runs"]
+    assert trainer.main(args) == 2
+    assert re.search(r"(?s)none.pkl does not exist.*utils.synthetic_echo.*utils.camus", capsys.readouterr().err)
+
+
+def test_bad_config_exits_with_the_key(capsys):
+    assert trainer.main(["--config_path", "configs/tiny.yaml", "--set", "train_args.lr=-1"]) == 2
+    assert "train_args.lr must be > 0" in capsys.readouterr().err
+
+
+def test_effective_batch_is_kept_across_device_counts():
+    assert trainer.accumulation_steps(16, 4, 2) == 2
+    assert trainer.accumulation_steps(16, 4, 1) == 4
+    assert trainer.accumulation_steps(16, 4, 4) == 1
+    assert trainer.accumulation_steps(16, 4, 8) == 1
+
+
+def _cmd(tmp, *extra):
+    cmd = [sys.executable, str(ROOT / "trainer.py"), "--config_path", "configs/tiny.yaml"]
+    for s in tiny_overrides(tmp, **dict(e.split("=", 1) for e in extra)):
+        cmd += ["--set", s]
+    return cmd
+
+
+@pytest.mark.slow
+def test_seed_config_builds_the_seed_network_and_trains_a_step_on_cpu(tmp_path, tiny_data):
+    cmd = [sys.executable, str(ROOT / "trainer.py"), "--config_path", "configs/comet_camus.yaml"]
+    for s in [f"data_args.path={tiny_data}", f"output_dir={tmp_path}", "data_args.image_size=32",
+              "train_args.max_steps=1", "train_args.max_epochs=1", "train_args.accelerator=cpu",
+              "train_args.limit_val_batches=1", "data_args.num_workers=0", "train_args.effective_batch_size=4"]:
+        cmd += ["--set", s]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "model: 94,494,881 parameters (UNet 66,949,761 + ControlNet 27,545,120)" in out.stderr
+    assert (tmp_path / "comet_camus" / "last.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_same_command_resumes_from_last_checkpoint(tmp_path, tiny_data):
+    extra = [f"data_args.path={tiny_data}", "train_args.max_epochs=40"]
+    proc = subprocess.Popen(_cmd(tmp_path, *extra), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "runs" / "tiny" / "last.ckpt"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (last.exists() and torch.load(last, weights_only=True)["epoch"] >= 1):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, weights_only=True)
+    assert killed_at["epoch"] >= 1
+    out = subprocess.run(_cmd(tmp_path, *extra[:1], "train_args.max_epochs=" + str(killed_at["epoch"] + 2)),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resuming from {last} (epoch {killed_at['epoch']}, step {killed_at['global_step']})" in out.stderr
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] > killed_at["global_step"]
+    assert resumed["epoch"] == killed_at["epoch"] + 1
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_gathers_the_other_ranks_negatives(tmp_path, tiny_data):
+    extra = [f"data_args.path={tiny_data}", "train_args.devices=2", "train_args.max_epochs=1",
+             "train_args.effective_batch_size=8"]
+    out = subprocess.run(_cmd(tmp_path, *extra), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for r in _metrics(tmp_path / "runs" / "tiny") if r.get("train/nce_keys")]
+    assert rows
+    # 4 local samples per rank: 8 keys means the other rank's 4 were gathered
+    assert all(float(r["train/nce_keys"]) == 8.0 for r in rows)

@@ -1,0 +1,127 @@
+"""Generating images from a checkpoint: shared by inferer.py and evaluate.py.
+
+The model and its configuration come from the checkpoint alone; the prior and the sampler are the ones
+training used (utils.prior, utils.sampling). The noise of sample i depends only on (seed, i).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.images import to_unit
+from utils.prior import noise_for_indices
+from utils.sampling import sample
+
+log = logging.getLogger(__name__)
+
+_BEST = re.compile(r"best-epoch(\d+)-valloss([0-9.eE+-]+?)(?:-v\d+)?\.ckpt$")
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A ``.ckpt`` file as given, or in a run directory the best checkpoint (lowest val/loss in the
+    ``best-epochE-vallossL.ckpt`` names) or ``last.ckpt``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (give a .ckpt file or a run directory)")
+    if which == "last":
+        last = path / "last.ckpt"
+        if not last.is_file():
+            raise FileNotFoundError(f"{path} has no last.ckpt")
+        return last
+    scored = []
+    for p in path.glob("best-*.ckpt"):
+        m = _BEST.search(p.name)
+        if m:
+            scored.append((float(m.group(2)), -int(m.group(1)), p))
+    if not scored:
+        raise FileNotFoundError(f"{path} has no best-epoch*-valloss*.ckpt (is it a run directory?); "
+                                "use --which last or give a .ckpt file")
+    return min(scored)[2]
+
+
+def load_module(checkpoint: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None):
+    """Rebuild the trained COMETModule from a checkpoint (loaded with ``weights_only=True``)."""
+    from utils.config import config_from_dict, config_to_dict
+    from utils.module import COMETModule
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters")
+    if not hp or "config" not in hp:
+        raise ValueError(f"{checkpoint}: not a COMET checkpoint (no hyper_parameters.config)")
+    config = hp["config"]
+    if overrides:
+        config = config_to_dict(config_from_dict({**config, **overrides}, f"{checkpoint} + overrides"))
+    module = COMETModule(config, hp["label_values"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module.to(device).eval()
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor  # (N, 1, H, W) float32 in [0, 1]
+    nfe: int  # network evaluations per sample
+    seconds: float
+
+
+def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, num_steps: int, method: str,
+             batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False) -> Generated:
+    """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
+
+    Work is split over ``devices`` (one model copy each, one thread each). Batch size and device count
+    do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
+    still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
+    network on one image at a time, which makes results bitwise identical for any batch size, at a cost.
+    """
+    n = len(masks)
+    shape = (1, *masks.shape[-2:])
+    out = torch.empty((n, *shape), dtype=torch.float32)
+    chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    models = [module if str(module.device) == d else _copy_to(module, d) for d in devices]
+    bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
+    nfe = [0]
+
+    def solve(m, mask: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        x_0 = m.prior(mask, noise_for_indices(ids, shape, seed).to(m.device))
+        adapter = m.sampling_adapter()
+        with torch.inference_mode():
+            return sample(adapter, x_0, mask, num_steps, method), adapter.nfe
+
+    def work(k: int, chunk: list[int]) -> None:
+        m = models[k % len(models)]
+        idx = torch.tensor(chunk)
+        mask, ids = masks[idx].to(m.device), sample_ids[idx]
+        if batch_invariant:  # the prior's blur and the network each see one image
+            parts = [solve(m, mask[j:j + 1], ids[j:j + 1]) for j in range(len(chunk))]
+            x_1, nfe[0] = torch.cat([p[0] for p in parts]), parts[0][1]
+        else:
+            x_1, nfe[0] = solve(m, mask, ids)
+        out[idx] = to_unit(x_1).cpu()
+        bar.update(len(chunk))
+
+    start = time.perf_counter()
+    if len(models) == 1:
+        for k, chunk in enumerate(chunks):
+            work(k, chunk)
+    else:
+        with ThreadPoolExecutor(len(models)) as pool:
+            for group in range(0, len(chunks), len(models)):
+                list(pool.map(work, range(group, min(group + len(models), len(chunks))),
+                              chunks[group:group + len(models)]))
+    bar.close()
+    return Generated(out, nfe[0], time.perf_counter() - start)
+
+
+def _copy_to(module, device: str):
+    import copy
+
+    return copy.deepcopy(module).to(device).eval()

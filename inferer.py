@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_samples": n, "num_inference_steps": steps, "method": method, "seed": args.seed,
         "nfe_per_image": result.nfe, "seconds": round(result.seconds, 3),
         "seconds_per_image": round(result.seconds / n, 5), "device": devices, "batch_size": batch,
-        "batch_invariant": args.batch_invariant, "mask_source": source.description, "split": None if args.masks else args.split,
+        "batch_invariant": args.batch_invariant, "mask_source": source.description,
+        "split": None if args.masks else args.split,
         "ema": module.ema is not None,
     }
     write_samples(out_dir, result.images, masks, [source.ids[i] for i in pick.tolist()], manifest,

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utils.config import DataConfig
-from utils.prior import scaled_label_values
 from utils.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
+from utils.prior import scaled_label_values
 
 log = logging.getLogger(__name__)
 

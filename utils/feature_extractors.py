@@ -1,0 +1,260 @@
+"""Feature extractors for FID / KID (Inception-v3) and CMMD (CLIP), from local weights only.
+
+Nothing here downloads anything. Weights are found by :func:`resolve_inception_weights` (flag, then
+``$COMET_INCEPTION_WEIGHTS``, then the torch hub cache file torch-fidelity itself would use) and
+:func:`resolve_clip_dir` (flag, then ``$COMET_CLIP_DIR``); a missing file raises
+:class:`MissingWeightsError` naming what was tried, where the weights come from and where to put them.
+
+Preprocessing is identical for real and generated images (:func:`to_uint8_rgb`): images ``[N,1,H,W]``
+in [0, 1] become ``uint8 [N,3,H,W]`` by ``round(clamp(x, 0, 1) * 255)`` (never wrapping), grey
+repeated to RGB. No per-image rescaling. Then:
+
+- Inception (``inception-v3-compat``, 2048-d pool features): torch-fidelity's
+  ``FeatureExtractorInceptionV3``, which resizes to 299 with its TF-1.x-compatible bilinear
+  interpolation (no antialiasing) and maps x -> (x - 128) / 128.
+- CLIP (ViT-L/14@336 for CMMD): as the CMMD reference (google-research ``cmmd``): centre crop to a
+  square, PIL-compatible antialiased bicubic resize of the uint8 image to the processor's crop size
+  (336), x / 255, normalised with the processor's mean/std; the embedding is ``image_embeds``.
+
+An extractor has ``name``, ``weights_sha256`` (one fingerprint of everything loaded),
+``weights_files`` (``{file name: sha256}`` of each weights file) and
+``__call__(images01 [N,1,H,W] float in [0,1]) -> np.ndarray float64 [N, D]``.
+:class:`FeatureCache` stores real-set features as ``.npy`` keyed by split, extractor, weights and data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+INCEPTION_ENV = "COMET_INCEPTION_WEIGHTS"
+CLIP_ENV = "COMET_CLIP_DIR"
+INCEPTION_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE_NAME}"
+CLIP_MODEL_ID = "openai/clip-vit-large-patch14-336"
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights for a metric are not on disk; the message says what was tried and how to fix it."""
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inception_hub_path() -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` (used by torch-fidelity) caches the Inception weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE_NAME
+
+
+def resolve_inception_weights(flag_value: str | Path | None) -> Path:
+    """The Inception state-dict file: ``flag_value``, else ``$COMET_INCEPTION_WEIGHTS``, else the hub cache.
+
+    The first source that is set is the one used: a flag or variable naming a missing file is an
+    error, not a reason to look elsewhere.
+    """
+    if flag_value:
+        source, path = "--inception_weights", Path(flag_value)
+    elif os.environ.get(INCEPTION_ENV):
+        source, path = f"${INCEPTION_ENV}", Path(os.environ[INCEPTION_ENV])
+    else:
+        source, path = "the torch hub cache", inception_hub_path()
+    if path.is_file():
+        return path
+    raise MissingWeightsError(
+        f"Inception-v3 weights for FID/KID not found: tried {path} (from {source}). They are "
+        f"torch-fidelity's converted TF Inception weights, normally downloaded from {INCEPTION_URL}. "
+        f"On a machine with internet, download that file and copy it to {inception_hub_path()}, or pass "
+        f"--inception_weights FILE, or set {INCEPTION_ENV}=FILE. "
+        "Use --skip_missing_metrics to evaluate without FID/KID."
+    )
+
+
+def resolve_clip_dir(flag_value: str | Path | None) -> Path:
+    """The local CLIP directory (``config.json``, ``preprocessor_config.json``, weights): flag, else env."""
+    if flag_value:
+        source, path = "--clip_dir", Path(flag_value)
+    elif os.environ.get(CLIP_ENV):
+        source, path = f"${CLIP_ENV}", Path(os.environ[CLIP_ENV])
+    else:
+        source, path = None, None
+    how = (
+        f"It is the Hugging Face model {CLIP_MODEL_ID}: on a machine with internet run "
+        f"`hf download {CLIP_MODEL_ID} --local-dir DIR`, copy DIR here and pass --clip_dir DIR or set "
+        f"{CLIP_ENV}=DIR. Use --skip_missing_metrics to evaluate without CMMD."
+    )
+    if path is None:
+        raise MissingWeightsError(f"CLIP weights for CMMD not given: neither --clip_dir nor ${CLIP_ENV} "
+                                  f"is set. {how}")
+    missing = [name for name in ("config.json", "preprocessor_config.json") if not (path / name).is_file()]
+    if not missing and not _clip_weight_files(path):
+        missing = ["model*.safetensors or pytorch_model*.bin"]
+    if missing:
+        raise MissingWeightsError(
+            f"CLIP directory {path} (from {source}) is missing {', '.join(missing)}. {how}"
+        )
+    return path
+
+
+def _clip_weight_files(directory: Path) -> list[Path]:
+    """The weights files transformers loads from ``directory``: safetensors first, else .bin (shards too)."""
+    return sorted(directory.glob("model*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+
+
+def to_uint8_rgb(images01: torch.Tensor) -> torch.Tensor:
+    """``[N,1,H,W]`` float in [0, 1] -> ``uint8 [N,3,H,W]``: ``round(clamp(x, 0, 1) * 255)``, grey repeated.
+
+    Rounding is half-to-even (``torch.round``, as ``np.rint``); out-of-range values saturate, never wrap.
+    """
+    if images01.ndim != 4 or images01.shape[1] != 1:
+        raise ValueError(f"expected grey images [N,1,H,W], got shape {tuple(images01.shape)}")
+    if not images01.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got dtype {images01.dtype}")
+    u8 = torch.round(images01.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    return u8.expand(-1, 3, -1, -1).contiguous()
+
+
+def data_fingerprint(images01: torch.Tensor) -> str:
+    """SHA-256 of the shape and the uint8 pixels the extractors see (the cache key for a data set)."""
+    u8 = torch.round(images01.detach().cpu().clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+    digest = hashlib.sha256(str(tuple(u8.shape)).encode())
+    digest.update(u8.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _BatchedExtractor:
+    """Shared batching: ``__call__`` runs ``_features(uint8 [B,3,H,W] on device)`` over batches."""
+
+    name: str
+    weights_sha256: str
+    weights_files: dict[str, str]
+
+    def __init__(self, device: str | torch.device, batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    def _features(self, u8: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def __call__(self, images01: torch.Tensor) -> np.ndarray:
+        """``[N,1,H,W]`` float in [0, 1] -> features ``float64 [N, D]`` (preprocessed per batch)."""
+        out = []
+        starts = range(0, len(images01), self.batch_size)
+        for start in tqdm(starts, desc=f"{self.name} features", unit="batch", leave=False):
+            batch = to_uint8_rgb(images01[start : start + self.batch_size]).to(self.device)
+            out.append(self._features(batch).double().cpu())
+        return torch.cat(out).numpy()
+
+
+class InceptionExtractor(_BatchedExtractor):
+    """torch-fidelity ``inception-v3-compat``, 2048-d pool features, from a local state-dict file."""
+
+    name = "inception-v3-compat"
+
+    def __init__(self, weights_path: str | Path, device: str | torch.device = "cpu", batch_size: int = 64):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        super().__init__(device, batch_size)
+        weights_path = Path(weights_path)
+        self.weights_sha256 = sha256_file(weights_path)
+        self.weights_files = {weights_path.name: self.weights_sha256}
+        # weights_only refuses a pickle that would run code; the CPU copy also loads GPU-saved files.
+        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        buffer.seek(0)
+        try:
+            self.model = FeatureExtractorInceptionV3(self.name, ["2048"],
+                                                     feature_extractor_weights_path=buffer)
+        except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes
+            raise ValueError(f"{weights_path} is not torch-fidelity's Inception-v3 state dict: {e}") from e
+        self.model.to(self.device)
+        logger.info("Inception-v3 weights %s (sha256 %s)", weights_path, self.weights_sha256)
+
+    def _features(self, u8: torch.Tensor) -> torch.Tensor:
+        return self.model(u8)[0]
+
+
+class ClipExtractor(_BatchedExtractor):
+    """CLIP vision tower + projection (``image_embeds``) from a local transformers directory."""
+
+    def __init__(self, clip_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 32):
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        super().__init__(device, batch_size)
+        clip_dir = Path(clip_dir)
+        configs = [clip_dir / "config.json", clip_dir / "preprocessor_config.json"]
+        files = [*_clip_weight_files(clip_dir), *configs]
+        self.weights_files = {f.name: sha256_file(f) for f in files}
+        self.weights_sha256 = hashlib.sha256(
+            "".join(f"{k} {v}\n" for k, v in sorted(self.weights_files.items())).encode()
+        ).hexdigest()
+        processor = CLIPImageProcessor.from_pretrained(clip_dir, local_files_only=True)
+        self.image_size = int(processor.crop_size["height"])
+        self.name = f"clip-{self.image_size}"
+        self.mean = torch.tensor(processor.image_mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=self.device).view(1, 3, 1, 1)
+        self.model = CLIPVisionModelWithProjection.from_pretrained(clip_dir, local_files_only=True)
+        self.model.eval().requires_grad_(False).to(self.device)
+        logger.info("CLIP weights %s (fingerprint %s)", clip_dir, self.weights_sha256)
+
+    def pixel_values(self, u8: torch.Tensor) -> torch.Tensor:
+        """``uint8 [B,3,H,W]`` -> normalised ``[B,3,S,S]`` (S = crop size), as the CMMD reference."""
+        import torchvision.transforms.v2.functional as TF
+
+        side = min(u8.shape[-2:])
+        u8 = TF.center_crop(u8, [side, side])
+        # torchvision's uint8 antialiased bicubic matches PIL's Image.resize(BICUBIC) used by cmmd.
+        u8 = TF.resize(u8, [self.image_size, self.image_size], interpolation=TF.InterpolationMode.BICUBIC,
+                       antialias=True)
+        return (u8.float() / 255.0 - self.mean) / self.std
+
+    def _features(self, u8: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=self.pixel_values(u8)).image_embeds
+
+
+class FeatureCache:
+    """Real-set features on disk: ``{split}__{extractor}__{weights sha[:16]}__{data sha[:16]}.npy``."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def path(self, split: str, extractor, fingerprint: str) -> Path:
+        safe = "__".join(re.sub(r"[^A-Za-z0-9._-]", "_", s) for s in (split, extractor.name))
+        return self.directory / f"{safe}__{extractor.weights_sha256[:16]}__{fingerprint[:16]}.npy"
+
+    def features(self, split: str, extractor, images01: torch.Tensor) -> np.ndarray:
+        """Features of ``images01`` from the cache, or computed by ``extractor`` and stored."""
+        path = self.path(split, extractor, data_fingerprint(images01))
+        if path.is_file():
+            feats = np.load(path, allow_pickle=False)
+            if feats.ndim != 2 or len(feats) != len(images01):
+                raise ValueError(f"{path}: cached features have shape {feats.shape}, expected "
+                                 f"[{len(images01)}, D]; delete the file to recompute")
+            logger.info("loaded cached %s features of split %s from %s", extractor.name, split, path)
+            return feats
+        feats = extractor(images01)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(path)  # atomic: a killed run never leaves a truncated cache file
+        logger.info("cached %s features of split %s at %s", extractor.name, split, path)
+        return feats

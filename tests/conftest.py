@@ -39,3 +39,36 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
         args += ["--set", s]
     assert trainer.main(args) == 0
     return tmp / "runs" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def random_inception_file(tmp_path_factory):
+    """The real torch-fidelity Inception-v3 architecture with random weights, saved as a state dict."""
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as tfi
+
+    from utils.feature_extractors import INCEPTION_FILE_NAME
+
+    with pytest.MonkeyPatch.context() as mp:  # build without downloading or loading any weights
+        mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+        model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE_NAME
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """The real CLIPVisionModelWithProjection class with a tiny random config, saved with its processor."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
+    directory = tmp_path_factory.mktemp("clip")
+    CLIPVisionModelWithProjection(config).save_pretrained(directory)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(directory)
+    return directory

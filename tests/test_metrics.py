@@ -256,20 +256,6 @@ def test_to_uint8_rgb_rounds_and_saturates():
     assert torch.equal(u8[:, 0], u8[:, 2])
 
 
-@pytest.fixture(scope="module")
-def random_inception_file(tmp_path_factory):
-    """The real torch-fidelity Inception-v3 architecture with random weights, saved as a state dict."""
-    from torch_fidelity import feature_extractor_inceptionv3 as tfi
-
-    with pytest.MonkeyPatch.context() as mp:  # build without downloading or loading any weights
-        mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
-        mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-        model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = tmp_path_factory.mktemp("inception") / fe.INCEPTION_FILE_NAME
-    torch.save(model.state_dict(), path)
-    return path, model
-
-
 def test_inception_extractor_loads_a_state_dict_file_and_runs(random_inception_file, blobs):
     path, model = random_inception_file
     extractor = fe.InceptionExtractor(path, batch_size=2)
@@ -287,21 +273,6 @@ def test_inception_extractor_rejects_a_file_of_the_wrong_architecture(tmp_path):
     torch.save({"weight": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="not_inception.pth"):
         fe.InceptionExtractor(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory):
-    """The real CLIPVisionModelWithProjection class with a tiny random config, saved with its processor."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                              num_attention_heads=4, image_size=32, patch_size=8, projection_dim=16)
-    directory = tmp_path_factory.mktemp("clip")
-    CLIPVisionModelWithProjection(config).save_pretrained(directory)
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor.save_pretrained(directory)
-    return directory
 
 
 def test_clip_extractor_loads_a_local_directory_and_runs(tiny_clip_dir, blobs):

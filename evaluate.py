@@ -1,0 +1,264 @@
+"""Evaluate a COMET checkpoint (or existing samples) with FID, KID, CMMD, SSIM, PSNR, B-Dice and HD95.
+
+Examples:
+    python evaluate.py --checkpoint checkpoints/comet_camus --num_samples 2000 --num_steps 10 \\
+        --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
+    python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
+
+Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, HD95);
+FID, KID and CMMD compare the generated set with the split's real images. Nothing is downloaded:
+weights come from --inception_weights / --clip_dir, the COMET_INCEPTION_WEIGHTS / COMET_CLIP_DIR
+environment variables, or torch hub's cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+from utils.config import SOLVER_METHODS
+
+log = logging.getLogger("comet.evaluate")
+
+METRICS = ("fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95")  # the paper's table order
+PER_IMAGE = ("ssim", "psnr", "b_dice", "hd95")
+HIGHER_IS_BETTER = {"fid": False, "ssim": True, "kid": False, "cmmd": False, "psnr": True, "b_dice": True,
+                    "hd95": False}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("what to evaluate")
+    src.add_argument("--checkpoint", help="a .ckpt file or a run directory (generates the samples)")
+    src.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
+    src.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
+    src.add_argument("--samples", help="an inferer.py samples.npz to evaluate without generating")
+    src.add_argument("--data_path", help="dataset of the real images (default: the checkpoint's data_args.path)")
+    src.add_argument("--split", default="test", help="split of masks and real images (default: %(default)s)")
+    gen = p.add_argument_group("generation (the paper's protocol by default)")
+    gen.add_argument("--num_samples", type=int, default=2000, help="images to generate (default: %(default)s)")
+    gen.add_argument("--num_steps", type=int, default=10, help="solver steps (default: %(default)s)")
+    gen.add_argument("--method", choices=SOLVER_METHODS, default="euler", help="solver (default: %(default)s)")
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU)")
+    w = p.add_argument_group("feature-extractor weights (never downloaded)")
+    w.add_argument("--inception_weights", help="torch-fidelity Inception-v3 state dict (.pth)")
+    w.add_argument("--clip_dir", help="local transformers directory of CLIP ViT-L/14@336")
+    w.add_argument("--skip_missing_metrics", action="store_true",
+                   help="record FID/KID or CMMD as skipped when their weights are missing, evaluate the rest")
+    w.add_argument("--cache_dir", help="real-set feature cache (default: $COMET_CACHE_DIR or ~/.cache/comet)")
+    out = p.add_argument_group("output")
+    out.add_argument("--output_dir", help="where to write (default: next to the checkpoint or samples)")
+    out.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    out.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default: 1000)")
+    out.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    return p
+
+
+def _extractors(args, device: str) -> tuple[dict, dict]:
+    """Feature extractors whose weights are present, and {metric: reason} for those skipped."""
+    from utils.feature_extractors import (
+        ClipExtractor,
+        InceptionExtractor,
+        MissingWeightsError,
+        resolve_clip_dir,
+        resolve_inception_weights,
+    )
+
+    found, skipped = {}, {}
+    for key, resolve, flag, build, metrics in (
+        ("inception", resolve_inception_weights, args.inception_weights, InceptionExtractor, ("fid", "kid")),
+        ("clip", resolve_clip_dir, args.clip_dir, ClipExtractor, ("cmmd",)),
+    ):
+        try:
+            found[key] = (build, resolve(flag))
+        except MissingWeightsError as e:
+            if not args.skip_missing_metrics:
+                raise SystemExit(f"error: {e}\n(or pass --skip_missing_metrics to evaluate the other metrics)")
+            for m in metrics:
+                skipped[m] = str(e)
+            log.warning("skipping %s: %s", "/".join(metrics).upper(), e)
+    return {k: build(path, device) for k, (build, path) in found.items()}, skipped
+
+
+def _load_samples(path: Path):
+    import numpy as np
+    import torch
+
+    with np.load(path, allow_pickle=False) as z:
+        missing = {"images", "masks", "indices"} - set(z.files)
+        if missing:
+            raise SystemExit(f"error: {path} lacks {sorted(missing)}; expected an inferer.py samples.npz")
+        images, masks, indices = z["images"], z["masks"], z["indices"]
+    if indices.dtype.kind not in "iu":
+        raise SystemExit(f"error: {path} was generated from label-map files, which have no paired real "
+                         "images; evaluate samples generated from a dataset split")
+    manifest_path = path.with_name("manifest.json")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(indices), manifest
+
+
+def _finite(x):
+    return x if x is None or math.isfinite(x) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.num_samples < 1 or args.num_steps < 1:
+        raise SystemExit("error: --num_samples and --num_steps must be >= 1")
+
+    import numpy as np
+    import torch
+
+    from utils.dataset_io import load_dataset, normalise_image
+    from utils.feature_extractors import FeatureCache
+    from utils.generation import generate, load_module
+    from utils.metrics import (
+        cmmd,
+        frechet_distance,
+        kernel_inception_distance,
+        paired_metrics,
+        summarise,
+    )
+    from utils.outputs import write_samples
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manifest, module, ckpt = {}, None, None
+    if args.samples:
+        samples = Path(args.samples)
+        images, masks, indices, manifest = _load_samples(samples)
+        data_path = args.data_path or manifest.get("config", {}).get("data_args", {}).get("path")
+        split = manifest.get("split") or args.split
+        out_dir = Path(args.output_dir or samples.parent / "eval")
+        steps, method, seed = manifest.get("num_inference_steps"), manifest.get("method"), manifest.get("seed")
+        ckpt = manifest.get("checkpoint")
+    else:
+        from inferer import resolve_checkpoint
+
+        ckpt = resolve_checkpoint(args)
+        module = load_module(ckpt, device)
+        data_path, split = args.data_path or module.cfg.data_args.path, args.split
+        steps, method, seed = args.num_steps, args.method, args.seed
+        out_dir = Path(args.output_dir or Path(ckpt).parent / f"eval_{Path(ckpt).stem}_{split}_{steps}steps")
+    if not data_path:
+        raise SystemExit("error: no dataset for the real images; pass --data_path")
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
+
+    extractors, skipped = _extractors(args, device)  # fail on missing weights before generating anything
+    records = load_dataset(data_path).get(split)
+    if not records:
+        raise SystemExit(f"error: {data_path} has no '{split}' split")
+    real = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]))
+    split_masks = torch.from_numpy(np.stack([np.asarray(r["mask"], dtype=np.uint8) for r in records]))
+
+    if module is not None:
+        n = args.num_samples
+        indices = torch.arange(n) % len(records)
+        masks = split_masks[indices]
+        batch = args.batch_size or (64 if device.startswith("cuda") else 8)
+        result = generate(module, masks, torch.arange(n), seed, steps, method, batch, [device])
+        images = result.images
+        manifest = {"checkpoint": str(ckpt), "num_samples": n, "num_inference_steps": steps, "method": method,
+                    "seed": seed, "nfe_per_image": result.nfe, "seconds_per_image": result.seconds / n,
+                    "split": split, "config": module.hparams["config"]}
+        write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
+                      module.cfg.data_args.num_classes, split=split)
+    if indices.max() >= len(records) or not torch.equal(masks, split_masks[indices]):
+        raise SystemExit(f"error: the samples' masks are not those of {data_path} split '{split}' at their "
+                         "indices; pass the --data_path and --split they were generated from")
+    paired = real[indices]
+
+    log.info("per-image metrics on %d pairs", len(images))
+    per_image = paired_metrics(images, paired, masks)
+    metrics: dict[str, dict] = {m: {"skipped": reason} for m, reason in skipped.items()}
+    for name in PER_IMAGE:
+        s = summarise(per_image[name], n_boot=args.n_boot, seed=0)
+        metrics[name] = {"value": _finite(s["mean"]), "n": s["n"],
+                         "ci95": [_finite(s["ci95_lo"]), _finite(s["ci95_hi"])]}
+    cache = FeatureCache(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
+    weights = {}
+    for key, ext in extractors.items():
+        real_feats = cache.features(split, ext, real)
+        gen_feats = ext(images)
+        weights[ext.name] = ext.weights_files
+        counts = {"n": len(gen_feats), "n_real": len(real_feats)}
+        if key == "inception":
+            metrics["fid"] = {"value": frechet_distance(real_feats, gen_feats), **counts}
+            size = min(1000, len(real_feats), len(gen_feats))
+            mean, std = kernel_inception_distance(real_feats, gen_feats, subset_size=size)
+            metrics["kid"] = {"value": mean, "std": std, "subset_size": size, **counts}
+        else:
+            metrics["cmmd"] = {"value": cmmd(real_feats, gen_feats), **counts}
+
+    results = {
+        "metrics": {m: metrics[m] for m in METRICS},
+        "num_samples": len(images), "num_steps": steps, "method": method, "seed": seed,
+        "checkpoint": str(ckpt) if ckpt else None, "dataset": str(data_path), "split": split,
+        "num_real": len(records), "weights_sha256": weights, "device": device,
+        "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
+    }
+    write_results(out_dir, results, per_image, indices, images, paired, masks)
+    print(report_table(results))
+    log.info("wrote %s", out_dir)
+    return 0
+
+
+def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks) -> None:
+    """metrics.json, per_image.csv, report.md and best_worst.png (by SSIM) in ``out_dir``."""
+    import numpy as np
+
+    from utils.images import grid_image, mask_to_unit, save_png
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    with open(out_dir / "per_image.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample", "source_index", *PER_IMAGE])
+        for i in range(len(indices)):
+            w.writerow([i, int(indices[i]), *(f"{per_image[m][i]:.6g}" for m in PER_IMAGE)])
+    (out_dir / "report.md").write_text(report_table(results) + "\n")
+    order = np.argsort(per_image["ssim"])
+    k = min(8, len(order))
+    rows = []
+    for pick in (order[::-1][:k], order[:k]):  # best, then worst
+        pick = list(pick)
+        rows += [mask_to_unit(masks[pick], 4), real[pick], images[pick]]
+    save_png(grid_image(rows), out_dir / "best_worst.png")
+
+
+def report_table(results: dict) -> str:
+    """The paper's results table (markdown), with N and the 95% intervals."""
+    head = "| " + " | ".join(f"{m.upper().replace('B_DICE', 'B-Dice')}{'↑' if HIGHER_IS_BETTER[m] else '↓'}"
+                             for m in METRICS) + " |"
+    cells, notes = [], []
+    for m in METRICS:
+        r = results["metrics"][m]
+        if "skipped" in r:
+            cells.append("skipped")
+            notes.append(f"- {m.upper()} skipped: {r['skipped'].split(': tried')[0].split('. ')[0]} "
+                         "(details in metrics.json)")
+        else:
+            v = r["value"]
+            cells.append("inf" if v is None else f"{v:.4g}")
+            extra = f", 95% CI [{r['ci95'][0]:.4g}, {r['ci95'][1]:.4g}]" if r.get("ci95") and None not in r[
+                "ci95"] else ""
+            real = f" vs {r['n_real']} real" if "n_real" in r else ""
+            notes.append(f"- {m.upper()}: N = {r['n']}{real}{extra}")
+    lines = [f"Evaluation of {results['checkpoint']} on split '{results['split']}' of {results['dataset']}: "
+             f"{results['num_samples']} samples, {results['num_steps']} {results['method']} steps, "
+             f"seed {results['seed']}", "", head, "|" + "---|" * len(METRICS), "| " + " | ".join(cells) + " |",
+             "", *notes]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Evaluate the best checkpoint of a run with the paper's protocol (2,000 samples, 10 Euler steps, test split).
+#   bash run_eval_best.sh [RUN_DIR] [extra evaluate.py args]
+#   bash run_eval_best.sh checkpoints/comet_camus --inception_weights W.pth --clip_dir CLIP_DIR
+# RUN_DIR defaults to checkpoints/quickstart (what `bash train.sh` trains). Results go to
+# RUN_DIR/eval_best-..._test_10steps/. The checkpoint is chosen in Python (lowest val/loss).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+bash setup.sh >/dev/null
+run_dir=${1:-checkpoints/quickstart}
+[[ $# -gt 0 ]] && shift
+exec .venv/bin/python evaluate.py --checkpoint "$run_dir" --which best --num_samples 2000 --num_steps 10 \
+  --method euler --split test "$@" </dev/null

@@ -1,0 +1,112 @@
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+import evaluate
+import inferer
+from conftest import ROOT
+
+NO_WEIGHTS = {"COMET_INCEPTION_WEIGHTS": None, "COMET_CLIP_DIR": None}
+
+
+@pytest.fixture
+def no_weights(monkeypatch, tmp_path):
+    for k in NO_WEIGHTS:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _eval(tiny_run, out, *extra):
+    return evaluate.main(["--checkpoint", str(tiny_run), "--num_samples", "12", "--num_steps", "2",
+                          "--n_boot", "50", "--output_dir", str(out), *extra])
+
+
+def test_without_weights_it_fails_naming_the_file(tiny_run, tmp_path, no_weights):
+    with pytest.raises(SystemExit, match=r"weights-inception-2015-12-05-6726825d.pth.*--skip_missing_metrics"):
+        _eval(tiny_run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing generated before the check
+
+
+def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tmp_path, no_weights):
+    out = tmp_path / "out"
+    assert _eval(tiny_run, out, "--skip_missing_metrics") == 0
+    results = json.loads((out / "metrics.json").read_text())
+    m = results["metrics"]
+    assert list(m) == ["fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95"]
+    for name in ("fid", "kid", "cmmd"):
+        assert "not found" in m[name]["skipped"] or "not given" in m[name]["skipped"]
+    for name in ("ssim", "psnr", "b_dice", "hd95"):
+        assert isinstance(m[name]["value"], float) and m[name]["n"] == 12
+        lo, hi = m[name]["ci95"]
+        assert lo <= m[name]["value"] <= hi
+    assert results["num_samples"] == 12 and results["num_steps"] == 2
+    rows = (out / "per_image.csv").read_text().splitlines()
+    assert rows[0] == "sample,source_index,ssim,psnr,b_dice,hd95" and len(rows) == 13
+    assert "| FID↓ | SSIM↑ |" in (out / "report.md").read_text()
+    assert (out / "best_worst.png").exists() and (out / "samples" / "samples.npz").exists()
+
+
+@pytest.mark.slow
+def test_all_seven_metrics_with_random_weight_extractors_and_the_cache(tiny_run, tmp_path, no_weights,
+                                                                      random_inception_file, tiny_clip_dir, caplog):
+    weights = ["--inception_weights", str(random_inception_file[0]), "--clip_dir", str(tiny_clip_dir)]
+    assert _eval(tiny_run, tmp_path / "a", *weights) == 0
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())["metrics"]
+    assert all("value" in m[k] for k in m)
+    assert m["fid"]["n"] == 12 and m["fid"]["n_real"] == 8 and m["kid"]["subset_size"] == 8
+    assert m["cmmd"]["value"] >= 0
+    cached = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == 2  # the real test split's Inception and CLIP features
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    # the same samples again, from their samples.npz: no regeneration, real features from the cache
+    assert evaluate.main(["--samples", str(tmp_path / "a" / "samples" / "samples.npz"), "--n_boot", "50",
+                          "--output_dir", str(tmp_path / "b"), *weights]) == 0
+    again = json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"]
+    assert again["fid"]["value"] == pytest.approx(m["fid"]["value"])
+    assert again["ssim"]["value"] == pytest.approx(m["ssim"]["value"])
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").glob("*.npy"))] == stamps
+    assert "loaded cached" in caplog.text
+
+
+def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp_path, no_weights):
+    out = tmp_path / "gen"
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_inference_steps", "1",
+                         "--output_dir", str(out)]) == 0
+    z = dict(np.load(out / "samples.npz"))
+    from utils.dataset_io import load_dataset, normalise_image
+
+    test = load_dataset(tiny_data)["test"]
+    z["images"] = np.stack([normalise_image(test[i]["image"]) for i in z["indices"]])
+    np.savez(out / "samples.npz", **z)
+    assert evaluate.main(["--samples", str(out / "samples.npz"), "--skip_missing_metrics", "--n_boot", "20",
+                          "--output_dir", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert m["ssim"]["value"] == pytest.approx(1.0) and m["b_dice"]["value"] == pytest.approx(1.0)
+    assert m["hd95"]["value"] == 0.0 and m["psnr"]["value"] is None  # infinite PSNR is stored as null
+
+
+def test_samples_from_another_dataset_are_refused(tiny_run, tmp_path, no_weights):
+    out = tmp_path / "gen"
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "3", "--num_inference_steps", "1",
+                         "--output_dir", str(out)]) == 0
+    z = dict(np.load(out / "samples.npz"))
+    z["masks"] = np.zeros_like(z["masks"])
+    np.savez(out / "samples.npz", **z)
+    with pytest.raises(SystemExit, match="not those of"):
+        evaluate.main(["--samples", str(out / "samples.npz"), "--skip_missing_metrics",
+                       "--output_dir", str(tmp_path / "ev")])
+
+
+def test_run_eval_best_picks_the_best_checkpoint(tiny_run, tmp_path, no_weights):
+    import os
+
+    out = subprocess.run(["bash", "run_eval_best.sh", str(tiny_run), "--num_samples", "4", "--num_steps", "1",
+                          "--skip_missing_metrics", "--n_boot", "10", "--output_dir", str(tmp_path / "ev")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert "best-epoch" in results["checkpoint"]
+    assert "| FID↓ |" in out.stdout

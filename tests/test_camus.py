@@ -239,3 +239,22 @@ def test_resize_antialiases_images_and_keeps_labels():
 
 def test_help_has_an_example():
     assert "example: python -m utils.camus" in build_parser().format_help()
+
+
+@pytest.mark.slow
+def test_the_paper_config_trains_on_a_converted_fake_camus(nifti_release, tmp_path):
+    import trainer
+
+    out = tmp_path / "camus_dataset.pkl"
+    assert main(["--root", str(nifti_release), "--output", str(out), "--size", str(SIZE)]) == 0
+    small = {"data_args.path": out, "data_args.image_size": SIZE, "data_args.num_workers": 0,
+             "output_dir": tmp_path / "runs", "model_args.channels": "[8, 8]", "model_args.num_res_blocks": "[1, 1]",
+             "model_args.attention_levels": "[false, true]", "model_args.num_head_channels": "[8, 8]",
+             "model_args.norm_num_groups": 8, "train_args.max_epochs": 1, "train_args.accelerator": "cpu",
+             "train_args.effective_batch_size": 4, "contrastive_args.warmup_epochs": 0}
+    args = ["--config_path", "configs/comet_camus.yaml"]
+    for k, v in small.items():
+        args += ["--set", f"{k}={v}"]
+    assert trainer.main(args) == 0
+    run = tmp_path / "runs" / "comet_camus"
+    assert (run / "last.ckpt").exists() and list(run.glob("best-*.ckpt"))

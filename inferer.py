@@ -13,7 +13,6 @@ of (--seed, i), so the images do not depend on --batch_size or --devices.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -60,14 +59,6 @@ def resolve_checkpoint(args) -> Path:
     if not args.config_path:
         raise SystemExit("error: give --checkpoint (a .ckpt or run directory) or --config_path")
     return find_checkpoint(load_config(args.config_path).run_dir, args.which)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pick_devices(count: int) -> list[str]:
@@ -119,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
                       batch_invariant=args.batch_invariant)
 
+    from utils.feature_extractors import sha256_file
     from utils.outputs import write_samples
 
     out_dir.mkdir(parents=True, exist_ok=True)

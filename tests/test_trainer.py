@@ -120,3 +120,20 @@ def test_ddp_with_two_cpu_processes_gathers_the_other_ranks_negatives(tmp_path, 
     assert rows
     # 4 local samples per rank: 8 keys means the other rank's 4 were gathered
     assert all(float(r["train/nce_keys"]) == 8.0 for r in rows)
+
+
+def test_ema_weights_are_kept_and_used_for_sampling(tmp_path, tiny_data):
+    from utils.generation import load_module
+
+    args = ["--config_path", "configs/tiny.yaml"]
+    for s in tiny_overrides(tmp_path, **{"data_args.path": tiny_data, "train_args.ema_decay": 0.5,
+                                         "train_args.max_epochs": 1}):
+        args += ["--set", s]
+    assert trainer.main(args) == 0
+    ckpt = torch.load(tmp_path / "runs" / "tiny" / "last.ckpt", weights_only=True)
+    state = ckpt["state_dict"]
+    assert int(state["ema.n_averaged"]) == ckpt["global_step"] == 4  # one update per optimizer step
+    key = "unet.conv_in.conv.weight"
+    assert not torch.equal(state[f"ema.module.{key}"], state[f"model.{key}"])
+    module = load_module(tmp_path / "runs" / "tiny" / "last.ckpt")
+    assert module.sampling_adapter().model is module.ema.module

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from utils.images import to_unit
+from utils.model import autocast
 from utils.prior import noise_for_indices
 from utils.sampling import sample
 
@@ -81,6 +82,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
     still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
     network on one image at a time, which makes results bitwise identical for any batch size, at a cost.
+    The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none).
     """
     n = len(masks)
     shape = (1, *masks.shape[-2:])
@@ -93,7 +95,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     def solve(m, mask: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         x_0 = m.prior(mask, noise_for_indices(ids, shape, seed).to(m.device))
         adapter = m.sampling_adapter()
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(m.cfg.sampling_args.precision, m.device):
             return sample(adapter, x_0, mask, num_steps, method), adapter.nfe
 
     def work(k: int, chunk: list[int]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -19,13 +20,19 @@ from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weigh
 from utils.config import config_from_dict
 from utils.distributed import gather_no_grad
 from utils.images import grid_image, mask_to_unit, save_png, to_unit
-from utils.model import VelocityAdapter, build_model
+from utils.model import VelocityAdapter, autocast, build_model, compile_blocks
 from utils.prior import noise_for_indices, warm_start_prior
 from utils.sampling import sample
 
 log = logging.getLogger(__name__)
 
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> bool:
+    """Fused Adam (one kernel for all parameters) on CUDA, except for fp16 with clipping: there Lightning's
+    GradScaler must unscale before clipping, which an optimizer that unscales inside its step prevents."""
+    return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
 
 
 def fixed_times(index: torch.Tensor) -> torch.Tensor:
@@ -53,6 +60,17 @@ class COMETModule(pl.LightningModule):
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
             self.ema.requires_grad_(False)  # updated by hand; DDP must not wait for its gradients
         self._ema_step = -1
+        self._compiled_blocks = 0
+        self._time_first_step = False  # log the first step's wall time (it includes the compilation)
+        self._first_step_clock = 0.0
+
+    def configure_model(self):
+        """Regional compilation when ``train_args.compile`` is "blocks" (training only; called by the Trainer)."""
+        if self.cfg.train_args.compile == "blocks" and not self._compiled_blocks:
+            self._compiled_blocks = compile_blocks(self.model)
+            self._time_first_step = True
+            log.info("torch.compile on %d UNet/ControlNet blocks: the first training step compiles them",
+                     self._compiled_blocks)
 
     # --- the method -------------------------------------------------------------------------------
     def prior(self, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -97,10 +115,20 @@ class COMETModule(pl.LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=x_1.shape[0])
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._time_first_step:
+            self._first_step_clock = time.perf_counter()
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
             self.ema.update_parameters(self.model)
             self._ema_step = self.global_step
+        if self._time_first_step:
+            if batch["x_1"].is_cuda:
+                torch.cuda.synchronize()
+            log.info("first training step took %.1f s (it compiled the %d blocks; inductor caches the kernels)",
+                     time.perf_counter() - self._first_step_clock, self._compiled_blocks)
+            self._time_first_step = False
 
     def validation_step(self, batch, batch_idx):
         x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
@@ -127,7 +155,9 @@ class COMETModule(pl.LightningModule):
         x_1, mask = ds.x_1[:n].to(self.device), ds.mask[:n].to(self.device)
         eps = noise_for_indices(index, tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
         s = self.cfg.sampling_args
-        gen = sample(self.sampling_adapter(), self.prior(mask, eps), mask, s.num_steps, s.method)
+        x_0 = self.prior(mask, eps)
+        with autocast(s.precision, self.device):
+            gen = sample(self.sampling_adapter(), x_0, mask, s.num_steps, s.method)
         real01, gen01 = to_unit(x_1), to_unit(gen)
         grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01])
         out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
@@ -144,4 +174,7 @@ class COMETModule(pl.LightningModule):
         return {"val/sample_ssim": ssim.mean(), "val/sample_psnr": psnr.mean()}
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.model.parameters(), lr=self.cfg.train_args.lr)
+        t = self.cfg.train_args
+        fused = use_fused_adam(next(self.model.parameters()).is_cuda, self.trainer.precision, t.gradient_clip_val)
+        log.info("optimizer: Adam, lr %.3g, %s", t.lr, "fused" if fused else "not fused")
+        return torch.optim.Adam(self.model.parameters(), lr=t.lr, fused=fused)

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+
+from bench import throughput
+
+FIELDS = {"setting", "task", "batch_size", "precision", "attention", "optimizer", "images_per_s", "ratio_to_baseline",
+          "peak_gib", "gflop_per_image", "tflops", "fraction_of_peak", "first_step_s", "compile_s", "timed_images"}
+
+
+def test_tiny_benchmark_measures_baseline_and_every_framework_setting(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert throughput.main(["--tiny", "--peak_tflops", "2", "--output", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    env, rows = records[0], records[1:]
+    assert env["record"] == "environment" and env["device"].startswith("CPU") and env["torch"] and env["monai"]
+    # FLOPs counted for this network: a training step (forward + backward) costs about three forwards
+    assert 2.5 < env["gflop_train_step_per_image"] / env["gflop_forward_per_image"] < 3.1
+
+    names = ["motfm", *throughput.DEFAULT_SETTINGS]
+    assert [(r["setting"], r["task"]) for r in rows] == [(n, task) for n in names for task in ("train", "sample")]
+    for r in rows:
+        assert FIELDS <= set(r), r
+        assert r["batch_size"] == 2 and r["images_per_s"] > 0 and r["ratio_to_baseline"] > 0 and r["tflops"] > 0
+        assert r["fraction_of_peak"] == pytest.approx(r["tflops"] / 2, rel=0.01, abs=1e-4)
+        assert r["peak_gib"] is None  # no GPU memory on a CPU
+        assert r["timed_images"] == (4 if r["task"] == "train" else 2)  # --tiny: 2 steps, 1 sampling batch
+    base = {r["task"]: r for r in rows if r["setting"] == "motfm"}
+    for r in rows:
+        want = r["images_per_s"] / base[r["task"]]["images_per_s"]
+        assert r["ratio_to_baseline"] == pytest.approx(want, rel=0.01)
+    by = {(r["setting"], r["task"]): r for r in rows}
+    assert by["motfm", "train"]["attention"] == "einsum" and by["comet-bf16", "train"]["attention"] == "sdpa"
+    assert by["comet-bf16", "train"]["precision"] == "bf16-mixed"
+    assert by["comet-fp16", "train"]["precision"] == "32-true"  # fp16 needs a GPU, as in trainer.py
+    assert by["comet-bf16", "sample"]["gflop_per_image"] == pytest.approx(10 * env["gflop_forward_per_image"], 0.01)
+
+    assert "| setting | task | batch |" in stdout and "| comet-bf16 | sample | 2 |" in stdout
+    saved = json.loads(out.read_text())
+    assert saved["results"] == rows and saved["environment"] == env
+
+
+def test_output_is_not_overwritten_without_the_flag(tmp_path):
+    out = tmp_path / "bench.json"
+    out.write_text("mine")
+    with pytest.raises(SystemExit, match="exists; pass --overwrite"):
+        throughput.main(["--tiny", "--output", str(out)])
+    assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv, message", [(["--iters", "0"], "--iters must be >= 1"),
+                                           (["--batch_sizes", "1"], "--batch_sizes must be >= 2")])
+def test_bad_arguments_are_named(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        throughput.main(["--tiny", *argv])

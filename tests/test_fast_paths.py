@@ -1,0 +1,145 @@
+"""The fast paths compute what the plain paths compute, within stated tolerances (all on the CPU).
+
+Tolerances (outputs of a randomised tiny network are O(1); images are in [0, 1]):
+- SDPA vs MONAI's einsum attention, fp32: max |difference| <= 1e-5 (seen: 2e-7).
+- Blocks compiled with torch.compile vs eager, fp32: max |difference| <= 1e-5 for the training loss and
+  every gradient (aot_eager seen: 0; inductor may reorder float sums, 1e-4 allowed).
+- bf16 autocast vs fp32: training loss within 1% relative (seen 0.03%), gradients within 2% relative L2
+  (seen 0.2%); sampled images (10 Euler steps) max |difference| <= 1e-2 of the [0, 1] range (2.5 grey levels
+  of 255; seen 2.6e-3), and the difference must be non-zero (autocast really ran).
+"""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+
+from utils.config import config_to_dict, load_config
+from utils.generation import generate
+from utils.model import autocast, build_model, compile_blocks, count_parameters, repeated_blocks
+from utils.module import COMETModule, use_fused_adam
+
+TINY = load_config("configs/tiny.yaml")
+LABEL_VALUES = [-0.8, -0.5, 0.6, -0.7]
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere (at initialisation the output convolution is zero, and so is the output)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+def tiny_module(**sections) -> COMETModule:
+    values = config_to_dict(TINY)
+    for section, keys in sections.items():
+        values[section].update(keys)
+    module = COMETModule(values, LABEL_VALUES)
+    randomise(module.model)
+    return module
+
+
+def inputs(b: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, 1, 32, 32, generator=g), torch.rand(b, generator=g),
+            torch.randint(0, 4, (b, 1, 32, 32), generator=g, dtype=torch.uint8))
+
+
+def batch(b: int = 4) -> dict:
+    x_t, _, mask = inputs(b, seed=2)
+    return {"x_1": x_t.clamp(-1, 1), "mask": mask, "patient": torch.tensor([0, 0, 1, 2][:b]), "index": torch.arange(b)}
+
+
+def loss_and_grads(module: COMETModule, precision: str = "32-true") -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step's loss (flow matching + contrastive: the tiny config has no warm-up) and gradients."""
+    module.train()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # training_step draws t and eps
+    with warnings.catch_warnings(), autocast(precision, "cpu"):
+        warnings.simplefilter("ignore")  # self.log without a Trainer
+        loss = module.training_step(batch(), 0)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in module.model.parameters() if p.grad is not None])
+    return loss.detach(), grads
+
+
+def test_sdpa_and_einsum_attention_agree_and_share_the_state_dict():
+    sdpa = randomise(build_model(TINY.model_args, 4))
+    einsum = build_model(dataclasses.replace(TINY.model_args, use_flash_attention=False), 4)
+    einsum.load_state_dict(sdpa.state_dict(), strict=True)
+    assert sdpa.unet.up_blocks[0].attentions[0].attn.use_flash_attention
+    assert not einsum.unet.up_blocks[0].attentions[0].attn.use_flash_attention
+    x_t, t, mask = inputs()
+    with torch.no_grad():
+        a, b = sdpa(x_t, t, mask), einsum(x_t, t, mask)
+    assert a.abs().max() > 0.1  # a real signal, not the zero output of a fresh network
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_flash_attention_keeps_the_seed_network_and_its_parameter_names():
+    seed = load_config("configs/comet_camus.yaml").model_args
+    assert seed.use_flash_attention  # the default
+    with torch.device("meta"):  # shapes only: builds the 94.5 M network instantly
+        on, off = build_model(seed, 4), build_model(dataclasses.replace(seed, use_flash_attention=False), 4)
+    assert count_parameters(on) == count_parameters(off) == 94_494_881
+    assert {k: v.shape for k, v in on.state_dict().items()} == {k: v.shape for k, v in off.state_dict().items()}
+    assert len(repeated_blocks(on)) == 17  # 5 down + mid + 5 up (UNet), 5 down + mid (ControlNet)
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients():
+    eager, fast = tiny_module(), tiny_module()
+    keys = list(fast.state_dict())
+    assert compile_blocks(fast.model, backend="aot_eager") == 8  # traced graphs + AOT autograd, no codegen
+    assert list(fast.state_dict()) == keys  # in place: checkpoints keep their parameter names
+    (loss_e, grad_e), (loss_f, grad_f) = loss_and_grads(eager), loss_and_grads(fast)
+    assert abs(loss_e - loss_f) <= 1e-5 and (grad_e - grad_f).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_inductor_compiled_blocks_match_eager():
+    eager, fast = tiny_module(), tiny_module()
+    compile_blocks(fast.model)  # the default backend, as in training: generates and builds C++ kernels
+    (loss_e, grad_e), (loss_f, grad_f) = loss_and_grads(eager), loss_and_grads(fast)
+    assert abs(loss_e - loss_f) <= 1e-4 and (grad_e - grad_f).abs().max() <= 1e-4
+
+
+def test_module_compiles_its_blocks_only_when_configured():
+    plain, compiled = tiny_module(), tiny_module(train_args={"compile": "blocks"})
+    plain.configure_model()
+    compiled.configure_model()
+    assert all(b._compiled_call_impl is None for b in repeated_blocks(plain.model))
+    assert all(b._compiled_call_impl is not None for b in repeated_blocks(compiled.model))
+    assert list(plain.state_dict()) == list(compiled.state_dict())
+
+
+def test_bf16_training_step_matches_fp32():
+    module = tiny_module()
+    (loss32, grad32), (loss16, grad16) = loss_and_grads(module), loss_and_grads(module, "bf16-mixed")
+    assert abs(loss16 - loss32) <= 0.01 * loss32
+    assert (grad16 - grad32).norm() <= 0.02 * grad32.norm()
+    assert not torch.equal(grad16, grad32)  # bf16 really ran
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_sampling_matches_fp32(precision):
+    masks = inputs()[2]
+    plain = tiny_module()
+    fast = tiny_module(sampling_args={"precision": precision})
+    fast.load_state_dict(plain.state_dict())
+
+    def images(module):
+        return generate(module.eval(), masks, torch.arange(4), 0, 10, "euler", 4, ["cpu"], progress=False).images
+
+    ref, got = images(plain), images(fast)
+    assert 0.1 < ref.std()  # images, not a constant
+    assert 0 < (got - ref).abs().max() <= 1e-2
+
+
+def test_fused_adam_only_on_cuda_and_never_with_fp16_clipping():
+    assert use_fused_adam(True, "bf16-mixed", 1.0) and use_fused_adam(True, "32-true", 1.0)
+    assert use_fused_adam(True, "16-mixed", 0.0)  # no clipping: the scaler may unscale inside the step
+    assert not use_fused_adam(True, "16-mixed", 1.0)  # Lightning must unscale before clipping
+    assert not use_fused_adam(False, "bf16-mixed", 1.0)

@@ -81,7 +81,7 @@ def _extractors(args, device: str) -> tuple[dict, dict]:
             found[key] = (build, resolve(flag))
         except MissingWeightsError as e:
             if not args.skip_missing_metrics:
-                raise SystemExit(f"error: {e}\n(or pass --skip_missing_metrics to evaluate the other metrics)")
+                raise SystemExit(f"error: {e}") from None
             for m in metrics:
                 skipped[m] = str(e)
             log.warning("skipping %s: %s", "/".join(metrics).upper(), e)

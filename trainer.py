@@ -23,6 +23,8 @@ RESUMABLE_CHANGES = {
     "train_args.max_epochs", "train_args.max_steps", "train_args.devices", "train_args.num_nodes",
     "train_args.accelerator", "data_args.num_workers", "train_args.limit_train_batches",
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
+    # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
+    "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision",
 }
 
 
@@ -63,6 +65,14 @@ def resolve_devices(train, cuda_count: int) -> tuple[str, int]:
     return "cpu", train.devices or 1
 
 
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The Lightning precision to train with: fp16 mixed precision needs a GPU, so the CPU uses 32-bit."""
+    if accelerator == "cpu" and precision == "16-mixed":
+        log.warning("fp16 mixed precision needs a GPU; training in 32-bit on the CPU")
+        return "32-true"
+    return precision
+
+
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
     """Gradient accumulation that keeps ``effective_batch`` for this number of processes (at least 1)."""
     per_step = batch_size * world_size
@@ -76,13 +86,14 @@ def prepare_run_dir(cfg, config_dict: dict) -> Path | None:
     """
     import yaml
 
-    from utils.config import config_diff, dump_config
+    from utils.config import config_diff, config_from_dict, config_to_dict, dump_config
 
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
     if saved.exists():
         with open(saved) as f:
-            previous = yaml.safe_load(f) or {}
+            # through the dataclasses, so keys added to the code since (with their defaults) are no change
+            previous = config_to_dict(config_from_dict(yaml.safe_load(f) or {}, str(saved)))
         changed = [k for k in config_diff(previous, config_dict) if k not in RESUMABLE_CHANGES]
         if changed:
             raise SystemExit(
@@ -134,10 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("run %s in %s: %s x %d (x %d nodes), batch %d per device x %d processes x %d accumulation = %d",
              cfg.run_name, cfg.run_dir, accelerator, devices, t.num_nodes, t.batch_size, world, accumulate,
              t.batch_size * world * accumulate)
-    precision = t.precision
-    if accelerator == "cpu" and precision == "16-mixed":
-        log.warning("fp16 mixed precision needs a GPU; training in 32-bit on the CPU")
-        precision = "32-true"
+    precision = resolve_precision(t.precision, accelerator)
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
 

@@ -3,10 +3,10 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 import evaluate
 import inferer
-from conftest import ROOT
 
 NO_WEIGHTS = {"COMET_INCEPTION_WEIGHTS": None, "COMET_CLIP_DIR": None}
 

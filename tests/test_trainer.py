@@ -137,3 +137,16 @@ def test_ema_weights_are_kept_and_used_for_sampling(tmp_path, tiny_data):
     assert not torch.equal(state[f"ema.module.{key}"], state[f"model.{key}"])
     module = load_module(tmp_path / "runs" / "tiny" / "last.ckpt")
     assert module.sampling_adapter().model is module.ema.module
+
+
+def test_a_run_saved_before_a_key_existed_still_resumes(tmp_path):
+    import yaml
+
+    from utils.config import config_to_dict
+
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    old = config_to_dict(cfg)
+    del old["sampling_args"]["precision"]  # a key added to the code later, with its default
+    cfg.run_dir.mkdir(parents=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(old))
+    assert trainer.prepare_run_dir(cfg, config_to_dict(cfg)) is None

@@ -206,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         "num_real": len(records), "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
     }
-    write_results(out_dir, results, per_image, indices, images, paired, masks)
+    num_classes = manifest.get("config", {}).get("data_args", {}).get("num_classes", int(split_masks.max()) + 1)
+    write_results(out_dir, results, per_image, indices, images, paired, masks, num_classes)
     print(report_table(results))
     log.info("wrote %s", out_dir)
     return 0
 
 
-def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks) -> None:
+def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks,
+                  num_classes: int) -> None:
     """metrics.json, per_image.csv, report.md and best_worst.png (by SSIM) in ``out_dir``."""
     import numpy as np
 
@@ -231,7 +233,7 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
     rows = []
     for pick in (order[::-1][:k], order[:k]):  # best, then worst
         pick = list(pick)
-        rows += [mask_to_unit(masks[pick], 4), real[pick], images[pick]]
+        rows += [mask_to_unit(masks[pick], num_classes), real[pick], images[pick]]
     save_png(grid_image(rows), out_dir / "best_worst.png")
 
 

@@ -160,3 +160,10 @@ def test_resize_accepts_other_sizes(tiny_run, tmp_path):
     out = tmp_path / "out"
     assert _run(tiny_run, tmp_path, "--masks", str(folder), "--resize", "--output_dir", str(out)) == 0
     assert np.load(out / "samples.npz")["masks"].shape == (1, 1, 32, 32)
+
+
+def test_splitting_over_several_devices_gives_the_same_images(module, masks):
+    m = masks[torch.arange(10) % len(masks)]
+    one = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu"], False, batch_invariant=True)
+    two = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu", "cpu"], False, batch_invariant=True)
+    assert torch.equal(one.images, two.images) and two.nfe == 2

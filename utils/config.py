@@ -35,7 +35,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def check(self, key):
-        _require(self.size >= 16, key("size"), f"must be >= 16, got {self.size}")
+        _require(self.size >= 32, key("size"), f"must be >= 32 (utils.synthetic_echo.MIN_SIZE), got {self.size}")
         _require(len(self.patients) == 3 and min(self.patients) >= 1, key("patients"),
                  f"must be three positive patient counts (train, valid, test), got {list(self.patients)}")
 

@@ -19,10 +19,10 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
 from utils.config import config_from_dict
 from utils.distributed import gather_no_grad
+from utils.generation import generate
 from utils.images import grid_image, mask_to_unit, save_png, to_unit
-from utils.model import VelocityAdapter, autocast, build_model, compile_blocks
+from utils.model import VelocityAdapter, build_model, compile_blocks
 from utils.prior import noise_for_indices, warm_start_prior
-from utils.sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +151,11 @@ class COMETModule(pl.LightningModule):
         """Sample the first validation masks; write mask | real | generated as PNG and to TensorBoard."""
         ds = self.trainer.datamodule.val_set
         n = min(self.cfg.train_args.num_sample_images, len(ds))
-        index = torch.arange(n)
-        x_1, mask = ds.x_1[:n].to(self.device), ds.mask[:n].to(self.device)
-        eps = noise_for_indices(index, tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
-        s = self.cfg.sampling_args
-        x_0 = self.prior(mask, eps)
-        with autocast(s.precision, self.device):
-            gen = sample(self.sampling_adapter(), x_0, mask, s.num_steps, s.method)
-        real01, gen01 = to_unit(x_1), to_unit(gen)
+        mask, s = ds.mask[:n], self.cfg.sampling_args
+        # the inferer's path: noise of (seed, i), the prior, the sampler, under sampling_args.precision
+        gen01 = generate(self, mask, torch.arange(n), self.cfg.train_args.seed, s.num_steps, s.method,
+                         batch_size=n, devices=[str(self.device)], progress=False).images
+        real01 = to_unit(ds.x_1[:n])
         grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01])
         out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
         save_png(grid, out)

@@ -255,3 +255,10 @@ def test_dataset_info_reports_and_validates(tmp_path, capsys):
     path = save_dataset(tmp_path / "bad.pkl", bad)
     assert dataset_info.main([str(path)]) == 1
     assert r"test[0]: mask labels [9] outside 0..3" in capsys.readouterr().out
+
+
+def test_saving_an_empty_split_to_npz_is_a_named_error(tmp_path):
+    record = {"image": np.zeros((1, 4, 4), np.uint8), "mask": np.zeros((1, 4, 4), np.uint8)}
+    with pytest.raises(DatasetError, match="split 'valid' is empty"):
+        save_dataset(tmp_path / "d.npz", {"train": [record], "valid": []})
+    assert not (tmp_path / "d.npz").exists()

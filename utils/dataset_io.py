@@ -267,6 +267,8 @@ def save_dataset(path: str | Path, data: dict[str, list[dict]], overwrite: bool 
     if suffix == ".npz":
         arrays = {}
         for split, records in data.items():
+            if not records:  # an npz split has no shape to store without a record
+                raise DatasetError(f"{path}: split '{split}' is empty; a .npz dataset needs records in every split")
             arrays[f"{split}_images"] = np.stack([to_uint8(r["image"]) for r in records])
             arrays[f"{split}_masks"] = np.stack([np.asarray(r["mask"]).astype(np.uint8) for r in records])
             fields = sorted({f for r in records for f in (r.get("metadata") or {})})

@@ -60,3 +60,11 @@ def test_noise_for_indices_depends_only_on_seed_and_index():
 
 def test_scaled_label_values_span_the_image_range():
     torch.testing.assert_close(scaled_label_values(4), torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+
+
+def test_the_prior_is_float32_under_autocast_as_without_it():
+    mask, eps = _mask(), torch.randn(2, 1, 16, 16)
+    plain = warm_start_prior(mask, eps, 0.3, 5, 1.5, VALUES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training runs under autocast, sampling does not
+        under = warm_start_prior(mask, eps, 0.3, 5, 1.5, VALUES)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)

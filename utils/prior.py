@@ -63,8 +63,16 @@ def warm_start_prior(
         return eps
     if mask.shape[-2:] != eps.shape[-2:]:
         mask = F.interpolate(mask.float(), size=eps.shape[-2:], mode="nearest")
-    structure = gaussian_blur(encode_mask(mask, label_values), kernel_size, sigma)
+    # float32 whatever autocast the caller runs under (training does, sampling does not): one prior, bit for bit
+    with torch.autocast(eps.device.type, enabled=False):
+        structure = gaussian_blur(encode_mask(mask, label_values), kernel_size, sigma)
     return alpha * structure.to(eps.dtype) + math.sqrt(1.0 - alpha**2) * eps
+
+
+def seeded_generator(entropy: list[int], device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded from a list of integers (numpy's SeedSequence mixes them)."""
+    seed = int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def noise_for_indices(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -72,9 +80,5 @@ def noise_for_indices(indices: torch.Tensor, shape: tuple[int, ...], seed: int) 
 
     Results therefore do not change with the batch size or the number of devices.
     """
-    g = torch.Generator()
-    rows = []
-    for i in indices.tolist():
-        g.manual_seed(int(np.random.SeedSequence([seed, int(i)]).generate_state(1, np.uint64)[0] >> 1))
-        rows.append(torch.randn(shape, generator=g))
+    rows = [torch.randn(shape, generator=seeded_generator([seed, i])) for i in indices.tolist()]
     return torch.stack(rows) if rows else torch.empty((0, *shape))

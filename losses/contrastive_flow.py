@@ -36,6 +36,8 @@ class ContrastiveOutput:
     pos_cos: torch.Tensor  # mean cosine with the positive
     neg_cos: torch.Tensor  # mean cosine with the valid negatives (nan if none)
     num_keys: int  # M
+    valid_keys: torch.Tensor  # mean over anchors of the keys left after masking (positive included)
+    chance: torch.Tensor  # mean over anchors of ln(valid keys): the loss of a predictor that knows nothing
 
 
 def info_nce_from_cosines(
@@ -51,7 +53,9 @@ def info_nce_from_cosines(
     loss = F.cross_entropy(logits, positive)
     negatives = keep & ~is_pos
     neg_cos = (cos.detach() * negatives).sum() / negatives.sum()  # nan without negatives; no host sync
-    return ContrastiveOutput(loss, cos.detach()[rows, positive].mean(), neg_cos, m)
+    per_anchor = keep.sum(1).float()
+    return ContrastiveOutput(loss, cos.detach()[rows, positive].mean(), neg_cos, m, per_anchor.mean(),
+                             per_anchor.log().mean())
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

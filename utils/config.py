@@ -113,9 +113,13 @@ class ContrastiveConfig:
     warmup_epochs: int = 5
     target: Literal["velocity", "same_noise", "denoised"] = "velocity"
     exclude_same_patient: bool = True
+    # M, the keys each anchor is contrasted with (its positive included), whatever the number of GPUs: the
+    # current micro-batch of every rank, topped up with the samples of earlier micro-batches (no gradient).
+    num_keys: int = 16
 
     def check(self, key):
         _require(self.weight >= 0, key("weight"), f"must be >= 0, got {self.weight}")
+        _require(self.num_keys >= 2, key("num_keys"), f"must be >= 2, got {self.num_keys}")
         _require(self.temperature > 0, key("temperature"), f"must be > 0, got {self.temperature}")
         _require(self.warmup_epochs >= 0, key("warmup_epochs"), f"must be >= 0, got {self.warmup_epochs}")
 
@@ -188,6 +192,10 @@ class Config:
         depth = 2 ** (len(m.channels) - 1)
         _require(self.data_args.image_size % depth == 0, "data_args.image_size",
                  f"must be divisible by {depth} for {len(m.channels)} UNet levels, got {self.data_args.image_size}")
+        keys, batch = self.contrastive_args.num_keys, self.train_args.batch_size
+        _require(keys % batch == 0, "contrastive_args.num_keys",
+                 f"must be a multiple of train_args.batch_size ({batch}), so that a group of whole micro-batches "
+                 f"holds the keys, got {keys}")
 
     @property
     def run_dir(self) -> Path:

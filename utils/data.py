@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import DataConfig
 from utils.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
+from utils.distributed import wait_for
 from utils.prior import scaled_label_values
 
 log = logging.getLogger(__name__)
@@ -26,15 +27,21 @@ def missing_dataset_message(path: Path) -> str:
     )
 
 
-def load_training_data(cfg: DataConfig) -> dict[str, list[dict]]:
-    """Load (building the synthetic set first when configured and missing) and validate the dataset."""
+def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0) -> dict[str, list[dict]]:
+    """Load (building the synthetic set first when configured and missing) and validate the dataset.
+
+    Only rank 0 builds the synthetic set; other ranks wait for the file (written atomically).
+    """
     path = Path(cfg.path)
     if not path.exists():
         if cfg.synthetic is None:
             raise FileNotFoundError(missing_dataset_message(path))
-        from utils.synthetic_echo import ensure_synthetic_dataset
+        if rank != 0:
+            wait_for(path.exists, f"build the synthetic dataset {path}", timeout)
+        else:
+            from utils.synthetic_echo import ensure_synthetic_dataset
 
-        ensure_synthetic_dataset(path, cfg.synthetic.size, tuple(cfg.synthetic.patients), cfg.synthetic.seed)
+            ensure_synthetic_dataset(path, cfg.synthetic.size, tuple(cfg.synthetic.patients), cfg.synthetic.seed)
     data = load_dataset(path)
     validate_dataset(data, path, num_classes=cfg.num_classes, image_size=cfg.image_size)
     return data
@@ -68,10 +75,10 @@ def mean_label_intensity(x_1: torch.Tensor, mask: torch.Tensor, num_classes: int
 
 
 class EchoDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int):
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int = 0):
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.data = load_training_data(cfg)
+        self.data = load_training_data(cfg, rank)
         for split in ("train", "valid"):
             if not self.data.get(split):
                 raise DatasetError(f"{cfg.path}: the '{split}' split is missing or empty; training needs it")
@@ -88,10 +95,13 @@ class EchoDataModule(pl.LightningDataModule):
         return [round(float(v), 6) for v in scaled_label_values(self.cfg.num_classes)]
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
+        # The order of epoch e is a permutation seeded by (seed, e) on one process or many (the Trainer calls
+        # set_epoch), each rank taking its share: a resumed run does not replay epoch 0's order.
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
-                          drop_last=len(self.train_set) >= 2 * self.batch_size)
+                          drop_last=len(self.train_set) >= 2 * self.batch_size * world)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False,

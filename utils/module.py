@@ -14,15 +14,15 @@ from flow_matching.path import AffineProbPath
 from flow_matching.path.scheduler import CondOTScheduler
 from pytorch_lightning.utilities import rank_zero_only
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
 from utils.config import config_from_dict
-from utils.distributed import gather_no_grad
+from utils.contrastive_keys import ContrastiveKeys, valid_keys
 from utils.generation import generate
 from utils.images import grid_image, mask_to_unit, save_png, to_unit
+from utils.metrics import psnr_per_image, ssim_per_image
 from utils.model import VelocityAdapter, build_model, compile_blocks
-from utils.prior import noise_for_indices, warm_start_prior
+from utils.prior import noise_for_indices, seeded_generator, warm_start_prior
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class COMETModule(pl.LightningModule):
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
             self.ema.requires_grad_(False)  # updated by hand; DDP must not wait for its gradients
         self._ema_step = -1
+        self.keys = ContrastiveKeys(self.cfg.contrastive_args.num_keys)
         self._compiled_blocks = 0
         self._time_first_step = False  # log the first step's wall time (it includes the compilation)
         self._first_step_clock = 0.0
@@ -77,43 +78,65 @@ class COMETModule(pl.LightningModule):
         p = self.cfg.prior_args
         return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values)
 
-    def sampling_adapter(self) -> VelocityAdapter:
-        """The network used for sampling: the EMA weights when kept."""
-        return VelocityAdapter(self.ema.module if self.ema is not None else self.model)
+    def sampling_network(self) -> torch.nn.Module:
+        """The weights images are made with: the EMA weights when kept, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.model
 
-    def flow_matching_loss(self, x_1, mask, eps, t):
+    def sampling_adapter(self) -> VelocityAdapter:
+        return VelocityAdapter(self.sampling_network())
+
+    def flow_matching_loss(self, network, x_1, mask, eps, t):
         x_0 = self.prior(mask, eps)
         ps = self.path.sample(x_0=x_0, x_1=x_1, t=t)
-        v = self.model(ps.x_t, t, mask)
+        v = network(ps.x_t, t, mask)
         return F.mse_loss(v.float(), ps.dx_t.float()), v, x_0, ps
+
+    def training_draws(self, x_1: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B,) ~ U[0, 1) and eps ~ N(0, I) like x_1, from a stream of (seed, global rank, epoch, batch).
+
+        Every DDP rank draws its own t and noise (``seed_everything`` alone gives all ranks one stream), and
+        a resumed run draws what the uninterrupted run would have drawn at the same epoch and batch.
+        """
+        g = seeded_generator([self.cfg.train_args.seed, self.global_rank, self.current_epoch, batch_idx],
+                             x_1.device)
+        t = torch.rand(x_1.shape[0], generator=g, device=x_1.device)
+        return t, torch.randn(x_1.shape, generator=g, device=x_1.device, dtype=x_1.dtype)
 
     def training_step(self, batch, batch_idx):
         x_1, mask = batch["x_1"], batch["mask"]
-        t = torch.rand(x_1.shape[0], device=x_1.device)
-        fm, v, x_0, ps = self.flow_matching_loss(x_1, mask, torch.randn_like(x_1), t)
+        t, eps = self.training_draws(x_1, batch_idx)
+        fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, eps, t)
         c = self.cfg.contrastive_args
         weight = contrastive_weight(c.weight, c.warmup_epochs, self.current_epoch)
         loss = fm
         logs = {"train/fm_loss": fm, "train/nce_weight": weight}
         if weight > 0:
-            keys_x_0, offset = gather_no_grad(x_0)
-            keys_x_1, _ = gather_no_grad(x_1)
-            patients, _ = gather_no_grad(batch["patient"])
-            positive = torch.arange(x_1.shape[0], device=x_1.device) + offset
-            valid = None
-            if c.exclude_same_patient:
-                own = batch["patient"][:, None]
-                valid = (patients[None, :] != own) | (own < 0)
-            out = contrastive_velocity_loss(c.target, v, x_0, ps.x_t, t, keys_x_0, keys_x_1, positive,
+            keys = self.keys(x_0, x_1, batch["patient"])
+            valid = valid_keys(batch["patient"], keys.patient) if c.exclude_same_patient else None
+            out = contrastive_velocity_loss(c.target, v, x_0, ps.x_t, t, keys.x_0, keys.x_1, keys.positive,
                                             c.temperature, valid)
             loss = fm + weight * out.loss
             logs.update({"train/nce_loss": out.loss, "train/nce_pos_cos": out.pos_cos,
                          "train/nce_neg_cos": out.neg_cos, "train/nce_keys": float(out.num_keys),
-                         "train/nce_chance": math.log(out.num_keys)})
+                         "train/nce_valid_keys": out.valid_keys, "train/nce_chance": out.chance})
         logs["train/loss"] = loss
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=x_1.shape[0])
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=x_1.shape[0])
         return loss
+
+    def on_train_start(self):
+        c, patient = self.cfg.contrastive_args, self.trainer.datamodule.train_set.patient
+        missing = int((patient < 0).sum())
+        if c.weight > 0 and c.exclude_same_patient and missing and self.global_rank == 0:
+            log.warning("%d of %d training images have no patient id (MOTFM pickles and PNG folders carry none): "
+                        "contrastive_args.exclude_same_patient cannot keep their other images out of the "
+                        "negatives", missing, len(patient))
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["contrastive_keys"] = self.keys.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        self.keys.load_state_dict(checkpoint.get("contrastive_keys", {}))
 
     def on_train_batch_start(self, batch, batch_idx):
         if self._time_first_step:
@@ -133,7 +156,8 @@ class COMETModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
         eps = noise_for_indices(index.cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
-        fm, *_ = self.flow_matching_loss(x_1, mask, eps, fixed_times(index).to(x_1.device))
+        # with the weights that will make the images (EMA when kept), so the best checkpoint is chosen by them
+        fm, *_ = self.flow_matching_loss(self.sampling_network(), x_1, mask, eps, fixed_times(index).to(x_1.device))
         self.log("val/loss", fm, prog_bar=True, sync_dist=True, batch_size=x_1.shape[0])
 
     # --- what a person looks at ---------------------------------------------------------------------
@@ -162,13 +186,10 @@ class COMETModule(pl.LightningModule):
         if self.logger is not None and hasattr(self.logger.experiment, "add_image"):
             self.logger.experiment.add_image("samples/mask_real_generated", grid, self.global_step,
                                              dataformats="HW")
-        ssim = structural_similarity_index_measure(gen01.float(), real01.float(), data_range=1.0,
-                                                   reduction="none")
-        psnr = peak_signal_noise_ratio(gen01.float(), real01.float(), data_range=1.0, reduction="none",
-                                       dim=(1, 2, 3))
+        ssim, psnr = ssim_per_image(gen01, real01).mean(), psnr_per_image(gen01, real01).mean()  # evaluate.py's
         log.info("epoch %d: sample grid %s (SSIM %.3f, PSNR %.2f dB on %d validation masks)",
-                 self.current_epoch, out, ssim.mean(), psnr.mean(), n)
-        return {"val/sample_ssim": ssim.mean(), "val/sample_psnr": psnr.mean()}
+                 self.current_epoch, out, ssim, psnr, n)
+        return {"val/sample_ssim": float(ssim), "val/sample_psnr": float(psnr)}
 
     def configure_optimizers(self):
         t = self.cfg.train_args

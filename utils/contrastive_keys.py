@@ -1,0 +1,74 @@
+"""The contrastive key set: M keys per anchor, a property of the recipe rather than of the GPU count.
+
+M = ``contrastive_args.num_keys`` keys per anchor, its own positive included. A key is a target without
+gradient (the x_0, x_1 and patient of a sample), so it may come from any sample seen, not only from the
+anchor's micro-batch:
+
+- the current micro-batch of every rank, gathered across ranks in rank order (this rank's block at
+  ``rank * B``);
+- when all ranks together hold fewer than M samples (few GPUs, gradient accumulation), the most recent
+  earlier micro-batches fill the rest: a bank of the last ``M - B * world`` samples, newest first. One GPU
+  with batch 4 and M = 16 contrasts with its 4 current samples and the 12 before them; four GPUs with
+  batch 4 contrast with the 16 current ones;
+- when the ranks hold more than M samples (many GPUs), consecutive ranks form groups of M samples and
+  each anchor contrasts within its group.
+
+The bank holds gathered keys, so it is the same on every rank; the module saves it in the checkpoint and
+a resumed run continues with the keys it would have had. It starts empty, so the first micro-steps of a
+run see fewer keys: the module logs the true count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from utils.distributed import gather_no_grad
+
+
+@dataclass
+class KeySet:
+    x_0: torch.Tensor  # (M, C, H, W)
+    x_1: torch.Tensor  # (M, C, H, W)
+    patient: torch.Tensor  # (M,) patient code, -1 when unknown
+    positive: torch.Tensor  # (B,) index of each local anchor's own key
+
+
+class ContrastiveKeys:
+    """Builds the :class:`KeySet` of each micro-step; keeps the bank between calls."""
+
+    FIELDS = ("x_0", "x_1", "patient")
+
+    def __init__(self, num_keys: int):
+        self.num_keys = num_keys
+        self.bank: dict[str, torch.Tensor] = {}
+
+    def __call__(self, x_0: torch.Tensor, x_1: torch.Tensor, patient: torch.Tensor) -> KeySet:
+        """Keys for the local anchors ``x_0``, ``x_1`` (B, C, H, W) and ``patient`` (B,)."""
+        gathered = {}
+        for name, value in zip(self.FIELDS, (x_0, x_1, patient)):
+            gathered[name], offset = gather_no_grad(value)
+        total, m = len(gathered["x_0"]), self.num_keys
+        local = torch.arange(x_0.shape[0], device=x_0.device)
+        if total >= m:
+            if total % m:
+                raise ValueError(f"contrastive_args.num_keys ({m}) must divide the {total} samples that all "
+                                 "processes hold in one micro-step (batch_size x processes), or exceed them")
+            start = offset // m * m
+            return KeySet(**{k: v[start:start + m] for k, v in gathered.items()}, positive=offset - start + local)
+        keys = {k: torch.cat([v, self.bank[k].to(v.device)]) if self.bank else v for k, v in gathered.items()}
+        self.bank = {k: v[:m - total] for k, v in keys.items()}  # the newest samples; keys holds at most m
+        return KeySet(**keys, positive=offset + local)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.bank.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.bank = dict(state)
+
+
+def valid_keys(anchor_patient: torch.Tensor, key_patient: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: key j may be a negative for anchor i unless both belong to the same known patient."""
+    own = anchor_patient[:, None]
+    return (key_patient[None, :] != own) | (own < 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -40,17 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging(log_file: Path | None = None) -> None:
-    """Console (and file) logging, once per process; ranks other than 0 only log warnings."""
-    import os
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-    rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if log_file is not None and rank == 0:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers)
+
+def setup_logging(rank: int) -> logging.handlers.MemoryHandler:
+    """Console logging (rank 0: info, others: warnings), and a buffer of the records for the run's log file,
+    which :func:`log_to_file` writes once the run directory is ready."""
+    buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True, format=LOG_FORMAT,
+                        handlers=[logging.StreamHandler(), buffer])
+    return buffer
+
+
+def log_to_file(buffer: logging.handlers.MemoryHandler, path: Path) -> None:
+    """Write the buffered records to ``path`` and send every later one there too."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    buffer.setTarget(handler)
+    buffer.flush()
+    root = logging.getLogger()
+    root.removeHandler(buffer)
+    root.addHandler(handler)
 
 
 def resolve_devices(train, cuda_count: int) -> tuple[str, int]:
@@ -79,35 +90,76 @@ def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -
     return max(1, round(effective_batch / per_step))
 
 
-def prepare_run_dir(cfg, config_dict: dict) -> Path | None:
-    """Create the run directory; return ``last.ckpt`` to resume from, if any.
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether a run directory holds anything worth protecting: last, best or periodic checkpoints."""
+    return run_dir.is_dir() and any(run_dir.rglob("*.ckpt"))
 
-    Refuses a directory that holds a run with another configuration (beyond RESUMABLE_CHANGES).
-    """
+
+def saved_config(path: Path) -> dict | None:
+    """The plain config dict saved at ``path`` (through the dataclasses, so keys added to the code since
+    read as their defaults), or None when there is none."""
     import yaml
 
-    from utils.config import config_diff, config_from_dict, config_to_dict, dump_config
+    from utils.config import config_from_dict, config_to_dict
+
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        return config_to_dict(config_from_dict(yaml.safe_load(f) or {}, str(path)))
+
+
+def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.0) -> Path | None:
+    """Create the run directory and save the configuration; return ``last.ckpt`` to resume from, if any.
+
+    Only rank 0 writes; other ranks (torchrun, SLURM) wait until rank 0 has saved this configuration. A
+    directory whose run has a checkpoint and another configuration (beyond RESUMABLE_CHANGES) is refused;
+    one whose earlier start left no checkpoint is taken over, and the log says what changed.
+    """
+    from utils.config import config_diff, dump_config
+    from utils.distributed import wait_for
 
     run_dir = cfg.run_dir
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        with open(saved) as f:
-            # through the dataclasses, so keys added to the code since (with their defaults) are no change
-            previous = config_to_dict(config_from_dict(yaml.safe_load(f) or {}, str(saved)))
+    path, last = run_dir / "config.yaml", run_dir / "last.ckpt"
+    if rank != 0:
+        wait_for(lambda: saved_config(path) == config_dict, f"save the configuration of run '{cfg.run_name}' in "
+                 f"{path}", timeout)
+        return last if last.exists() else None
+    previous = saved_config(path)
+    if previous is not None:
         changed = [k for k in config_diff(previous, config_dict) if k not in RESUMABLE_CHANGES]
-        if changed:
+        if changed and has_checkpoint(run_dir):
             raise SystemExit(
                 f"error: {run_dir} already holds run '{cfg.run_name}' with a different configuration "
                 f"(differs in: {', '.join(changed)}). Nothing was changed. Choose another name with "
                 "--set run_name=NAME, or move that directory away yourself."
             )
+        if changed:
+            log.warning("%s: an earlier start of run '%s' left no checkpoint; replacing its configuration "
+                        "(changed: %s)", run_dir, cfg.run_name, ", ".join(changed))
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise SystemExit(f"error: {run_dir} exists, is not empty and has no config.yaml; not writing into it. "
                          "Choose another name with --set run_name=NAME.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, saved)
-    last = run_dir / "last.ckpt"
+    tmp = path.with_name("config.yaml.tmp")
+    dump_config(cfg, tmp)
+    tmp.replace(path)  # other ranks never read half a file
     return last if last.exists() else None
+
+
+def checkpoint_progress(path: Path) -> tuple[int, int]:
+    """(epoch, global step) of a Lightning checkpoint, memory-mapped: the tensors are not read."""
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt["epoch"], ckpt["global_step"]
+
+
+def keep_csv_log(path: Path, step: int) -> None:
+    """Lightning's CSV logger deletes an existing metrics.csv when it starts: keep it under another name."""
+    if path.is_file():
+        kept = path.with_name(f"metrics_to_step{step:07d}.csv")
+        path.replace(kept)
+        log.info("the metrics logged before step %d are in %s; metrics.csv holds those from here on", step, kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config_dict = config_to_dict(cfg)
-    resume = prepare_run_dir(cfg, config_dict)
-    setup_logging(cfg.run_dir / "train.log")
+    from utils.distributed import launch_rank
+
+    rank = launch_rank()
+    log_buffer = setup_logging(rank)
 
     import pytorch_lightning as pl
     import torch
@@ -150,17 +204,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
 
     pl.seed_everything(t.seed, workers=True)
+    # data and model first: a start that fails on them leaves nothing in the run directory
     try:
-        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed)
+        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank)
     except (FileNotFoundError, DatasetError) as e:
         log.error("%s", e)
         return 2
     module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
     unet, control = count_parameters(module.model.unet), count_parameters(module.model.controlnet)
     log.info("model: %s parameters (UNet %s + ControlNet %s)", f"{unet + control:,}", f"{unet:,}", f"{control:,}")
-    log.info("prior: alpha %.3g, enc(mask) = %s %s; contrastive: weight %.3g from epoch %d, target %s",
+    c = cfg.contrastive_args
+    log.info("prior: alpha %.3g, enc(mask) = %s %s; contrastive: weight %.3g from epoch %d, target %s, %d keys",
              cfg.prior_args.alpha, cfg.prior_args.mask_encoding, module.hparams.label_values,
-             cfg.contrastive_args.weight, cfg.contrastive_args.warmup_epochs, cfg.contrastive_args.target)
+             c.weight, c.warmup_epochs, c.target, c.num_keys)
+    resume = prepare_run_dir(cfg, config_dict, rank)
+    if rank == 0:
+        log_to_file(log_buffer, cfg.run_dir / "train.log")
 
     callbacks = [
         ModelCheckpoint(dirpath=cfg.run_dir, monitor="val/loss", mode="min", save_top_k=1, save_last=True,
@@ -183,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
     )
     if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        log.info("resuming from %s (epoch %d, step %d)", resume, ckpt["epoch"], ckpt["global_step"])
-        del ckpt
+        epoch, step = checkpoint_progress(resume)
+        log.info("resuming from %s (epoch %d, step %d)", resume, epoch, step)
+        keep_csv_log(cfg.run_dir / "csv" / "metrics.csv", step)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     best = callbacks[0].best_model_path
     score = callbacks[0].best_model_score

@@ -137,6 +137,46 @@ def test_ema_weights_are_kept_and_used_for_sampling(tmp_path, tiny_data):
     assert not torch.equal(state[f"ema.module.{key}"], state[f"model.{key}"])
     module = load_module(tmp_path / "runs" / "tiny" / "last.ckpt")
     assert module.sampling_adapter().model is module.ema.module
+    # val/loss, which picks the best checkpoint, was computed with the EMA weights that make the images
+    logged = [float(r["val/loss"]) for r in _metrics(tmp_path / "runs" / "tiny") if r.get("val/loss")][-1]
+    assert logged == pytest.approx(_val_loss(module, module.ema.module), rel=1e-5)
+    assert logged != pytest.approx(_val_loss(module, module.model), rel=1e-3)
+
+
+def _val_loss(module, network):
+    """The validation loss of ``network`` over the whole validation split, computed here independently of
+    validation_step: the fixed noise and times per index, the prior, the path, MSE per batch of 4."""
+    from utils.data import EchoDataModule
+    from utils.module import fixed_times
+    from utils.prior import noise_for_indices
+
+    val = EchoDataModule(module.cfg.data_args, 4, 0).val_set
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(val), 4):
+            index = torch.arange(start, min(start + 4, len(val)))
+            x_1, mask = val.x_1[index], val.mask[index]
+            t = fixed_times(index)
+            x_0 = module.prior(mask, noise_for_indices(index, (1, 32, 32), module.cfg.train_args.seed))
+            x_t = t.view(-1, 1, 1, 1) * x_1 + (1 - t.view(-1, 1, 1, 1)) * x_0
+            losses.append(torch.mean((network(x_t, t, mask) - (x_1 - x_0)) ** 2))
+    return float(torch.stack(losses).mean())
+
+
+def test_logged_sample_ssim_is_evaluate_pys_ssim(tiny_run):
+    from utils.data import EchoDataModule
+    from utils.generation import generate, load_module
+    from utils.images import to_unit
+    from utils.metrics import ssim_per_image
+
+    module = load_module(tiny_run / "last.ckpt")  # saved after the last epoch's sample grid
+    cfg = module.cfg
+    val = EchoDataModule(cfg.data_args, 4, 0).val_set
+    n, s = cfg.train_args.num_sample_images, cfg.sampling_args
+    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.method, n,
+                      ["cpu"], progress=False).images
+    logged = [float(r["val/sample_ssim"]) for r in _metrics(tiny_run) if r.get("val/sample_ssim")][-1]
+    assert logged == pytest.approx(float(ssim_per_image(images, to_unit(val.x_1[:n])).mean()), abs=1e-6)
 
 
 def test_a_run_saved_before_a_key_existed_still_resumes(tmp_path):

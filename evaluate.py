@@ -261,7 +261,7 @@ def report_table(results: dict) -> str:
              f"{results['num_samples']} samples of {results['num_masks']} distinct masks, {results['num_steps']} "
              f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(METRICS),
              "| " + " | ".join(cells) + " |", "", *notes,
-             f"- 95% CI: 95% cluster-bootstrap interval over the {results['num_masks']} source images; "
+             f"- CI: 95% cluster-bootstrap interval over the {results['num_masks']} source images; "
              "noise and masks only, not training seeds"]
     return "\n".join(lines)
 

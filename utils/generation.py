@@ -78,7 +78,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
              batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False) -> Generated:
     """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
 
-    Work is split over ``devices`` (one model copy each, one thread each). Batch size and device count
+    Work is split over ``devices`` (the module itself on its own device, a copy on any other; one thread
+    each; see :func:`same_device`). Batch size and device count
     do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
     still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
     network on one image at a time, which makes results bitwise identical for any batch size, at a cost.

@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("per-image metrics on %d pairs", len(images))
     per_image = paired_metrics(images, paired, masks)
     metrics: dict[str, dict] = {m: {"skipped": reason} for m, reason in skipped.items()}
-    for name in PER_IMAGE:
-        s = summarise(per_image[name], n_boot=args.n_boot, seed=0)
-        metrics[name] = {"value": _finite(s["mean"]), "n": s["n"],
+    for name in PER_IMAGE:  # resampled by source image: samples sharing a mask are not independent
+        s = summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0)
+        metrics[name] = {"value": _finite(s["mean"]), "n": s["n"], "n_masks": s["n_clusters"],
                          "ci95": [_finite(s["ci95_lo"]), _finite(s["ci95_hi"])]}
     cache = FeatureCache(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
     weights = {}
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "metrics": {m: metrics[m] for m in METRICS},
-        "num_samples": len(images), "num_steps": steps, "method": method, "seed": seed,
+        "num_samples": len(images), "num_masks": len(set(indices.tolist())),
+        "num_steps": steps, "method": method, "seed": seed,
         "checkpoint": str(ckpt) if ckpt else None, "dataset": str(data_path), "split": split,
         "num_real": len(records), "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
@@ -238,7 +239,7 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
 
 
 def report_table(results: dict) -> str:
-    """The paper's results table (markdown), with N and the 95% intervals."""
+    """The paper's results table (markdown), with N samples, the number of masks and the 95% intervals."""
     head = "| " + " | ".join(f"{m.upper().replace('B_DICE', 'B-Dice')}{'↑' if HIGHER_IS_BETTER[m] else '↓'}"
                              for m in METRICS) + " |"
     cells, notes = [], []
@@ -254,11 +255,14 @@ def report_table(results: dict) -> str:
             extra = f", 95% CI [{r['ci95'][0]:.4g}, {r['ci95'][1]:.4g}]" if r.get("ci95") and None not in r[
                 "ci95"] else ""
             real = f" vs {r['n_real']} real" if "n_real" in r else ""
-            notes.append(f"- {m.upper()}: N = {r['n']}{real}{extra}")
+            masks = f" of {r['n_masks']} masks" if "n_masks" in r else ""
+            notes.append(f"- {m.upper()}: N = {r['n']}{masks}{real}{extra}")
     lines = [f"Evaluation of {results['checkpoint']} on split '{results['split']}' of {results['dataset']}: "
-             f"{results['num_samples']} samples, {results['num_steps']} {results['method']} steps, "
-             f"seed {results['seed']}", "", head, "|" + "---|" * len(METRICS), "| " + " | ".join(cells) + " |",
-             "", *notes]
+             f"{results['num_samples']} samples of {results['num_masks']} distinct masks, {results['num_steps']} "
+             f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(METRICS),
+             "| " + " | ".join(cells) + " |", "", *notes,
+             f"- CI: 95% cluster-bootstrap interval over the {results['num_masks']} source images; "
+             "noise and masks only, not training seeds"]
     return "\n".join(lines)
 
 

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -6,7 +7,8 @@ import torch
 from PIL import Image
 
 import inferer
-from utils.generation import find_checkpoint, generate, load_module
+from utils import generation
+from utils.generation import find_checkpoint, generate, load_module, same_device
 from utils.images import to_unit
 from utils.masks import load_masks
 from utils.prior import noise_for_indices
@@ -162,8 +164,49 @@ def test_resize_accepts_other_sizes(tiny_run, tmp_path):
     assert np.load(out / "samples.npz")["masks"].shape == (1, 1, 32, 32)
 
 
-def test_splitting_over_several_devices_gives_the_same_images(module, masks):
+def test_splitting_over_several_devices_gives_the_same_images(module, masks, monkeypatch):
+    # A second device gets its own copy of the model; "cuda:7" stands for it and the copy stays on the
+    # CPU, so the two workers really use two distinct model objects, as on two GPUs.
+    copies = []
+
+    def copy_on_cpu(m, device):
+        copies.append(device)
+        return copy.deepcopy(m).eval()
+
+    solves = []  # the model object of every solve (one per image with batch_invariant)
+    adapter = type(module).sampling_adapter
+
+    def recording_adapter(self):
+        solves.append(id(self))
+        return adapter(self)
+
+    monkeypatch.setattr(generation, "_copy_to", copy_on_cpu)
+    monkeypatch.setattr(type(module), "sampling_adapter", recording_adapter)
     m = masks[torch.arange(10) % len(masks)]
     one = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu"], False, batch_invariant=True)
-    two = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu", "cpu"], False, batch_invariant=True)
+    solves.clear()
+    two = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu", "cuda:7"], False, batch_invariant=True)
+    assert copies == ["cuda:7"] and len(set(solves)) == 2
+    # chunks of 3 alternate between the devices: the module solves chunks 0 and 2, the copy 1 and 3
+    assert solves.count(id(module)) == 6 and len(solves) == 10
     assert torch.equal(one.images, two.images) and two.nfe == 2
+
+
+def test_same_device_reads_the_spellings_of_one_device(monkeypatch):
+    assert same_device("cpu", "cpu") and same_device("cpu", "cpu:0") and same_device(torch.device("cpu"), "cpu:0")
+    assert not same_device("cuda:0", "cuda:1") and same_device(torch.device("cuda:1"), "cuda:1")
+    assert not same_device("cpu", "cuda") and not same_device("cuda:0", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert same_device("cuda", "cuda:0")  # no CUDA: "cuda" means index 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert same_device("cuda", "cuda:1") and not same_device("cuda", "cuda:0")  # "cuda" is the current device
+
+
+def test_a_module_already_on_the_device_is_not_copied(module, masks, monkeypatch):
+    def refuse(m, device):
+        raise AssertionError(f"copied the model to {device}, where it already is")
+
+    monkeypatch.setattr(generation, "_copy_to", refuse)
+    out = generate(module, masks[:2], torch.arange(2), 0, 1, "euler", 2, ["cpu:0"], False)
+    assert out.images.shape == (2, 1, 32, 32)

@@ -246,6 +246,27 @@ def test_bootstrap_ci():
     assert metrics.summarise(values)["n"] == 400
 
 
+def test_cluster_bootstrap_of_repeated_values_equals_the_bootstrap_of_the_sources():
+    # 200 samples cycling over 20 source images (sample k from source k % 20), every sample of a source
+    # scoring the same: the data hold 20 independent values, not 200, and the interval must say so.
+    values = np.random.default_rng(7).normal(0.6, 0.1, size=20)
+    samples, sources = np.tile(values, 10), np.arange(200) % 20
+    clustered = metrics.bootstrap_ci(samples, sources, n_boot=2000, seed=3)
+    np.testing.assert_allclose(clustered, metrics.bootstrap_ci(values, n_boot=2000, seed=3), rtol=0, atol=1e-12)
+    naive = metrics.bootstrap_ci(samples, n_boot=2000, seed=3)
+    width, naive_width = clustered[2] - clustered[1], naive[2] - naive[1]
+    assert naive_width < 0.5 * width  # ~ sqrt(20 / 200) = 0.32 of it: the per-sample bootstrap is too narrow
+    assert metrics.summarise(samples, sources, n_boot=100) | {"mean": 0, "ci95_lo": 0, "ci95_hi": 0} == {
+        "n": 200, "n_clusters": 20, "mean": 0, "ci95_lo": 0, "ci95_hi": 0}
+
+
+def test_cluster_bootstrap_rejects_nan_and_mismatched_ids():
+    with pytest.raises(ValueError, match="1 of 3 values are NaN"):
+        metrics.bootstrap_ci([1.0, np.nan, 2.0], [0, 0, 1])
+    with pytest.raises(ValueError, match="2 cluster ids for 3 values"):
+        metrics.bootstrap_ci([1.0, 2.0, 3.0], [0, 1])
+
+
 # ---- preprocessing, extractors, weights resolution, cache ---------------------------------------
 
 def test_to_uint8_rgb_rounds_and_saturates():

@@ -78,7 +78,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
              batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False) -> Generated:
     """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
 
-    Work is split over ``devices`` (one model copy each, one thread each). Batch size and device count
+    Work is split over ``devices`` (the module itself on its own device, a copy on any other; one thread
+    each; see :func:`same_device`). Batch size and device count
     do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
     still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
     network on one image at a time, which makes results bitwise identical for any batch size, at a cost.
@@ -88,7 +89,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     shape = (1, *masks.shape[-2:])
     out = torch.empty((n, *shape), dtype=torch.float32)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    models = [module if str(module.device) == d else _copy_to(module, d) for d in devices]
+    models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]
     bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
     nfe = [0]
 
@@ -121,6 +122,20 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
                               chunks[group:group + len(models)]))
     bar.close()
     return Generated(out, nfe[0], time.perf_counter() - start)
+
+
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether two device specs name the same device ("cuda" is the current CUDA device, "cpu:0" is "cpu")."""
+
+    def canonical(spec) -> tuple[str, int]:
+        d = torch.device(spec)
+        if d.type == "cpu":
+            return "cpu", 0
+        if d.index is not None:
+            return d.type, d.index
+        return d.type, torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+
+    return canonical(a) == canonical(b)
 
 
 def _copy_to(module, device: str):

@@ -38,8 +38,9 @@ Per image (each generated image against its paired real image):
   Both maps empty: 0. Exactly one empty: the image diagonal ``sqrt(H^2 + W^2)`` (the largest
   distance possible), so that means stay finite.
 
-Summaries: :func:`bootstrap_ci` gives the mean and a 95% percentile-bootstrap interval;
-:func:`summarise` adds N.
+Summaries: :func:`bootstrap_ci` gives the mean and a 95% percentile-bootstrap interval that resamples
+clusters (the source images whose masks conditioned the samples) rather than samples;
+:func:`summarise` adds N and the number of clusters.
 """
 
 from __future__ import annotations
@@ -272,25 +273,41 @@ def paired_metrics(generated: torch.Tensor, real: torch.Tensor, masks: torch.Ten
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 
-def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap interval ``(mean, lo, hi)`` of per-image values.
+def bootstrap_ci(values, clusters=None, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95% percentile-bootstrap interval ``(mean, lo, hi)`` of per-image values ``[N]``.
 
-    ``n_boot`` resamples of size N with replacement (``np.random.default_rng(seed)``); lo/hi are the
-    2.5% / 97.5% quantiles of the resample means (``inverted_cdf``: defined with ``inf`` values, as
-    PSNR of identical images). NaN is an error.
+    ``clusters`` ``[N]`` (any hashable ids; default: each value its own cluster) names the unit that is
+    resampled: in evaluation, the source image whose mask conditioned each sample, so N samples that
+    cycle over K < N masks are not counted as N independent draws (a cluster bootstrap). Each of the
+    ``n_boot`` replicates draws K clusters with replacement (``np.random.default_rng(seed).integers(0, K,
+    size=(n_boot, K))``, clusters in sorted id order) and takes the mean of all values in the drawn
+    clusters: ``sum of drawn cluster sums / sum of drawn cluster counts``. lo/hi are the 2.5% / 97.5%
+    quantiles of the replicates (``inverted_cdf``: defined with ``inf`` values, as PSNR of identical
+    images). ``mean`` is the mean over all N values. NaN is an error.
     """
     values = np.asarray(values, dtype=np.float64).ravel()
     if values.size == 0:
         raise ValueError("bootstrap_ci: no values")
     if np.isnan(values).any():
         raise ValueError(f"bootstrap_ci: {int(np.isnan(values).sum())} of {values.size} values are NaN")
+    if clusters is None:
+        sums, counts = values, np.ones(values.size)
+    else:
+        clusters = np.asarray(clusters).ravel()
+        if clusters.size != values.size:
+            raise ValueError(f"bootstrap_ci: {clusters.size} cluster ids for {values.size} values")
+        _, members = np.unique(clusters, return_inverse=True)
+        sums, counts = np.bincount(members, weights=values), np.bincount(members).astype(np.float64)
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(axis=1)
+    drawn = rng.integers(0, sums.size, size=(n_boot, sums.size))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
     lo, hi = np.quantile(means, [0.025, 0.975], method="inverted_cdf")
     return float(values.mean()), float(lo), float(hi)
 
 
-def summarise(values, n_boot: int = 1000, seed: int = 0) -> dict[str, float | int]:
-    """``{"n", "mean", "ci95_lo", "ci95_hi"}`` of per-image values (see :func:`bootstrap_ci`)."""
-    mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
-    return {"n": int(np.asarray(values).size), "mean": mean, "ci95_lo": lo, "ci95_hi": hi}
+def summarise(values, clusters=None, n_boot: int = 1000, seed: int = 0) -> dict[str, float | int]:
+    """``{"n", "n_clusters", "mean", "ci95_lo", "ci95_hi"}`` of per-image values (see :func:`bootstrap_ci`)."""
+    mean, lo, hi = bootstrap_ci(values, clusters, n_boot=n_boot, seed=seed)
+    n = int(np.asarray(values).size)
+    n_clusters = n if clusters is None else int(np.unique(np.asarray(clusters)).size)
+    return {"n": n, "n_clusters": n_clusters, "mean": mean, "ci95_lo": lo, "ci95_hi": hi}

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import torch
 from PIL import Image
 
 import inferer
-from utils.generation import find_checkpoint, generate, load_module
+from utils.config import config_diff
+from utils.generation import CheckpointError, find_checkpoint, generate, load_module
 from utils.images import to_unit
 from utils.masks import load_masks
 from utils.prior import noise_for_indices
@@ -22,11 +24,28 @@ def masks(tiny_data):
     return load_masks(tiny_data, "test", 4, 32).masks
 
 
-def test_find_checkpoint_picks_best_and_last(tiny_run):
-    assert find_checkpoint(tiny_run).name.startswith("best-epoch")
-    assert find_checkpoint(tiny_run, "last").name == "last.ckpt"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        find_checkpoint(tiny_run / "nope")
+# Several best checkpoints, as Lightning leaves them; the lowest val/loss is neither first nor last by name.
+BEST_NAMES = {"best-epoch001-valloss0.500000.ckpt": False, "best-epoch002-valloss0.100000.ckpt": True,
+              "best-epoch003-valloss0.300000.ckpt": False, "best-epoch003-valloss0.300000-v1.ckpt": False}
+
+
+def several_best(tiny_run, tmp_path):
+    """A copy of the tiny run directory holding the checkpoints of BEST_NAMES and last.ckpt."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "last.ckpt", run / "last.ckpt")
+    for name in BEST_NAMES:
+        shutil.copy(tiny_run / "last.ckpt", run / name)
+    return run
+
+
+def test_find_checkpoint_picks_the_lowest_val_loss_and_last(tiny_run, tmp_path):
+    run = several_best(tiny_run, tmp_path)
+    best = next(name for name, lowest in BEST_NAMES.items() if lowest)
+    assert find_checkpoint(run) == run / best
+    assert find_checkpoint(run, "last") == run / "last.ckpt"
+    with pytest.raises(CheckpointError, match="nope: checkpoint does not exist"):
+        find_checkpoint(run / "nope")
 
 
 def test_one_step_moves_the_prior_by_the_velocity(module, masks):
@@ -167,3 +186,35 @@ def test_splitting_over_several_devices_gives_the_same_images(module, masks):
     one = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu"], False, batch_invariant=True)
     two = generate(module, m, torch.arange(10), 2, 2, "euler", 3, ["cpu", "cpu"], False, batch_invariant=True)
     assert torch.equal(one.images, two.images) and two.nfe == 2
+
+
+def test_set_changes_only_the_key_it_names(tiny_run, tiny_data, tmp_path):
+    copy = tmp_path / "copy.npz"
+    shutil.copy(tiny_data, copy)
+    out = tmp_path / "out"
+    assert _run(tiny_run, tmp_path, "--num_samples", "1", "--output_dir", str(out),
+                "--set", f"data_args.path={copy}") == 0
+    trained = load_module(find_checkpoint(tiny_run)).hparams["config"]
+    written = json.loads((out / "manifest.json").read_text())["config"]
+    assert config_diff(trained, written) == ["data_args.path"]
+    assert written["data_args"]["path"] == str(copy) and written["data_args"]["image_size"] == 32
+
+
+def test_set_num_steps_keeps_the_checkpoints_method(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["config"]["sampling_args"]["method"] = "midpoint"  # not the default
+    torch.save(ckpt, tmp_path / "midpoint.ckpt")
+    out = tmp_path / "out"
+    assert inferer.main(["--checkpoint", str(tmp_path / "midpoint.ckpt"), "--num_samples", "1",
+                         "--output_dir", str(out), "--set", "sampling_args.num_steps=2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["sampling_args"] == {"num_steps": 2, "method": "midpoint", "precision": "32-true"}
+    assert manifest["method"] == "midpoint" and manifest["nfe_per_image"] == 4
+
+
+@pytest.mark.parametrize("override", ["model_args.channels=[8,16]", "prior_args.alpha=0.1"])
+def test_set_of_a_key_the_network_depends_on_is_refused(tiny_run, tmp_path, override):
+    key = override.partition("=")[0]
+    with pytest.raises(SystemExit, match=rf"^error: --set {key} cannot change at inference: .*allowed: data_args.path"):
+        _run(tiny_run, tmp_path, "--output_dir", str(tmp_path / "out"), "--set", override)
+    assert not (tmp_path / "out").exists()

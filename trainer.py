@@ -86,14 +86,18 @@ def prepare_run_dir(cfg, config_dict: dict) -> Path | None:
     """
     import yaml
 
-    from utils.config import config_diff, config_from_dict, config_to_dict, dump_config
+    from utils.config import ConfigError, config_diff, config_from_dict, config_to_dict, dump_config
 
     run_dir = cfg.run_dir
     saved = run_dir / "config.yaml"
     if saved.exists():
         with open(saved) as f:
-            # through the dataclasses, so keys added to the code since (with their defaults) are no change
-            previous = config_to_dict(config_from_dict(yaml.safe_load(f) or {}, str(saved)))
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{saved}: not valid YAML ({e})") from None
+        # through the dataclasses, so keys added to the code since (with their defaults) are no change
+        previous = config_to_dict(config_from_dict(values, str(saved)))
         changed = [k for k in config_diff(previous, config_dict) if k not in RESUMABLE_CHANGES]
         if changed:
             raise SystemExit(
@@ -113,15 +117,21 @@ def prepare_run_dir(cfg, config_dict: dict) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from utils.config import ConfigError, config_to_dict, load_config
+    setup_logging()
 
-    try:
+    from utils.config import ConfigError, config_to_dict, load_config
+    from utils.data import EchoDataModule
+    from utils.dataset_io import DatasetError
+    from utils.generation import CheckpointError, read_checkpoint
+
+    try:  # every input is read before the run directory is written
         cfg = load_config(args.config_path, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    config_dict = config_to_dict(cfg)
-    resume = prepare_run_dir(cfg, config_dict)
+        dm = EchoDataModule(cfg.data_args, cfg.train_args.batch_size, cfg.train_args.seed)
+        config_dict = config_to_dict(cfg)
+        resume = prepare_run_dir(cfg, config_dict)
+        ckpt = read_checkpoint(resume) if resume is not None else None
+    except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
     setup_logging(cfg.run_dir / "train.log")
 
     import pytorch_lightning as pl
@@ -130,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.strategies import DDPStrategy
 
-    from utils.data import EchoDataModule
-    from utils.dataset_io import DatasetError
     from utils.model import count_parameters
     from utils.module import COMETModule
 
@@ -150,11 +158,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
 
     pl.seed_everything(t.seed, workers=True)
-    try:
-        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed)
-    except (FileNotFoundError, DatasetError) as e:
-        log.error("%s", e)
-        return 2
     module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
     unet, control = count_parameters(module.model.unet), count_parameters(module.model.controlnet)
     log.info("model: %s parameters (UNet %s + ControlNet %s)", f"{unet + control:,}", f"{unet:,}", f"{control:,}")
@@ -182,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         limit_train_batches=t.limit_train_batches or None, limit_val_batches=t.limit_val_batches or None,
         default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
     )
-    if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+    if ckpt is not None:
         log.info("resuming from %s (epoch %d, step %d)", resume, ckpt["epoch"], ckpt["global_step"])
         del ckpt
     trainer.fit(module, datamodule=dm, ckpt_path=resume)

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import LOWEST_VAL_LOSS, run_with_several_best
 from PIL import Image
 
 import inferer
@@ -24,25 +25,9 @@ def masks(tiny_data):
     return load_masks(tiny_data, "test", 4, 32).masks
 
 
-# Several best checkpoints, as Lightning leaves them; the lowest val/loss is neither first nor last by name.
-BEST_NAMES = {"best-epoch001-valloss0.500000.ckpt": False, "best-epoch002-valloss0.100000.ckpt": True,
-              "best-epoch003-valloss0.300000.ckpt": False, "best-epoch003-valloss0.300000-v1.ckpt": False}
-
-
-def several_best(tiny_run, tmp_path):
-    """A copy of the tiny run directory holding the checkpoints of BEST_NAMES and last.ckpt."""
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copy(tiny_run / "last.ckpt", run / "last.ckpt")
-    for name in BEST_NAMES:
-        shutil.copy(tiny_run / "last.ckpt", run / name)
-    return run
-
-
 def test_find_checkpoint_picks_the_lowest_val_loss_and_last(tiny_run, tmp_path):
-    run = several_best(tiny_run, tmp_path)
-    best = next(name for name, lowest in BEST_NAMES.items() if lowest)
-    assert find_checkpoint(run) == run / best
+    run = run_with_several_best(tiny_run, tmp_path)
+    assert find_checkpoint(run) == run / LOWEST_VAL_LOSS
     assert find_checkpoint(run, "last") == run / "last.ckpt"
     with pytest.raises(CheckpointError, match="nope: checkpoint does not exist"):
         find_checkpoint(run / "nope")

@@ -74,7 +74,7 @@ def read_checkpoint(path: str | Path) -> dict:
                               f"{type(e).__name__}") from e
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "config" not in hp or "label_values" not in hp:
-        raise CheckpointError(f"{path}: not a COMET checkpoint (no hyper_parameters.config); "
+        raise CheckpointError(f"{path}: not a COMET checkpoint (no hyper_parameters with config and label_values); "
                               "expected a .ckpt written by trainer.py")
     if not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: has no state_dict; expected a .ckpt written by trainer.py")

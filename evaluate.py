@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from utils.config import SOLVER_METHODS
+from utils.config import INFERENCE_OVERRIDES, SOLVER_METHODS
 
 log = logging.getLogger("comet.evaluate")
 
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a .ckpt file or a run directory (generates the samples)")
     src.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
     src.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
+    src.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="change one key of the checkpoint's config, e.g. --set data_args.path=other.npz; allowed: "
+                          + ", ".join(INFERENCE_OVERRIDES))
     src.add_argument("--samples", help="an inferer.py samples.npz to evaluate without generating")
     src.add_argument("--data_path", help="dataset of the real images (default: the checkpoint's data_args.path)")
     src.add_argument("--split", default="test", help="split of masks and real images (default: %(default)s)")
@@ -88,21 +91,64 @@ def _extractors(args, device: str) -> tuple[dict, dict]:
     return {k: build(path, device) for k, (build, path) in found.items()}, skipped
 
 
+SAMPLE_ARRAYS = ("images", "masks", "indices")
+
+
 def _load_samples(path: Path):
+    """images (N, 1, H, W) float in [0, 1], masks (N, 1, H, W) integer, indices (N,) of an inferer.py
+    samples.npz, and the manifest.json beside it; anything else stops with the file named."""
     import numpy as np
     import torch
 
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"images", "masks", "indices"} - set(z.files)
-        if missing:
-            raise SystemExit(f"error: {path} lacks {sorted(missing)}; expected an inferer.py samples.npz")
-        images, masks, indices = z["images"], z["masks"], z["indices"]
+    images, masks, indices = _read_npz(path)
+    expected = "expected an inferer.py samples.npz"
+    for ok, problem in (
+        (images.ndim == 4 and images.shape[0] >= 1 and images.shape[1] == 1,
+         f"images have shape {list(images.shape)}, expected [N, 1, H, W] with N >= 1"),
+        (masks.shape == images.shape, f"masks have shape {list(masks.shape)}, images {list(images.shape)}"),
+        (indices.shape == images.shape[:1], f"indices have shape {list(indices.shape)}, expected [{len(images)}]"),
+        (images.dtype.kind == "f", f"images are {images.dtype}, expected float"),
+        (masks.dtype.kind in "iu", f"masks are {masks.dtype}, expected integer labels"),
+    ):
+        if not ok:
+            raise SystemExit(f"error: {path}: {problem}; {expected}")
+    if not np.isfinite(images).all():
+        raise SystemExit(f"error: {path}: images hold NaN or inf; {expected} (images in [0, 1])")
+    if images.min() < 0 or images.max() > 1:
+        raise SystemExit(f"error: {path}: images span [{images.min():.4g}, {images.max():.4g}], expected [0, 1]")
     if indices.dtype.kind not in "iu":
         raise SystemExit(f"error: {path} was generated from label-map files, which have no paired real "
                          "images; evaluate samples generated from a dataset split")
     manifest_path = path.with_name("manifest.json")
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {manifest_path}: not valid JSON ({e}); expected inferer.py's manifest") from None
     return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(indices), manifest
+
+
+def _read_npz(path: Path):
+    """The images, masks and indices arrays of ``path``, or SystemExit naming the file."""
+    import zipfile
+    import zlib
+
+    import numpy as np
+
+    expected = "expected an inferer.py samples.npz"
+    if not path.is_file():
+        raise SystemExit(f"error: {path}: no such file; {expected}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise SystemExit(f"error: {path}: holds a single .npy array, not an .npz archive; {expected}")
+        with z:
+            missing = sorted(set(SAMPLE_ARRAYS) - set(z.files))
+            if missing:
+                raise SystemExit(f"error: {path} lacks {missing}; {expected}")
+            return tuple(z[k] for k in SAMPLE_ARRAYS)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, a pickle
+        raise SystemExit(f"error: {path}: cannot read as an .npz archive ({type(e).__name__}: {e}); "
+                         f"{expected}") from None
 
 
 def _finite(x):
@@ -114,7 +160,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_samples < 1 or args.num_steps < 1:
         raise SystemExit("error: --num_samples and --num_steps must be >= 1")
+    if args.samples and args.overrides:
+        raise SystemExit("error: --set changes the checkpoint's config; it does not apply to --samples")
 
+    from utils.config import ConfigError
+    from utils.dataset_io import DatasetError
+    from utils.generation import CheckpointError
+
+    try:
+        return run(args)
+    except (CheckpointError, ConfigError, DatasetError) as e:  # all raised before anything is written
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args) -> int:
+    """Load or generate the samples, compute the metrics, write them; bad inputs stop before any writing."""
     import numpy as np
     import torch
 
@@ -144,12 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         from inferer import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args)
-        module = load_module(ckpt, device)
+        module = load_module(ckpt, device, args.overrides)
         data_path, split = args.data_path or module.cfg.data_args.path, args.split
         steps, method, seed = args.num_steps, args.method, args.seed
         out_dir = Path(args.output_dir or Path(ckpt).parent / f"eval_{Path(ckpt).stem}_{split}_{steps}steps")
     if not data_path:
         raise SystemExit("error: no dataset for the real images; pass --data_path")
+    if not Path(data_path).exists():
+        raise SystemExit(f"error: {data_path}: no such dataset file or folder (the real images); pass --data_path")
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
@@ -172,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                     "split": split, "config": module.hparams["config"]}
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
                       module.cfg.data_args.num_classes, split=split)
-    if indices.max() >= len(records) or not torch.equal(masks, split_masks[indices]):
+    if indices.min() < 0 or indices.max() >= len(records) or not torch.equal(masks, split_masks[indices]):
         raise SystemExit(f"error: the samples' masks are not those of {data_path} split '{split}' at their "
                          "indices; pass the --data_path and --split they were generated from")
     paired = real[indices]

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.config import SOLVER_METHODS
+from utils.config import INFERENCE_OVERRIDES, SOLVER_METHODS
 
 log = logging.getLogger("comet.inferer")
 
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
     p.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value of the checkpoint, e.g. --set data_args.path=other.npz")
+                   help="change one key of the checkpoint's config, e.g. --set data_args.path=other.npz; allowed: "
+                        + ", ".join(INFERENCE_OVERRIDES))
     p.add_argument("--num_samples", type=int, help="images to generate (default: one per mask)")
     p.add_argument("--num_inference_steps", type=int, help="solver steps (default: the config's, 10)")
     p.add_argument("--method", choices=SOLVER_METHODS, help="fixed-grid solver (default: the config's, euler)")
@@ -79,16 +80,27 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {value}")
 
+    from utils.config import ConfigError
+    from utils.dataset_io import DatasetError
+    from utils.generation import CheckpointError
+    from utils.masks import MaskError
+
+    try:
+        return run(args)
+    except (CheckpointError, ConfigError, DatasetError, MaskError) as e:  # all raised before anything is written
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(args) -> int:
+    """Load, generate, write; bad inputs raise the errors ``main`` reports, before anything is written."""
     import torch
 
-    from utils.config import apply_overrides
     from utils.generation import generate, load_module
-    from utils.masks import MaskError, load_masks
+    from utils.masks import load_masks
 
     ckpt = resolve_checkpoint(args)
     devices = pick_devices(args.devices)
-    overrides = apply_overrides({}, args.overrides) if args.overrides else None
-    module = load_module(ckpt, devices[0], overrides)
+    module = load_module(ckpt, devices[0], args.overrides)
     cfg = module.cfg
     steps = args.num_inference_steps or cfg.sampling_args.num_steps
     method = args.method or cfg.sampling_args.method
@@ -96,11 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
-    try:
-        source = load_masks(args.masks or cfg.data_args.path, args.split, cfg.data_args.num_classes,
-                            cfg.data_args.image_size, resize=args.resize)
-    except MaskError as e:
-        raise SystemExit(f"error: {e}") from None
+    source = load_masks(args.masks or cfg.data_args.path, args.split, cfg.data_args.num_classes,
+                        cfg.data_args.image_size, resize=args.resize)
     n = args.num_samples or len(source.masks)
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]

@@ -100,12 +100,16 @@ def saved_config(path: Path) -> dict | None:
     read as their defaults), or None when there is none."""
     import yaml
 
-    from utils.config import config_from_dict, config_to_dict
+    from utils.config import ConfigError, config_from_dict, config_to_dict
 
     if not path.is_file():
         return None
     with open(path) as f:
-        return config_to_dict(config_from_dict(yaml.safe_load(f) or {}, str(path)))
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return config_to_dict(config_from_dict(values, str(path)))
 
 
 def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.0) -> Path | None:
@@ -147,10 +151,10 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
 
 
 def checkpoint_progress(path: Path) -> tuple[int, int]:
-    """(epoch, global step) of a Lightning checkpoint, memory-mapped: the tensors are not read."""
-    import torch
+    """(epoch, global step) of a COMET checkpoint, memory-mapped: the tensors are not read."""
+    from utils.generation import read_checkpoint
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = read_checkpoint(path, mmap=True)
     return ckpt["epoch"], ckpt["global_step"]
 
 
@@ -166,13 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     from utils.config import ConfigError, config_to_dict, load_config
-
-    try:
-        cfg = load_config(args.config_path, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    config_dict = config_to_dict(cfg)
     from utils.distributed import launch_rank
 
     rank = launch_rank()
@@ -186,10 +183,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from utils.data import EchoDataModule
     from utils.dataset_io import DatasetError
+    from utils.generation import CheckpointError
     from utils.model import count_parameters
     from utils.module import COMETModule
 
-    t = cfg.train_args
+    try:  # every input is read, and the model built, before the run directory is written
+        cfg = load_config(args.config_path, args.overrides)
+        config_dict = config_to_dict(cfg)
+        t = cfg.train_args
+        pl.seed_everything(t.seed, workers=True)
+        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank)
+        module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
+        resume = prepare_run_dir(cfg, config_dict, rank)
+        progress = checkpoint_progress(resume) if resume is not None else None
+    except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if rank == 0:
+        log_to_file(log_buffer, cfg.run_dir / "train.log")
+
     accelerator, devices = resolve_devices(t, torch.cuda.device_count())
     world = devices * t.num_nodes
     accumulate = accumulation_steps(t.effective_batch_size, t.batch_size, world)
@@ -202,24 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(t.precision, accelerator)
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
-
-    pl.seed_everything(t.seed, workers=True)
-    # data and model first: a start that fails on them leaves nothing in the run directory
-    try:
-        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank)
-    except (FileNotFoundError, DatasetError) as e:
-        log.error("%s", e)
-        return 2
-    module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
     unet, control = count_parameters(module.model.unet), count_parameters(module.model.controlnet)
     log.info("model: %s parameters (UNet %s + ControlNet %s)", f"{unet + control:,}", f"{unet:,}", f"{control:,}")
     c = cfg.contrastive_args
     log.info("prior: alpha %.3g, enc(mask) = %s %s; contrastive: weight %.3g from epoch %d, target %s, %d keys",
              cfg.prior_args.alpha, cfg.prior_args.mask_encoding, module.hparams.label_values,
              c.weight, c.warmup_epochs, c.target, c.num_keys)
-    resume = prepare_run_dir(cfg, config_dict, rank)
-    if rank == 0:
-        log_to_file(log_buffer, cfg.run_dir / "train.log")
 
     callbacks = [
         ModelCheckpoint(dirpath=cfg.run_dir, monitor="val/loss", mode="min", save_top_k=1, save_last=True,
@@ -242,9 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
     )
     if resume is not None:
-        epoch, step = checkpoint_progress(resume)
-        log.info("resuming from %s (epoch %d, step %d)", resume, epoch, step)
-        keep_csv_log(cfg.run_dir / "csv" / "metrics.csv", step)
+        log.info("resuming from %s (epoch %d, step %d)", resume, *progress)
+        keep_csv_log(cfg.run_dir / "csv" / "metrics.csv", progress[1])
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     best = callbacks[0].best_model_path
     score = callbacks[0].best_model_score

@@ -19,6 +19,23 @@ def tiny_overrides(tmp: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# Best checkpoints as Lightning names them (with a -v1 duplicate); the lowest val/loss is neither first nor last.
+BEST_NAMES = ("best-epoch001-valloss0.500000.ckpt", "best-epoch002-valloss0.100000.ckpt",
+              "best-epoch003-valloss0.300000.ckpt", "best-epoch003-valloss0.300000-v1.ckpt")
+LOWEST_VAL_LOSS = "best-epoch002-valloss0.100000.ckpt"
+
+
+def run_with_several_best(tiny_run: Path, tmp: Path) -> Path:
+    """A run directory under ``tmp`` holding the tiny run's last.ckpt under each of BEST_NAMES and as itself."""
+    import shutil
+
+    run = tmp / "run"
+    run.mkdir()
+    for name in ("last.ckpt", *BEST_NAMES):
+        shutil.copy(tiny_run / "last.ckpt", run / name)
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     from utils.synthetic_echo import ensure_synthetic_dataset

@@ -3,7 +3,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import LOWEST_VAL_LOSS, ROOT, run_with_several_best
 
 import evaluate
 import inferer
@@ -109,13 +109,36 @@ def test_samples_from_another_dataset_are_refused(tiny_run, tmp_path, no_weights
                        "--output_dir", str(tmp_path / "ev")])
 
 
-def test_run_eval_best_picks_the_best_checkpoint(tiny_run, tmp_path, no_weights):
+def test_run_eval_best_picks_the_lowest_val_loss_checkpoint(tiny_run, tmp_path, no_weights):
     import os
 
-    out = subprocess.run(["bash", "run_eval_best.sh", str(tiny_run), "--num_samples", "4", "--num_steps", "1",
+    run = run_with_several_best(tiny_run, tmp_path)
+    out = subprocess.run(["bash", "run_eval_best.sh", str(run), "--num_samples", "4", "--num_steps", "1",
                           "--skip_missing_metrics", "--n_boot", "10", "--output_dir", str(tmp_path / "ev")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert "best-epoch" in results["checkpoint"]
+    assert results["checkpoint"] == str(run / LOWEST_VAL_LOSS)
     assert "| FID↓ |" in out.stdout
+
+
+def test_set_changes_the_real_images_dataset_only(tiny_run, tiny_data, tmp_path, no_weights):
+    import shutil
+
+    from utils.config import config_diff
+    from utils.generation import find_checkpoint, load_module
+
+    copy = tmp_path / "copy.npz"
+    shutil.copy(tiny_data, copy)
+    out = tmp_path / "out"
+    assert _eval(tiny_run, out, "--skip_missing_metrics", "--set", f"data_args.path={copy}") == 0
+    assert json.loads((out / "metrics.json").read_text())["dataset"] == str(copy)
+    trained = load_module(find_checkpoint(tiny_run)).hparams["config"]
+    written = json.loads((out / "samples" / "manifest.json").read_text())["config"]
+    assert config_diff(trained, written) == ["data_args.path"]
+
+
+def test_set_of_a_key_the_network_depends_on_is_refused(tiny_run, tmp_path, no_weights):
+    with pytest.raises(SystemExit, match=r"^error: --set prior_args.alpha cannot change at inference"):
+        _eval(tiny_run, tmp_path / "out", "--skip_missing_metrics", "--set", "prior_args.alpha=0.1")
+    assert not (tmp_path / "out").exists()

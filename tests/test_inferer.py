@@ -1,14 +1,17 @@
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import LOWEST_VAL_LOSS, run_with_several_best
 from PIL import Image
 
 import inferer
 from utils import generation
-from utils.generation import find_checkpoint, generate, load_module, same_device
+from utils.config import config_diff
+from utils.generation import CheckpointError, find_checkpoint, generate, load_module, same_device
 from utils.images import to_unit
 from utils.masks import load_masks
 from utils.prior import noise_for_indices
@@ -24,11 +27,12 @@ def masks(tiny_data):
     return load_masks(tiny_data, "test", 4, 32).masks
 
 
-def test_find_checkpoint_picks_best_and_last(tiny_run):
-    assert find_checkpoint(tiny_run).name.startswith("best-epoch")
-    assert find_checkpoint(tiny_run, "last").name == "last.ckpt"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        find_checkpoint(tiny_run / "nope")
+def test_find_checkpoint_picks_the_lowest_val_loss_and_last(tiny_run, tmp_path):
+    run = run_with_several_best(tiny_run, tmp_path)
+    assert find_checkpoint(run) == run / LOWEST_VAL_LOSS
+    assert find_checkpoint(run, "last") == run / "last.ckpt"
+    with pytest.raises(CheckpointError, match="nope: checkpoint does not exist"):
+        find_checkpoint(run / "nope")
 
 
 def test_one_step_moves_the_prior_by_the_velocity(module, masks):
@@ -210,3 +214,35 @@ def test_a_module_already_on_the_device_is_not_copied(module, masks, monkeypatch
     monkeypatch.setattr(generation, "_copy_to", refuse)
     out = generate(module, masks[:2], torch.arange(2), 0, 1, "euler", 2, ["cpu:0"], False)
     assert out.images.shape == (2, 1, 32, 32)
+
+
+def test_set_changes_only_the_key_it_names(tiny_run, tiny_data, tmp_path):
+    copy = tmp_path / "copy.npz"
+    shutil.copy(tiny_data, copy)
+    out = tmp_path / "out"
+    assert _run(tiny_run, tmp_path, "--num_samples", "1", "--output_dir", str(out),
+                "--set", f"data_args.path={copy}") == 0
+    trained = load_module(find_checkpoint(tiny_run)).hparams["config"]
+    written = json.loads((out / "manifest.json").read_text())["config"]
+    assert config_diff(trained, written) == ["data_args.path"]
+    assert written["data_args"]["path"] == str(copy) and written["data_args"]["image_size"] == 32
+
+
+def test_set_num_steps_keeps_the_checkpoints_method(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["config"]["sampling_args"]["method"] = "midpoint"  # not the default
+    torch.save(ckpt, tmp_path / "midpoint.ckpt")
+    out = tmp_path / "out"
+    assert inferer.main(["--checkpoint", str(tmp_path / "midpoint.ckpt"), "--num_samples", "1",
+                         "--output_dir", str(out), "--set", "sampling_args.num_steps=2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["sampling_args"] == {"num_steps": 2, "method": "midpoint", "precision": "32-true"}
+    assert manifest["method"] == "midpoint" and manifest["nfe_per_image"] == 4
+
+
+@pytest.mark.parametrize("override", ["model_args.channels=[8,16]", "prior_args.alpha=0.1"])
+def test_set_of_a_key_the_network_depends_on_is_refused(tiny_run, tmp_path, override):
+    key = override.partition("=")[0]
+    with pytest.raises(SystemExit, match=rf"^error: --set {key} cannot change at inference: .*allowed: data_args.path"):
+        _run(tiny_run, tmp_path, "--output_dir", str(tmp_path / "out"), "--set", override)
+    assert not (tmp_path / "out").exists()

@@ -30,7 +30,8 @@ def _broken_copy(good, path):
 
 def test_a_start_that_fails_on_bad_data_leaves_nothing_and_the_fixed_command_trains(tmp_path, tiny_data):
     bad = _broken_copy(tiny_data, tmp_path / "bad.npz")
-    assert trainer.main(_args(tmp_path, **{"data_args.path": bad})) == 2
+    with pytest.raises(SystemExit, match=r"^error: .*bad.npz"):
+        trainer.main(_args(tmp_path, **{"data_args.path": bad}))
     assert not (tmp_path / "runs").exists()  # no run directory: the name is not locked
     good = _args(tmp_path, **{"data_args.path": tiny_data, "train_args.max_epochs": 1})
     assert trainer.main(good) == 0
@@ -104,7 +105,7 @@ def test_resume_progress_is_read_memory_mapped(tiny_run, monkeypatch):
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
     assert trainer.checkpoint_progress(tiny_run / "last.ckpt") == (full["epoch"], full["global_step"])
-    assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": True}]  # tensors are not read
+    assert [c.get("mmap") for c in calls] == [True]  # the tensors are not read
 
 
 def test_missing_patient_ids_are_warned_about_once(tmp_path, tiny_data):

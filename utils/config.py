@@ -20,6 +20,10 @@ import yaml
 SOLVER_METHODS = ("euler", "midpoint", "heun3", "rk4")
 # Network evaluations per step of each fixed-grid method.
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
+# What --set may change at inference: where the masks come from and how the sampler runs. Every other key
+# changes what the trained network means (its shape, classes, prior, normalisation) or only matters to training.
+INFERENCE_OVERRIDES = ("data_args.path", "data_args.num_workers", "sampling_args.num_steps", "sampling_args.method",
+                       "sampling_args.precision", "model_args.use_flash_attention", "output_dir")
 
 
 class ConfigError(ValueError):
@@ -301,6 +305,20 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"--set {item!r}: {p} is not a section")
         node[leaf] = yaml.safe_load(raw) if raw != "" else ""
     return out
+
+
+def inference_config(config: dict, overrides: list[str], source: str) -> dict:
+    """A checkpoint's ``config`` with each ``--set section.key=value`` changing exactly that key, validated.
+
+    Keys outside :data:`INFERENCE_OVERRIDES` are refused with a :class:`ConfigError` naming the key.
+    """
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key not in INFERENCE_OVERRIDES:
+            raise ConfigError(f"--set {key} cannot change at inference: it changes what the trained network "
+                              f"means (allowed: {', '.join(INFERENCE_OVERRIDES)})")
+    where = f"{source} with --set {' '.join(overrides)}" if overrides else source
+    return config_to_dict(config_from_dict(apply_overrides(config, list(overrides)), where))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:

@@ -7,8 +7,10 @@ training used (utils.prior, utils.sampling). The noise of sample i depends only 
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,14 @@ log = logging.getLogger(__name__)
 _BEST = re.compile(r"best-epoch(\d+)-valloss([0-9.eE+-]+?)(?:-v\d+)?\.ckpt$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what was expected."""
+
+
+# What torch.load raises on a file that is not a readable checkpoint (truncated, empty, text, another zip).
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     """A ``.ckpt`` file as given, or in a run directory the best checkpoint (lowest val/loss in the
     ``best-epochE-vallossL.ckpt`` names) or ``last.ckpt``."""
@@ -33,11 +43,11 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (give a .ckpt file or a run directory)")
+        raise CheckpointError(f"{path}: checkpoint does not exist (give a .ckpt file or a run directory)")
     if which == "last":
         last = path / "last.ckpt"
         if not last.is_file():
-            raise FileNotFoundError(f"{path} has no last.ckpt")
+            raise CheckpointError(f"{path}: has no last.ckpt (is it a run directory?)")
         return last
     scored = []
     for p in path.glob("best-*.ckpt"):
@@ -45,25 +55,56 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
         if m:
             scored.append((float(m.group(2)), -int(m.group(1)), p))
     if not scored:
-        raise FileNotFoundError(f"{path} has no best-epoch*-valloss*.ckpt (is it a run directory?); "
-                                "use --which last or give a .ckpt file")
+        raise CheckpointError(f"{path}: has no best-epoch*-valloss*.ckpt (is it a run directory?); "
+                              "use --which last or give a .ckpt file")
     return min(scored)[2]
 
 
-def load_module(checkpoint: str | Path, device: str | torch.device = "cpu", overrides: dict | None = None):
-    """Rebuild the trained COMETModule from a checkpoint (loaded with ``weights_only=True``)."""
-    from utils.config import config_from_dict, config_to_dict
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint dict of a COMET ``.ckpt`` (``torch.load(weights_only=True)``), its layout checked.
+
+    ``mmap`` maps the tensors instead of reading them (for a look at epoch and step).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?)") from e
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {reason}") from e
+    except _LOAD_ERRORS as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}") from e
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "config" not in hp or "label_values" not in hp:
+        raise CheckpointError(f"{path}: not a COMET checkpoint (no hyper_parameters with config and label_values); "
+                              "expected a .ckpt written by trainer.py")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: has no state_dict; expected a .ckpt written by trainer.py")
+    return ckpt
+
+
+def load_module(checkpoint: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()):
+    """Rebuild the trained COMETModule from a checkpoint, with inference ``--set`` overrides applied.
+
+    Raises :class:`CheckpointError` for a file that is not a usable COMET checkpoint and
+    :class:`utils.config.ConfigError` for a refused or invalid override; both name the file or key.
+    """
+    from utils.config import inference_config
     from utils.module import COMETModule
 
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters")
-    if not hp or "config" not in hp:
-        raise ValueError(f"{checkpoint}: not a COMET checkpoint (no hyper_parameters.config)")
-    config = hp["config"]
-    if overrides:
-        config = config_to_dict(config_from_dict({**config, **overrides}, f"{checkpoint} + overrides"))
-    module = COMETModule(config, hp["label_values"])
-    module.load_state_dict(ckpt["state_dict"])
+    ckpt = read_checkpoint(checkpoint)
+    config = inference_config(ckpt["hyper_parameters"]["config"], list(overrides), f"{checkpoint}'s config")
+    module = COMETModule(config, ckpt["hyper_parameters"]["label_values"])
+    try:
+        result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"{checkpoint}: weights do not fit the network of its config ({detail})") from e
+    for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+        if keys:
+            raise CheckpointError(f"{checkpoint}: state_dict does not match its config: {len(keys)} {what} "
+                                  f"key(s), e.g. {keys[0]}")
     return module.to(device).eval()
 
 

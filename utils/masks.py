@@ -66,7 +66,11 @@ def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, 
     path = Path(path)
     if not path.exists():
         raise MaskError(f"{path}: no such file or folder")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in MASK_SUFFIXES) if path.is_dir() else []
+    entries = list(path.iterdir()) if path.is_dir() else []
+    files = sorted(p for p in entries if p.suffix.lower() in MASK_SUFFIXES)
+    if path.is_dir() and not any(p.is_dir() for p in entries) and not files:  # nor a dataset folder
+        raise MaskError(f"{path}: holds no {'/'.join(MASK_SUFFIXES)} label maps; expected a folder of label maps, "
+                        "a dataset folder or a dataset file")
     if files:
         masks = [_check(_read_label_map(f), str(f), num_classes, image_size, resize) for f in files]
         return MaskSource(torch.stack(masks), [f.name for f in files], f"{len(files)} label maps in {path}")

@@ -98,18 +98,9 @@ def has_checkpoint(run_dir: Path) -> bool:
 def saved_config(path: Path) -> dict | None:
     """The plain config dict saved at ``path`` (through the dataclasses, so keys added to the code since
     read as their defaults), or None when there is none."""
-    import yaml
+    from utils.config import config_to_dict, load_config
 
-    from utils.config import ConfigError, config_from_dict, config_to_dict
-
-    if not path.is_file():
-        return None
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return config_to_dict(config_from_dict(values, str(path)))
+    return config_to_dict(load_config(path)) if path.is_file() else None
 
 
 def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.0) -> Path | None:

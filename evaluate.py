@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from utils.config import INFERENCE_OVERRIDES, SOLVER_METHODS
+from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
 
 log = logging.getLogger("comet.evaluate")
 
@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split", default="test", help="split of masks and real images (default: %(default)s)")
     gen = p.add_argument_group("generation (the paper's protocol by default)")
     gen.add_argument("--num_samples", type=int, default=2000, help="images to generate (default: %(default)s)")
-    gen.add_argument("--num_steps", type=int, default=10, help="solver steps (default: %(default)s)")
-    gen.add_argument("--method", choices=SOLVER_METHODS, default="euler", help="solver (default: %(default)s)")
+    gen.add_argument("--num_steps", type=int,
+                     help="sampler steps (default: the checkpoint's sampling_args.num_steps, 10 when shipped)")
+    gen.add_argument("--method", choices=ALL_SAMPLERS,
+                     help="sampler, one of the checkpoint's method's (default: the checkpoint's, e.g. euler)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU)")
     w = p.add_argument_group("feature-extractor weights (never downloaded)")
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extractors(args, device: str) -> tuple[dict, dict]:
     """Feature extractors whose weights are present, and {metric: reason} for those skipped."""
-    from utils.feature_extractors import (
+    from utils.evaluation.feature_extractors import (
         ClipExtractor,
         InceptionExtractor,
         MissingWeightsError,
@@ -158,14 +160,14 @@ def _finite(x):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.num_samples < 1 or args.num_steps < 1:
+    if args.num_samples < 1 or (args.num_steps is not None and args.num_steps < 1):
         raise SystemExit("error: --num_samples and --num_steps must be >= 1")
     if args.samples and args.overrides:
         raise SystemExit("error: --set changes the checkpoint's config; it does not apply to --samples")
 
     from utils.config import ConfigError
-    from utils.dataset_io import DatasetError
-    from utils.generation import CheckpointError
+    from utils.data.dataset_io import DatasetError
+    from utils.generation.checkpoints import CheckpointError
 
     try:
         return run(args)
@@ -178,17 +180,19 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from utils.dataset_io import load_dataset, normalise_image
-    from utils.feature_extractors import FeatureCache
-    from utils.generation import generate, load_module
-    from utils.metrics import (
+    from utils.config import sampling_overrides
+    from utils.data.dataset_io import load_dataset, normalise_image
+    from utils.evaluation.feature_extractors import FeatureCache
+    from utils.evaluation.metrics import (
         cmmd,
         frechet_distance,
         kernel_inception_distance,
         paired_metrics,
         summarise,
     )
-    from utils.outputs import write_samples
+    from utils.generation.checkpoints import load_module
+    from utils.generation.generate import generate
+    from utils.generation.outputs import write_samples
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest, module, ckpt = {}, None, None
@@ -204,9 +208,9 @@ def run(args) -> int:
         from inferer import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args)
-        module = load_module(ckpt, device, args.overrides)
+        module = load_module(ckpt, device, args.overrides + sampling_overrides(args.num_steps, args.method))
         data_path, split = args.data_path or module.cfg.data_args.path, args.split
-        steps, method, seed = args.num_steps, args.method, args.seed
+        steps, method, seed = module.cfg.sampling_args.num_steps, module.cfg.sampling_args.method, args.seed
         out_dir = Path(args.output_dir or Path(ckpt).parent / f"eval_{Path(ckpt).stem}_{split}_{steps}steps")
     if not data_path:
         raise SystemExit("error: no dataset for the real images; pass --data_path")

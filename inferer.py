@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.config import INFERENCE_OVERRIDES, SOLVER_METHODS
+from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
 
 log = logging.getLogger("comet.inferer")
 
@@ -32,8 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change one key of the checkpoint's config, e.g. --set data_args.path=other.npz; allowed: "
                         + ", ".join(INFERENCE_OVERRIDES))
     p.add_argument("--num_samples", type=int, help="images to generate (default: one per mask)")
-    p.add_argument("--num_inference_steps", type=int, help="solver steps (default: the config's, 10)")
-    p.add_argument("--method", choices=SOLVER_METHODS, help="fixed-grid solver (default: the config's, euler)")
+    p.add_argument("--num_inference_steps", type=int, help="sampler steps (default: the config's, 10)")
+    p.add_argument("--method", choices=ALL_SAMPLERS,
+                   help="sampler, one of the checkpoint's method's (flow matching: euler, midpoint, heun3, rk4; "
+                        "default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
     p.add_argument("--masks", help="folder of PNG/NPY label maps, or a dataset file, instead of the split")
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_checkpoint(args) -> Path:
     from utils.config import load_config
-    from utils.generation import find_checkpoint
+    from utils.generation.checkpoints import find_checkpoint
 
     if args.checkpoint:
         return find_checkpoint(args.checkpoint, args.which)
@@ -81,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: --{name} must be >= 1, got {value}")
 
     from utils.config import ConfigError
-    from utils.dataset_io import DatasetError
-    from utils.generation import CheckpointError
-    from utils.masks import MaskError
+    from utils.data.dataset_io import DatasetError
+    from utils.data.masks import MaskError
+    from utils.generation.checkpoints import CheckpointError
 
     try:
         return run(args)
@@ -95,15 +97,16 @@ def run(args) -> int:
     """Load, generate, write; bad inputs raise the errors ``main`` reports, before anything is written."""
     import torch
 
-    from utils.generation import generate, load_module
-    from utils.masks import load_masks
+    from utils.config import sampling_overrides
+    from utils.data.masks import load_masks
+    from utils.generation.checkpoints import load_module
+    from utils.generation.generate import generate
 
     ckpt = resolve_checkpoint(args)
     devices = pick_devices(args.devices)
-    module = load_module(ckpt, devices[0], args.overrides)
+    module = load_module(ckpt, devices[0], args.overrides + sampling_overrides(args.num_inference_steps, args.method))
     cfg = module.cfg
-    steps = args.num_inference_steps or cfg.sampling_args.num_steps
-    method = args.method or cfg.sampling_args.method
+    steps, method = cfg.sampling_args.num_steps, cfg.sampling_args.method
     out_dir = Path(args.output_dir or cfg.run_dir / f"samples_{args.split}_{steps}steps")
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
@@ -119,8 +122,8 @@ def run(args) -> int:
     result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
                       batch_invariant=args.batch_invariant)
 
-    from utils.feature_extractors import sha256_file
-    from utils.outputs import write_samples
+    from utils.evaluation.feature_extractors import sha256_file
+    from utils.generation.outputs import write_samples
 
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
@@ -130,7 +133,7 @@ def run(args) -> int:
         "seconds_per_image": round(result.seconds / n, 5), "device": devices, "batch_size": batch,
         "batch_invariant": args.batch_invariant, "mask_source": source.description,
         "split": None if args.masks else args.split,
-        "ema": module.ema is not None,
+        "ema": module.ema is not None, "generation_method": cfg.method,
     }
     write_samples(out_dir, result.images, masks, [source.ids[i] for i in pick.tolist()], manifest,
                   num_classes=cfg.data_args.num_classes, png=args.png, pkl=args.format == "pkl",

@@ -1,6 +1,6 @@
-"""Train COMET (or the MOTFM baseline) from a YAML config.
+"""Train a mask-conditional generator (COMET, MOTFM or a baseline: the config's ``method``) from a YAML config.
 
-Example:
+Examples:
     python trainer.py --config_path configs/quickstart.yaml
     python trainer.py --config_path configs/comet_camus.yaml --set train_args.max_epochs=100
 
@@ -143,7 +143,7 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
 
 def checkpoint_progress(path: Path) -> tuple[int, int]:
     """(epoch, global step) of a COMET checkpoint, memory-mapped: the tensors are not read."""
-    from utils.generation import read_checkpoint
+    from utils.generation.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path, mmap=True)
     return ckpt["epoch"], ckpt["global_step"]
@@ -155,6 +155,17 @@ def keep_csv_log(path: Path, step: int) -> None:
         kept = path.with_name(f"metrics_to_step{step:07d}.csv")
         path.replace(kept)
         log.info("the metrics logged before step %d are in %s; metrics.csv holds those from here on", step, kept)
+
+
+def log_budget(train, train_images: int) -> None:
+    """The training budget as images seen, the unit methods are compared in (the seed's "same budget")."""
+    if train.max_steps > 0:
+        log.info("budget: %d optimizer steps x %d images = %s images seen (max_steps; max_epochs %d)",
+                 train.max_steps, train.effective_batch_size, f"{train.max_steps * train.effective_batch_size:,}",
+                 train.max_epochs)
+    else:
+        log.info("budget: %d epochs x %d training images = %s images seen", train.max_epochs, train_images,
+                 f"{train.max_epochs * train_images:,}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,11 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.strategies import DDPStrategy
 
-    from utils.data import EchoDataModule
-    from utils.dataset_io import DatasetError
-    from utils.generation import CheckpointError
-    from utils.model import count_parameters
-    from utils.module import COMETModule
+    from utils.data.datamodule import EchoDataModule
+    from utils.data.dataset_io import DatasetError
+    from utils.generation.checkpoints import CheckpointError
+    from utils.methods import method_class
 
     try:  # every input is read, and the model built, before the run directory is written
         cfg = load_config(args.config_path, args.overrides)
@@ -184,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         t = cfg.train_args
         pl.seed_everything(t.seed, workers=True)
         dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank)
-        module = COMETModule(config_dict, dm.label_values(cfg.prior_args.mask_encoding))
+        module = method_class(cfg.method).for_data(config_dict, dm)
         resume = prepare_run_dir(cfg, config_dict, rank)
         progress = checkpoint_progress(resume) if resume is not None else None
     except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
@@ -204,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     precision = resolve_precision(t.precision, accelerator)
     if accelerator == "gpu":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
-    unet, control = count_parameters(module.model.unet), count_parameters(module.model.controlnet)
-    log.info("model: %s parameters (UNet %s + ControlNet %s)", f"{unet + control:,}", f"{unet:,}", f"{control:,}")
-    c = cfg.contrastive_args
-    log.info("prior: alpha %.3g, enc(mask) = %s %s; contrastive: weight %.3g from epoch %d, target %s, %d keys",
-             cfg.prior_args.alpha, cfg.prior_args.mask_encoding, module.hparams.label_values,
-             c.weight, c.warmup_epochs, c.target, c.num_keys)
+    counts = module.parameter_counts()
+    log.info("method %s: %s parameters (%s)", cfg.method, f"{sum(counts.values()):,}",
+             " + ".join(f"{name} {n:,}" for name, n in counts.items()))
+    log.info("%s", module.describe())
+    log_budget(t, len(dm.train_set))
+    module.accumulate_grad_batches = accumulate
+    manual = not module.automatic_optimization  # the method clips and accumulates itself
 
     callbacks = [
         ModelCheckpoint(dirpath=cfg.run_dir, monitor="val/loss", mode="min", save_top_k=1, save_last=True,
@@ -226,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
-        accumulate_grad_batches=accumulate, gradient_clip_val=t.gradient_clip_val or None,
+        accumulate_grad_batches=1 if manual else accumulate,
+        gradient_clip_val=None if manual else t.gradient_clip_val or None,
         check_val_every_n_epoch=t.val_every_n_epochs, log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches or None, limit_val_batches=t.limit_val_batches or None,
         default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,

@@ -8,9 +8,9 @@ Examples:
 In one process and at each batch size, after warm-up, it measures
   - the baseline (MOTFM-like), a plain PyTorch loop: fp16 autocast, MONAI's einsum attention, plain Adam,
     gradient clipping at 1.0, MSE loss, N(0, I) prior; sampling with the same network under fp16 autocast;
-  - each framework setting through the real code: COMETModule.training_step (warm-start prior, flow matching
-    and the contrastive term, switched on from the first step) under a Lightning Trainer with the project's
-    optimizer and clipping, and utils.generation.generate (what inferer.py and evaluate.py run) for sampling.
+  - each framework setting through the real code: the config method's training_step (for COMET: warm-start
+    prior, flow matching and the contrastive term, switched on from the first step) under a Lightning Trainer
+    with the project's optimizer and clipping, and utils.generation.generate (what inferer.py and evaluate.py run) for sampling.
 Images per second, peak GPU memory, achieved TFLOP/s (network FLOPs counted with FlopCounterMode), the fraction
 of the device's 16-bit peak and the ratio to the baseline are printed as JSON lines, then as a markdown table.
 docs/BENCHMARKS.md explains every column.
@@ -154,7 +154,7 @@ def count_flops(model_cfg, num_classes: int, image_size: int) -> tuple[float, fl
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from utils.model import build_model
+    from utils.methods.networks import build_model
 
     b = 2
     with torch.device("meta"):
@@ -172,7 +172,7 @@ def make_dataset(path: Path, num_images: int, image_size: int, num_classes: int)
     """Random uint8 images and label masks (4 images per patient, as in CAMUS) in the project's npz layout."""
     import numpy as np
 
-    from utils.dataset_io import save_dataset
+    from utils.data.dataset_io import save_dataset
 
     rng = np.random.default_rng(0)
 
@@ -193,8 +193,9 @@ def baseline(cfg, batch: int, args, device) -> tuple[dict, dict]:
     from flow_matching.path.scheduler import CondOTScheduler
 
     from trainer import resolve_precision
-    from utils.model import VelocityAdapter, autocast, build_model
-    from utils.sampling import sample
+    from utils.methods.networks import VelocityAdapter, build_model
+    from utils.methods.ode_sampler import sample
+    from utils.precision import autocast
 
     precision = resolve_precision(BASELINE.precision, "gpu" if device.type == "cuda" else "cpu")
     model_cfg = dataclasses.replace(cfg.model_args, use_flash_attention=BASELINE.flash)
@@ -238,9 +239,9 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
 
     from trainer import resolve_precision
     from utils.config import config_from_dict, config_to_dict
-    from utils.data import EchoDataModule
-    from utils.generation import generate
-    from utils.module import COMETModule
+    from utils.data.datamodule import EchoDataModule
+    from utils.generation.generate import generate
+    from utils.methods import method_class
 
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     precision = resolve_precision(setting.precision, accelerator)
@@ -249,14 +250,16 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     values["model_args"]["use_flash_attention"] = setting.flash
     values["train_args"].update(batch_size=batch, effective_batch_size=batch, precision=setting.precision,
                                 compile="blocks" if setting.compile else "none", accelerator=accelerator, devices=1)
-    values["contrastive_args"]["warmup_epochs"] = 0  # the contrastive term is part of every timed step
-    values["sampling_args"].update(num_steps=args.steps, method="euler", precision=precision)
+    if "contrastive_args" in values:
+        values["contrastive_args"]["warmup_epochs"] = 0  # the contrastive term is part of every timed step
+    values["sampling_args"].update(num_steps=args.steps, precision=precision)  # the method's own sampler
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed)
-    module = COMETModule(config_to_dict(run_cfg), dm.label_values(run_cfg.prior_args.mask_encoding))
+    module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
+    clip = run_cfg.train_args.gradient_clip_val or None if module.automatic_optimization else None
     timer = step_timer(args.warmup, args.iters, device)
     trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=args.warmup + args.iters,
-                         gradient_clip_val=run_cfg.train_args.gradient_clip_val or None, limit_val_batches=0,
+                         gradient_clip_val=clip, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], default_root_dir=workdir)
     trainer.fit(module, datamodule=dm)
@@ -271,15 +274,15 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
         return train, {}
     module.to(device).eval()  # Lightning moves the module back to the CPU after fit
     masks = dm.train_set.mask[: batch * args.sample_batches]
-    where = [str(module.device)]
+    where, sampler = [str(module.device)], run_cfg.sampling_args.method
     _sync(device)
     start = time.perf_counter()
-    generate(module, masks[:batch], torch.arange(batch), 0, args.steps, "euler", batch, where, progress=False)
+    generate(module, masks[:batch], torch.arange(batch), 0, args.steps, sampler, batch, where, progress=False)
     _sync(device)
     first = time.perf_counter() - start
     _reset_peak(device)
     start = time.perf_counter()
-    generate(module, masks, torch.arange(len(masks)), 0, args.steps, "euler", batch, where, progress=False)
+    generate(module, masks, torch.arange(len(masks)), 0, args.steps, sampler, batch, where, progress=False)
     _sync(device)
     per_batch = (time.perf_counter() - start) / args.sample_batches
     return train, {"first_s": first, "per_call_s": per_batch, "calls": args.sample_batches,

@@ -38,7 +38,7 @@ def run_with_several_best(tiny_run: Path, tmp: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    from utils.synthetic_echo import ensure_synthetic_dataset
+    from utils.data.synthetic_echo import ensure_synthetic_dataset
 
     path = tmp_path_factory.mktemp("data") / "data.npz"
     ensure_synthetic_dataset(path, 32, (4, 2, 2), 0)
@@ -64,7 +64,7 @@ def random_inception_file(tmp_path_factory):
     import torch
     from torch_fidelity import feature_extractor_inceptionv3 as tfi
 
-    from utils.feature_extractors import INCEPTION_FILE_NAME
+    from utils.evaluation.feature_extractors import INCEPTION_FILE_NAME
 
     with pytest.MonkeyPatch.context() as mp:  # build without downloading or loading any weights
         mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})

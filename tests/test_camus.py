@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.camus import (
+from utils.data.camus import (
     CamusFileError,
     build_parser,
     convert_camus,
@@ -19,7 +19,7 @@ from utils.camus import (
     resize_mask,
     split_counts,
 )
-from utils.dataset_io import load_dataset, validate_dataset
+from utils.data.dataset_io import load_dataset, validate_dataset
 
 ROWS, COLS, SIZE = 48, 40, 32  # original image [rows, cols]; converted to SIZE x SIZE
 ROW_MM, COL_MM = 0.5, 0.25
@@ -238,7 +238,7 @@ def test_resize_antialiases_images_and_keeps_labels():
 
 
 def test_help_has_an_example():
-    assert "example: python -m utils.camus" in build_parser().format_help()
+    assert "example: python -m utils.data.camus" in build_parser().format_help()
 
 
 @pytest.mark.slow

@@ -96,3 +96,38 @@ def test_round_trip_through_plain_dict(tmp_path):
     p = tmp_path / "dump.yaml"
     p.write_text(yaml.safe_dump(config_to_dict(cfg)))
     assert load_config(p) == cfg
+
+
+def test_an_unknown_method_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml: method must be one of \['flow_matching'.*got 'gan'"):
+        load_config(_write(tmp_path, "run_name: x\nmethod: gan\n"))
+
+
+def test_a_section_of_another_method_is_refused(tmp_path, monkeypatch):
+    from utils import config
+
+    monkeypatch.setitem(config.METHOD_SECTIONS, "other", ())
+    monkeypatch.setitem(config.SAMPLERS, "other", ("one_pass",))
+    text = "run_name: x\nmethod: other\nprior_args:\n  alpha: 0.3\n"
+    with pytest.raises(ConfigError, match="prior_args belongs to method flow_matching, not to method other"):
+        load_config(_write(tmp_path, text))
+    cfg = load_config(_write(tmp_path, "run_name: x\nmethod: other\n"))
+    assert cfg.prior_args is None and cfg.sampling_args.method == "one_pass"
+    assert "prior_args" not in config_to_dict(cfg)
+
+
+def test_the_method_sections_and_sampler_default_to_the_methods():
+    cfg = load_config("configs/tiny.yaml", ["sampling_args.num_steps=3"])
+    assert cfg.method == "flow_matching" and cfg.prior_args is not None and cfg.contrastive_args is not None
+    values = config_to_dict(cfg)
+    del values["prior_args"], values["sampling_args"]["method"], values["method"]
+    from utils.config import config_from_dict
+
+    again = config_from_dict(values)  # a config (or checkpoint) from before `method` existed
+    assert again.method == "flow_matching" and again.sampling_args.method == "euler"
+    assert again.prior_args == type(cfg.prior_args)()
+
+
+def test_a_sampler_of_another_method_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"sampling_args.method must be one of \['euler'.*for method flow_matching"):
+        load_config("configs/tiny.yaml", ["sampling_args.method=ddim"])

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils import dataset_info
-from utils.dataset_io import DatasetError, load_dataset, save_dataset, validate_dataset
+from utils.data import dataset_info
+from utils.data.dataset_io import DatasetError, load_dataset, save_dataset, validate_dataset
 
 H, W = 8, 6
 

@@ -7,7 +7,7 @@ from conftest import LOWEST_VAL_LOSS, ROOT, run_with_several_best
 
 import evaluate
 import inferer
-from utils.metrics import bootstrap_ci
+from utils.evaluation.metrics import bootstrap_ci
 
 NO_WEIGHTS = {"COMET_INCEPTION_WEIGHTS": None, "COMET_CLIP_DIR": None}
 
@@ -85,7 +85,7 @@ def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp
     assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_inference_steps", "1",
                          "--output_dir", str(out)]) == 0
     z = dict(np.load(out / "samples.npz"))
-    from utils.dataset_io import load_dataset, normalise_image
+    from utils.data.dataset_io import load_dataset, normalise_image
 
     test = load_dataset(tiny_data)["test"]
     z["images"] = np.stack([normalise_image(test[i]["image"]) for i in z["indices"]])
@@ -126,7 +126,7 @@ def test_set_changes_the_real_images_dataset_only(tiny_run, tiny_data, tmp_path,
     import shutil
 
     from utils.config import config_diff
-    from utils.generation import find_checkpoint, load_module
+    from utils.generation.checkpoints import find_checkpoint, load_module
 
     copy = tmp_path / "copy.npz"
     shutil.copy(tiny_data, copy)
@@ -135,7 +135,7 @@ def test_set_changes_the_real_images_dataset_only(tiny_run, tiny_data, tmp_path,
     assert json.loads((out / "metrics.json").read_text())["dataset"] == str(copy)
     trained = load_module(find_checkpoint(tiny_run)).hparams["config"]
     written = json.loads((out / "samples" / "manifest.json").read_text())["config"]
-    assert config_diff(trained, written) == ["data_args.path"]
+    assert config_diff(trained, written) == ["data_args.path", "sampling_args.num_steps"]  # and _eval's --num_steps 2
 
 
 def test_set_of_a_key_the_network_depends_on_is_refused(tiny_run, tmp_path, no_weights):

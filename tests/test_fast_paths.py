@@ -16,9 +16,11 @@ import pytest
 import torch
 
 from utils.config import config_to_dict, load_config
-from utils.generation import generate
-from utils.model import autocast, build_model, compile_blocks, count_parameters, repeated_blocks
-from utils.module import COMETModule, use_fused_adam
+from utils.generation.generate import generate
+from utils.methods.base import use_fused_adam
+from utils.methods.flow_matching import FlowMatchingModule
+from utils.methods.networks import build_model, compile_blocks, count_parameters, repeated_blocks
+from utils.precision import autocast
 
 TINY = load_config("configs/tiny.yaml")
 LABEL_VALUES = [-0.8, -0.5, 0.6, -0.7]
@@ -33,11 +35,11 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tiny_module(**sections) -> COMETModule:
+def tiny_module(**sections) -> FlowMatchingModule:
     values = config_to_dict(TINY)
     for section, keys in sections.items():
         values[section].update(keys)
-    module = COMETModule(values, LABEL_VALUES)
+    module = FlowMatchingModule(values, LABEL_VALUES)
     randomise(module.model)
     return module
 
@@ -53,7 +55,7 @@ def batch(b: int = 4) -> dict:
     return {"x_1": x_t.clamp(-1, 1), "mask": mask, "patient": torch.tensor([0, 0, 1, 2][:b]), "index": torch.arange(b)}
 
 
-def loss_and_grads(module: COMETModule, precision: str = "32-true") -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_grads(module: FlowMatchingModule, precision: str = "32-true") -> tuple[torch.Tensor, torch.Tensor]:
     """One training step's loss (flow matching + contrastive: the tiny config has no warm-up) and gradients."""
     module.train()
     module.zero_grad(set_to_none=True)

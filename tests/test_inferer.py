@@ -9,12 +9,13 @@ from conftest import LOWEST_VAL_LOSS, run_with_several_best
 from PIL import Image
 
 import inferer
-from utils import generation
 from utils.config import config_diff
-from utils.generation import CheckpointError, find_checkpoint, generate, load_module, same_device
+from utils.data.masks import load_masks
+from utils.generation import generate as generation
+from utils.generation.checkpoints import CheckpointError, find_checkpoint, load_module
+from utils.generation.generate import generate, same_device
 from utils.images import to_unit
-from utils.masks import load_masks
-from utils.prior import noise_for_indices
+from utils.seeding import noise_for_indices
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_find_checkpoint_picks_the_lowest_val_loss_and_last(tiny_run, tmp_path):
 
 def test_one_step_moves_the_prior_by_the_velocity(module, masks):
     ids = torch.arange(len(masks))
-    out = generate(module, masks, ids, seed=3, num_steps=1, method="euler", batch_size=4, devices=["cpu"],
+    out = generate(module, masks, ids, seed=3, num_steps=1, sampler="euler", batch_size=4, devices=["cpu"],
                    progress=False)
     x_0 = module.prior(masks, noise_for_indices(ids, (1, 32, 32), 3))
     with torch.no_grad():
@@ -98,7 +99,7 @@ def test_cli_writes_every_output(tiny_run, tmp_path):
     assert manifest["method"] == "euler" and len(manifest["checkpoint_sha256"]) == 64
     assert manifest["config"]["run_name"] == "tiny"
     assert len(list((out / "png").glob("*.png"))) == 5 and (out / "grid.png").exists()
-    from utils.dataset_io import load_pickle_safely
+    from utils.data.dataset_io import load_pickle_safely
 
     assert len(load_pickle_safely(out / "samples.pkl")["test"]) == 5
 
@@ -224,7 +225,7 @@ def test_set_changes_only_the_key_it_names(tiny_run, tiny_data, tmp_path):
                 "--set", f"data_args.path={copy}") == 0
     trained = load_module(find_checkpoint(tiny_run)).hparams["config"]
     written = json.loads((out / "manifest.json").read_text())["config"]
-    assert config_diff(trained, written) == ["data_args.path"]
+    assert config_diff(trained, written) == ["data_args.path", "sampling_args.num_steps"]  # and _run's 2 steps
     assert written["data_args"]["path"] == str(copy) and written["data_args"]["image_size"] == 32
 
 

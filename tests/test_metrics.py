@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from utils import feature_extractors as fe
-from utils import metrics
+from utils.evaluation import feature_extractors as fe
+from utils.evaluation import metrics
 
 
 def blob_images(n: int, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

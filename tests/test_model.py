@@ -6,7 +6,7 @@ from monai.networks.nets import controlnet as monai_controlnet
 from monai.networks.nets import diffusion_model_unet as monai_unet
 
 from utils.config import load_config
-from utils.model import build_model
+from utils.methods.networks import build_model
 
 NUM_CLASSES = 4
 

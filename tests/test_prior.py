@@ -2,7 +2,9 @@ import math
 
 import torch
 
-from utils.prior import gaussian_blur, gaussian_kernel1d, noise_for_indices, scaled_label_values, warm_start_prior
+from utils.data.datamodule import scaled_label_values
+from utils.methods.prior import gaussian_blur, gaussian_kernel1d, warm_start_prior
+from utils.seeding import noise_for_indices
 
 VALUES = torch.tensor([0.1, -0.8, 0.6, -0.7])
 

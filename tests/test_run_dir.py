@@ -77,7 +77,7 @@ def test_only_rank_zero_writes_the_config_and_the_others_wait_for_it(tmp_path, t
 
 
 def test_only_rank_zero_builds_the_synthetic_set(tmp_path):
-    from utils.data import load_training_data
+    from utils.data.datamodule import load_training_data
 
     cfg = load_config("configs/tiny.yaml", [f"data_args.path={tmp_path / 'synthetic.npz'}"]).data_args
     with pytest.raises(SystemExit, match="waited 1 s for rank 0 to build the synthetic dataset"):
@@ -109,7 +109,7 @@ def test_resume_progress_is_read_memory_mapped(tiny_run, monkeypatch):
 
 
 def test_missing_patient_ids_are_warned_about_once(tmp_path, tiny_data):
-    from utils.dataset_io import load_dataset, save_dataset
+    from utils.data.dataset_io import load_dataset, save_dataset
 
     data = load_dataset(tiny_data)
     for records in data.values():

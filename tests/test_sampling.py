@@ -1,7 +1,7 @@
 import torch
 
-from utils.model import VelocityAdapter
-from utils.sampling import sample, time_grid
+from utils.methods.networks import VelocityAdapter
+from utils.methods.ode_sampler import sample, time_grid
 
 
 class Field(torch.nn.Module):

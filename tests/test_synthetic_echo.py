@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from utils.dataset_io import DatasetError, load_dataset
-from utils.synthetic_echo import (
+from utils.data.dataset_io import DatasetError, load_dataset
+from utils.data.synthetic_echo import (
     build_synthetic_dataset,
     ensure_synthetic_dataset,
     main,

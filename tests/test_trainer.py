@@ -51,7 +51,8 @@ def test_a_different_config_is_not_written_into_an_existing_run(tiny_run, tiny_d
 def test_missing_dataset_says_how_to_make_it(tmp_path):
     args = ["--config_path", "configs/comet_camus.yaml", "--set", f"data_args.path={tmp_path}/none.pkl",
             "--set", f"output_dir={tmp_path}/runs"]
-    with pytest.raises(SystemExit, match=r"(?s)^error: .*none.pkl does not exist.*utils.synthetic_echo.*utils.camus"):
+    expected = r"(?s)^error: .*none.pkl does not exist.*utils.data.synthetic_echo.*utils.data.camus"
+    with pytest.raises(SystemExit, match=expected):
         trainer.main(args)
     assert not (tmp_path / "runs").exists()
 
@@ -84,7 +85,7 @@ def test_seed_config_builds_the_seed_network_and_trains_a_step_on_cpu(tmp_path, 
         cmd += ["--set", s]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "model: 94,494,881 parameters (UNet 66,949,761 + ControlNet 27,545,120)" in out.stderr
+    assert "method flow_matching: 94,494,881 parameters (UNet 66,949,761 + ControlNet 27,545,120)" in out.stderr
     assert (tmp_path / "comet_camus" / "last.ckpt").exists()
 
 
@@ -123,7 +124,7 @@ def test_ddp_with_two_cpu_processes_gathers_the_other_ranks_negatives(tmp_path, 
 
 
 def test_ema_weights_are_kept_and_used_for_sampling(tmp_path, tiny_data):
-    from utils.generation import load_module
+    from utils.generation.checkpoints import load_module
 
     args = ["--config_path", "configs/tiny.yaml"]
     for s in tiny_overrides(tmp_path, **{"data_args.path": tiny_data, "train_args.ema_decay": 0.5,
@@ -146,9 +147,8 @@ def test_ema_weights_are_kept_and_used_for_sampling(tmp_path, tiny_data):
 def _val_loss(module, network):
     """The validation loss of ``network`` over the whole validation split, computed here independently of
     validation_step: the fixed noise and times per index, the prior, the path, MSE per batch of 4."""
-    from utils.data import EchoDataModule
-    from utils.module import fixed_times
-    from utils.prior import noise_for_indices
+    from utils.data.datamodule import EchoDataModule
+    from utils.seeding import fixed_times, noise_for_indices
 
     val = EchoDataModule(module.cfg.data_args, 4, 0).val_set
     losses = []
@@ -164,10 +164,11 @@ def _val_loss(module, network):
 
 
 def test_logged_sample_ssim_is_evaluate_pys_ssim(tiny_run):
-    from utils.data import EchoDataModule
-    from utils.generation import generate, load_module
+    from utils.data.datamodule import EchoDataModule
+    from utils.evaluation.metrics import ssim_per_image
+    from utils.generation.checkpoints import load_module
+    from utils.generation.generate import generate
     from utils.images import to_unit
-    from utils.metrics import ssim_per_image
 
     module = load_module(tiny_run / "last.ckpt")  # saved after the last epoch's sample grid
     cfg = module.cfg

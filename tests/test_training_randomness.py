@@ -9,11 +9,11 @@ import torch
 from conftest import tiny_overrides
 
 import trainer
-import utils.contrastive_keys as contrastive_keys
+import utils.methods.contrastive_keys as contrastive_keys
 from losses.contrastive_flow import info_nce_from_cosines
 from utils.config import ConfigError, config_to_dict, load_config
-from utils.contrastive_keys import ContrastiveKeys, valid_keys
-from utils.module import COMETModule
+from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
+from utils.methods.flow_matching import FlowMatchingModule
 
 
 def _train(tmp, data, **extra) -> Path:
@@ -25,7 +25,7 @@ def _train(tmp, data, **extra) -> Path:
 
 
 def test_two_ranks_draw_different_t_and_noise_and_epochs_differ():
-    module = COMETModule(config_to_dict(load_config("configs/tiny.yaml")), [0.0, -0.5, 0.5, -0.4])
+    module = FlowMatchingModule(config_to_dict(load_config("configs/tiny.yaml")), [0.0, -0.5, 0.5, -0.4])
     x_1 = torch.zeros(4, 1, 32, 32)
     draws = {}
     for rank in (0, 1):
@@ -122,7 +122,7 @@ class RecordingKeys(ContrastiveKeys):
         return keys
 
 
-class RecordingModule(COMETModule):
+class RecordingModule(FlowMatchingModule):
     def __init__(self, config, label_values, out):
         super().__init__(config, label_values)
         self.keys, self.out = RecordingKeys(self.cfg.contrastive_args.num_keys, out), out
@@ -137,7 +137,7 @@ class RecordingModule(COMETModule):
 def test_ddp_ranks_draw_their_own_noise_and_see_each_others_keys(tmp_path, tiny_data):
     import pytorch_lightning as pl
 
-    from utils.data import EchoDataModule
+    from utils.data.datamodule import EchoDataModule
 
     cfg = load_config("configs/tiny.yaml", [f"data_args.path={tiny_data}"])
     dm = EchoDataModule(cfg.data_args, 4, 0)

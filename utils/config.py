@@ -17,8 +17,17 @@ from typing import Literal
 
 import yaml
 
-SOLVER_METHODS = ("euler", "midpoint", "heun3", "rk4")
-# Network evaluations per step of each fixed-grid method.
+# Each method (utils.methods.METHODS) and the config sections only it reads; a section of another method
+# in a config is an error. The method's own sections default to their dataclass defaults when left out.
+METHOD_SECTIONS = {
+    "flow_matching": ("prior_args", "contrastive_args"),
+}
+# The samplers (sampling_args.method) each method offers; the first is its default.
+SAMPLERS = {
+    "flow_matching": ("euler", "midpoint", "heun3", "rk4"),
+}
+ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS.values() for s in names))
+# Network evaluations per step of each fixed-grid ODE solver.
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
 # What --set may change at inference: where the masks come from and how the sampler runs. Every other key
 # changes what the trained network means (its shape, classes, prior, normalisation) or only matters to training.
@@ -39,7 +48,7 @@ class SyntheticConfig:
     seed: int = 0
 
     def check(self, key):
-        _require(self.size >= 32, key("size"), f"must be >= 32 (utils.synthetic_echo.MIN_SIZE), got {self.size}")
+        _require(self.size >= 32, key("size"), f"must be >= 32 (utils.data.synthetic_echo.MIN_SIZE), got {self.size}")
         _require(len(self.patients) == 3 and min(self.patients) >= 1, key("patients"),
                  f"must be three positive patient counts (train, valid, test), got {list(self.patients)}")
 
@@ -170,7 +179,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     num_steps: int = 10
-    method: Literal["euler", "midpoint", "heun3", "rk4"] = "euler"
+    # The sampler, one of SAMPLERS[method]; left out, the method's default (flow matching: euler).
+    method: str | None = None
     # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none.
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
 
@@ -182,24 +192,30 @@ class SamplingConfig:
 class Config:
     run_name: str
     output_dir: str = "checkpoints"
+    method: str = "flow_matching"  # a key of METHOD_SECTIONS
     data_args: DataConfig = field(default_factory=DataConfig)
     model_args: ModelConfig = field(default_factory=ModelConfig)
-    prior_args: PriorConfig = field(default_factory=PriorConfig)
-    contrastive_args: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     train_args: TrainConfig = field(default_factory=TrainConfig)
     sampling_args: SamplingConfig = field(default_factory=SamplingConfig)
+    # method sections: set for the configured method (see METHOD_SECTIONS), None for every other
+    prior_args: PriorConfig | None = None
+    contrastive_args: ContrastiveConfig | None = None
 
     def check(self, key):
         _require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),
                  f"must be a non-empty name without '/', got {self.run_name!r}")
+        samplers = SAMPLERS[self.method]
+        _require(self.sampling_args.method in samplers, "sampling_args.method",
+                 f"must be one of {list(samplers)} for method {self.method}, got {self.sampling_args.method!r}")
         m = self.model_args
         depth = 2 ** (len(m.channels) - 1)
         _require(self.data_args.image_size % depth == 0, "data_args.image_size",
                  f"must be divisible by {depth} for {len(m.channels)} UNet levels, got {self.data_args.image_size}")
-        keys, batch = self.contrastive_args.num_keys, self.train_args.batch_size
-        _require(keys % batch == 0, "contrastive_args.num_keys",
-                 f"must be a multiple of train_args.batch_size ({batch}), so that a group of whole micro-batches "
-                 f"holds the keys, got {keys}")
+        if self.contrastive_args is not None:
+            keys, batch = self.contrastive_args.num_keys, self.train_args.batch_size
+            _require(keys % batch == 0, "contrastive_args.num_keys",
+                     f"must be a multiple of train_args.batch_size ({batch}), so that a group of whole "
+                     f"micro-batches holds the keys, got {keys}")
 
     @property
     def run_dir(self) -> Path:
@@ -285,9 +301,28 @@ def config_from_dict(values: dict, source: str = "<config>") -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
     try:
-        return _build(Config, values, "")
+        return _build(Config, with_method_defaults(values), "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+def with_method_defaults(values: dict) -> dict:
+    """``values`` with the method's sections and sampler filled in; another method's section is an error."""
+    method = values.get("method", Config.method)
+    if method not in METHOD_SECTIONS:
+        raise ConfigError(f"method must be one of {list(METHOD_SECTIONS)}, got {method!r}")
+    values = dict(values)
+    for owner, sections in METHOD_SECTIONS.items():
+        for section in sections:
+            if owner == method:
+                values.setdefault(section, {})
+            elif values.get(section) is not None:
+                raise ConfigError(f"{section} belongs to method {owner}, not to method {method}: remove it "
+                                  f"(method {method} reads {', '.join(METHOD_SECTIONS[method]) or 'no section'})")
+    sampling = values.get("sampling_args")
+    if sampling is None or isinstance(sampling, dict):
+        values["sampling_args"] = {"method": SAMPLERS[method][0], **(sampling or {})}
+    return values
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -321,6 +356,13 @@ def inference_config(config: dict, overrides: list[str], source: str) -> dict:
     return config_to_dict(config_from_dict(apply_overrides(config, list(overrides)), where))
 
 
+def sampling_overrides(num_steps: int | None, sampler: str | None) -> list[str]:
+    """``--set`` items for the CLIs' --num_steps / --method flags (given ones only), so that the checkpoint's
+    method validates them like any other override."""
+    items = [] if num_steps is None else [f"sampling_args.num_steps={num_steps}"]
+    return items + ([] if sampler is None else [f"sampling_args.method={sampler}"])
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
     """Load a YAML config file, apply ``--set`` overrides, validate. Errors name the file and key."""
     path = Path(path)
@@ -338,8 +380,9 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
 
 
 def config_to_dict(cfg) -> dict:
-    """Plain nested dict (lists, not tuples): YAML- and checkpoint-safe."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False))
+    """Plain nested dict (lists, not tuples): YAML- and checkpoint-safe. Other methods' sections are left out."""
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None}
+    return yaml.safe_load(yaml.safe_dump(_plain(values), sort_keys=False))
 
 
 def _plain(value):

@@ -3,7 +3,7 @@
 Inputs: generated and real images ``float [N,1,H,W]`` in [0, 1], paired by index (generated image i
 was conditioned on the mask of real image i), and masks ``uint8 [N,1,H,W]`` with labels 0..3
 (0 = background). Nothing is rescaled per image. Set-level metrics take features computed by an
-extractor from :mod:`utils.feature_extractors`, so tests can inject small random-weight networks.
+extractor from :mod:`utils.evaluation.feature_extractors`, so tests can inject small random-weight networks.
 
 Set-level:
 

@@ -2,7 +2,7 @@
 
 Example::
 
-    python -m utils.camus --root ~/data/CAMUS_public --output data/camus_dataset.pkl
+    python -m utils.data.camus --root ~/data/CAMUS_public --output data/camus_dataset.pkl
 
 Releases read (``--root`` may be the release folder or its patients folder):
 
@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.dataset_io import SPLITS, DatasetError
+from utils.data.dataset_io import SPLITS, DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -292,10 +292,10 @@ def convert_camus(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.camus",
+        prog="python -m utils.data.camus",
         description="Convert a CAMUS release (NIfTI or 2019 MetaImage) into a COMET dataset file.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: python -m utils.camus --root ~/data/CAMUS_public --output data/camus_dataset.pkl",
+        epilog="example: python -m utils.data.camus --root ~/data/CAMUS_public --output data/camus_dataset.pkl",
     )
     parser.add_argument("--root", required=True, type=Path,
                         help="CAMUS release folder (or its patients folder)")
@@ -312,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from utils.dataset_info import format_summary
-    from utils.dataset_io import save_dataset
+    from utils.data.dataset_info import format_summary
+    from utils.data.dataset_io import save_dataset
 
     if args.size < 1:
         logger.error("--size must be positive, got %d", args.size)

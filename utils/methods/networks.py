@@ -62,6 +62,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def controlnet_parameter_counts(model: ConditionalVelocityField) -> dict[str, int]:
+    """Parameters of the UNet and of the ControlNet, for the log."""
+    return {"UNet": count_parameters(model.unet), "ControlNet": count_parameters(model.controlnet)}
+
+
 def repeated_blocks(model: ConditionalVelocityField) -> list[nn.Module]:
     """The UNet's and the ControlNet's down, mid and up blocks (17 in the seed network)."""
     unet, control = model.unet, model.controlnet
@@ -81,12 +86,6 @@ def compile_blocks(model: ConditionalVelocityField, **compile_kwargs) -> int:
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
-
-
-def autocast(precision: str, device: torch.device | str) -> torch.autocast:
-    """Autocast for a Lightning precision name: "16-mixed" (fp16), "bf16-mixed" (bf16), "32-true" (off)."""
-    dtype = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}.get(precision)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
 
 
 class VelocityAdapter(ModelWrapper):

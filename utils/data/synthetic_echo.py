@@ -21,7 +21,7 @@ sector. Image formation, per pixel, in [0, 1] before the uint8 conversion::
 
 Example::
 
-    python -m utils.synthetic_echo --output data/synthetic_echo.npz --size 256 --seed 0
+    python -m utils.data.synthetic_echo --output data/synthetic_echo.npz --size 256 --seed 0
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ _ATRIAL_WALL = 1.12  # outer edge of an atrial wall, in normalised radius of its
 def build_synthetic_dataset(
     size: int = 256, patients: tuple[int, int, int] = (350, 50, 50), seed: int = 0, progress: bool = True
 ) -> dict[str, list[dict]]:
-    """The phantom in the record layout of :mod:`utils.dataset_io`.
+    """The phantom in the record layout of :mod:`utils.data.dataset_io`.
 
     Args:
         size: image side H = W in pixels (>= 32).
@@ -290,9 +290,9 @@ def ensure_synthetic_dataset(
     """Build the phantom and save it to ``path`` (.npz or .pkl) unless ``path`` already exists.
 
     An existing file is reused after checking its image size and split sizes against ``size`` and
-    ``patients`` (a :class:`utils.dataset_io.DatasetError` names the mismatch); its seed is not checked.
+    ``patients`` (a :class:`utils.data.dataset_io.DatasetError` names the mismatch); its seed is not checked.
     """
-    from utils.dataset_io import DatasetError, load_dataset, save_dataset
+    from utils.data.dataset_io import DatasetError, load_dataset, save_dataset
 
     path = Path(path)
     if path.exists():
@@ -339,10 +339,10 @@ def save_examples_png(data: dict[str, list[dict]], path: str | Path, n: int = 2)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m utils.synthetic_echo",
+        prog="python -m utils.data.synthetic_echo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build the synthetic apical echo phantom (CAMUS labels and layout) and save it.",
-        epilog="example:\n  python -m utils.synthetic_echo --output data/synthetic_echo.npz --size 256 "
+        epilog="example:\n  python -m utils.data.synthetic_echo --output data/synthetic_echo.npz --size 256 "
         "--patients 350 50 50 --seed 0 \\\n      --examples docs/synthetic_examples.png",
     )
     parser.add_argument("--output", required=True, type=Path, help="dataset file to write (.npz or .pkl)")
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     for out in (args.output, args.examples):
         if out is not None and out.exists() and not args.overwrite:
             parser.error(f"{out} exists; pass --overwrite to replace it")
-    from utils.dataset_io import save_dataset
+    from utils.data.dataset_io import save_dataset
 
     try:
         data = build_synthetic_dataset(args.size, tuple(args.patients), args.seed)

@@ -2,13 +2,13 @@
 
 Example::
 
-    python -m utils.dataset_info data/camus_dataset.pkl --image_size 256
+    python -m utils.data.dataset_info data/camus_dataset.pkl --image_size 256
 
 Prints per split: records, patients, image shapes and dtypes, the intensity
 range after the one intensity rule (``normalise_image``), the label histogram
 (pixel fractions), classes, metadata fields and the values of the categorical
 ones, and which patients (if any) are shared between splits. Then runs
-``utils.dataset_io.validate_dataset``; the exit status is 0 when the dataset is
+``utils.data.dataset_io.validate_dataset``; the exit status is 0 when the dataset is
 valid and 1 (with the error) when it is unreadable or invalid.
 """
 
@@ -29,7 +29,7 @@ _MAX_CATEGORIES = 12  # metadata fields with at most this many distinct strings 
 
 def format_summary(data: dict[str, list[dict]], path: str | Path) -> str:
     """A human-readable summary of ``data`` (record layout); tolerates invalid records."""
-    from utils.dataset_io import normalise_image
+    from utils.data.dataset_io import normalise_image
 
     lines = [f"{path}: splits {list(data)}"]
     patients: dict[str, set] = {}
@@ -82,13 +82,13 @@ def _label_counts(mask: np.ndarray) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.dataset_io import SPLITS
+    from utils.data.dataset_io import SPLITS
 
     parser = argparse.ArgumentParser(
-        prog="python -m utils.dataset_info",
+        prog="python -m utils.data.dataset_info",
         description="Print what a dataset file (.pkl, .npz or PNG folder) holds and validate it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: python -m utils.dataset_info data/camus_dataset.pkl --image_size 256",
+        epilog="example: python -m utils.data.dataset_info data/camus_dataset.pkl --image_size 256",
     )
     parser.add_argument("path", type=Path, help="dataset file (.pkl, .npz) or folder (images/ + masks/)")
     parser.add_argument("--num_classes", type=int, default=4, help="number of mask labels (default 4, CAMUS)")
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from utils.dataset_io import DatasetError, load_dataset, validate_dataset
+    from utils.data.dataset_io import DatasetError, load_dataset, validate_dataset
 
     try:
         data = load_dataset(args.path)

@@ -40,13 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "valid", "test")
+from utils.data.folder_dataset import load_folder_dataset
+from utils.data.layout import SPLITS, DatasetError
+
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """A dataset file that cannot be used; the message names the file and the record."""
-
 
 # Globals a dataset pickle may name: how numpy arrays and torch tensors pickle.
 _SAFE_GLOBALS = {
@@ -140,8 +137,6 @@ def load_dataset(path: str | Path) -> dict[str, list[dict]]:
     if not path.exists():
         raise FileNotFoundError(path)
     if path.is_dir():
-        from utils.folder_dataset import load_folder_dataset
-
         return load_folder_dataset(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":

@@ -11,18 +11,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import DataConfig
-from utils.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
+from utils.data.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
 from utils.distributed import wait_for
-from utils.prior import scaled_label_values
 
 log = logging.getLogger(__name__)
+
+
+def scaled_label_values(num_classes: int) -> torch.Tensor:
+    """enc(label) = label / (num_classes - 1) * 2 - 1, in [-1, 1]."""
+    return torch.linspace(-1.0, 1.0, num_classes)
 
 
 def missing_dataset_message(path: Path) -> str:
     return (
         f"dataset file {path} does not exist. Make it with one of:\n"
-        f"  python -m utils.synthetic_echo --output {path}            (the built-in synthetic echo set)\n"
-        f"  python -m utils.camus --root CAMUS_DIR --output {path}    (from a CAMUS download)\n"
+        f"  python -m utils.data.synthetic_echo --output {path}            (the built-in synthetic echo set)\n"
+        f"  python -m utils.data.camus --root CAMUS_DIR --output {path}    (from a CAMUS download)\n"
         "or point data_args.path at an existing .npz/.pkl file or image folder (--set data_args.path=...)."
     )
 
@@ -39,7 +43,7 @@ def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0) 
         if rank != 0:
             wait_for(path.exists, f"build the synthetic dataset {path}", timeout)
         else:
-            from utils.synthetic_echo import ensure_synthetic_dataset
+            from utils.data.synthetic_echo import ensure_synthetic_dataset
 
             ensure_synthetic_dataset(path, cfg.synthetic.size, tuple(cfg.synthetic.patients), cfg.synthetic.seed)
     data = load_dataset(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from flow_matching.solver import ODESolver
 
-from utils.model import VelocityAdapter
+from utils.methods.networks import VelocityAdapter
 
 
 def time_grid(num_steps: int, device=None) -> torch.Tensor:

@@ -74,7 +74,7 @@ def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, 
     if files:
         masks = [_check(_read_label_map(f), str(f), num_classes, image_size, resize) for f in files]
         return MaskSource(torch.stack(masks), [f.name for f in files], f"{len(files)} label maps in {path}")
-    from utils.dataset_io import load_dataset
+    from utils.data.dataset_io import load_dataset
 
     data = load_dataset(path)
     if not data.get(split):

@@ -1,7 +1,7 @@
 """A dataset as a folder of PNG files: images and masks paired by file name.
 
 Layout (``ROOT`` is the path given to :func:`load_folder_dataset` or to
-``utils.dataset_io.load_dataset``)::
+``utils.data.dataset_io.load_dataset``)::
 
     ROOT/train/images/NAME.png   ROOT/train/masks/NAME.png
     ROOT/valid/images/...        ROOT/valid/masks/...
@@ -19,7 +19,7 @@ split alone: the usual shape of a set of masks to generate images for.
   by stem and carry ``metadata = {"name": stem}``. Only ``*.png`` files count.
 
 Any file without a partner, an unreadable file, or an image that is not 8-bit
-grayscale raises :class:`~utils.dataset_io.DatasetError` naming the file.
+grayscale raises :class:`~utils.data.dataset_io.DatasetError` naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.dataset_io import SPLITS, DatasetError
+from utils.data.layout import SPLITS, DatasetError
 
 logger = logging.getLogger(__name__)
 

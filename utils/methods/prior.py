@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,11 +39,6 @@ def encode_mask(mask: torch.Tensor, label_values: torch.Tensor) -> torch.Tensor:
     return label_values.to(mask.device, torch.float32)[mask.long()]
 
 
-def scaled_label_values(num_classes: int) -> torch.Tensor:
-    """enc(label) = label / (num_classes - 1) * 2 - 1, in [-1, 1]."""
-    return torch.linspace(-1.0, 1.0, num_classes)
-
-
 def warm_start_prior(
     mask: torch.Tensor,
     eps: torch.Tensor,
@@ -67,18 +61,3 @@ def warm_start_prior(
     with torch.autocast(eps.device.type, enabled=False):
         structure = gaussian_blur(encode_mask(mask, label_values), kernel_size, sigma)
     return alpha * structure.to(eps.dtype) + math.sqrt(1.0 - alpha**2) * eps
-
-
-def seeded_generator(entropy: list[int], device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded from a list of integers (numpy's SeedSequence mixes them)."""
-    seed = int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-def noise_for_indices(indices: torch.Tensor, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Standard normal noise (len(indices), *shape) where row i depends only on (seed, indices[i]).
-
-    Results therefore do not change with the batch size or the number of devices.
-    """
-    rows = [torch.randn(shape, generator=seeded_generator([seed, i])) for i in indices.tolist()]
-    return torch.stack(rows) if rows else torch.empty((0, *shape))

@@ -1,0 +1,94 @@
+"""Checkpoints: finding one in a run directory, reading it safely, rebuilding its method from it alone."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+_BEST = re.compile(r"best-epoch(\d+)-valloss([0-9.eE+-]+?)(?:-v\d+)?\.ckpt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what was expected."""
+
+
+# What torch.load raises on a file that is not a readable checkpoint (truncated, empty, text, another zip).
+_LOAD_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A ``.ckpt`` file as given, or in a run directory the best checkpoint (lowest val/loss in the
+    ``best-epochE-vallossL.ckpt`` names) or ``last.ckpt``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint does not exist (give a .ckpt file or a run directory)")
+    if which == "last":
+        last = path / "last.ckpt"
+        if not last.is_file():
+            raise CheckpointError(f"{path}: has no last.ckpt (is it a run directory?)")
+        return last
+    scored = []
+    for p in path.glob("best-*.ckpt"):
+        m = _BEST.search(p.name)
+        if m:
+            scored.append((float(m.group(2)), -int(m.group(1)), p))
+    if not scored:
+        raise CheckpointError(f"{path}: has no best-epoch*-valloss*.ckpt (is it a run directory?); "
+                              "use --which last or give a .ckpt file")
+    return min(scored)[2]
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """The checkpoint dict of a COMET ``.ckpt`` (``torch.load(weights_only=True)``), its layout checked.
+
+    ``mmap`` maps the tensors instead of reading them (for a look at epoch and step).
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?)") from e
+        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {reason}") from e
+    except _LOAD_ERRORS as e:
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}") from e
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict):
+        raise CheckpointError(f"{path}: not a COMET checkpoint (no hyper_parameters with a config); "
+                              "expected a .ckpt written by trainer.py")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: has no state_dict; expected a .ckpt written by trainer.py")
+    return ckpt
+
+
+def load_module(checkpoint: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()):
+    """Rebuild the trained method (any :class:`utils.methods.base.SynthesisMethod`) from a checkpoint alone,
+    with inference ``--set`` overrides applied; in eval mode on ``device``.
+
+    Raises :class:`CheckpointError` for a file that is not a usable COMET checkpoint and
+    :class:`utils.config.ConfigError` for a refused or invalid override; both name the file or key.
+    """
+    from utils.config import inference_config
+    from utils.methods import method_class
+
+    ckpt = read_checkpoint(checkpoint)
+    hp = dict(ckpt["hyper_parameters"])
+    config = inference_config(hp.pop("config"), list(overrides), f"{checkpoint}'s config")
+    module = method_class(config["method"])(config, **hp)
+    try:
+        result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise CheckpointError(f"{checkpoint}: weights do not fit the network of its config ({detail})") from e
+    for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
+        if keys:
+            raise CheckpointError(f"{checkpoint}: state_dict does not match its config: {len(keys)} {what} "
+                                  f"key(s), e.g. {keys[0]}")
+    return module.to(device).eval()

@@ -1,0 +1,91 @@
+"""Generating images with any method: shared by inferer.py, evaluate.py, the validation grids and the benchmark.
+
+Each method's own ``generate`` makes the images; this splits the work into batches and over devices and
+hands each batch its samples' noise. Every random number of sample i depends only on (seed, i).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from utils.precision import autocast
+from utils.seeding import SampleNoise
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor  # (N, 1, H, W) float32 in [0, 1]
+    nfe: int  # network evaluations per sample
+    seconds: float
+
+
+def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, num_steps: int, sampler: str,
+             batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False) -> Generated:
+    """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
+
+    Work is split over ``devices`` (the module itself on its own device, a copy on any other; one thread
+    each; see :func:`same_device`). Batch size and device count
+    do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
+    still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
+    network on one image at a time, which makes results bitwise identical for any batch size, at a cost.
+    The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none).
+    """
+    n = len(masks)
+    shape = (1, *masks.shape[-2:])
+    out = torch.empty((n, *shape), dtype=torch.float32)
+    chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]
+    bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
+
+    def solve(m, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        noise = SampleNoise(ids, seed, shape, m.device)
+        with torch.inference_mode(), autocast(m.cfg.sampling_args.precision, m.device):
+            return m.generate(mask, noise, num_steps, sampler).float()
+
+    def work(k: int, chunk: list[int]) -> None:
+        m = models[k % len(models)]
+        idx = torch.tensor(chunk)
+        mask, ids = masks[idx].to(m.device), sample_ids[idx]
+        if batch_invariant:  # the network sees one image at a time
+            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1]) for j in range(len(chunk))])
+        else:
+            images = solve(m, mask, ids)
+        out[idx] = images.cpu()
+        bar.update(len(chunk))
+
+    start = time.perf_counter()
+    if len(models) == 1:
+        for k, chunk in enumerate(chunks):
+            work(k, chunk)
+    else:
+        with ThreadPoolExecutor(len(models)) as pool:
+            for group in range(0, len(chunks), len(models)):
+                list(pool.map(work, range(group, min(group + len(models), len(chunks))),
+                              chunks[group:group + len(models)]))
+    bar.close()
+    return Generated(out, module.nfe(num_steps, sampler), time.perf_counter() - start)
+
+
+def same_device(a: str | torch.device, b: str | torch.device) -> bool:
+    """Whether two device specs name the same device ("cuda" is the current CUDA device, "cpu:0" is "cpu")."""
+
+    def canonical(spec) -> tuple[str, int]:
+        d = torch.device(spec)
+        if d.type == "cpu":
+            return "cpu", 0
+        if d.index is not None:
+            return d.type, d.index
+        return d.type, torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
+
+    return canonical(a) == canonical(b)
+
+
+def _copy_to(module, device: str):
+    import copy
+
+    return copy.deepcopy(module).to(device).eval()

@@ -1,0 +1,171 @@
+"""What every method is to the rest of the code: a LightningModule with a small, fixed set of operations.
+
+Trainer, inferer, evaluate and the benchmark call only these:
+
+- ``training_step(batch, batch_idx)`` (Lightning's), and ``validation_loss(batch)``, the number the best
+  checkpoint is chosen by (computed with the weights that make images, deterministic for a given batch);
+- ``generate(mask, noise, num_steps, sampler)``: images in [0, 1] for integer masks, where every random
+  number of sample i comes from ``noise`` (:class:`utils.seeding.SampleNoise`), and ``nfe(num_steps, sampler)``;
+- ``parameter_counts()`` and ``describe()`` for the log.
+
+The base class holds what the methods share: the typed config, the EMA of the generating network
+``self.model``, per-(rank, epoch, batch) training randomness, the validation sample grid, the
+first-step timing of compiled blocks, and the default optimizer. A method is one subclass in
+``utils/methods/`` registered in :mod:`utils.methods`, and one section of :mod:`utils.config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from utils.config import config_from_dict
+from utils.evaluation.metrics import psnr_per_image, ssim_per_image
+from utils.generation.generate import generate
+from utils.images import grid_image, mask_to_unit, save_png, to_unit
+from utils.methods.networks import count_parameters
+from utils.seeding import SampleNoise, seeded_generator
+
+log = logging.getLogger(__name__)
+
+
+def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> bool:
+    """Fused Adam (one kernel for all parameters) on CUDA, except for fp16 with clipping: there Lightning's
+    GradScaler must unscale before clipping, which an optimizer that unscales inside its step prevents."""
+    return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
+
+
+class SynthesisMethod(pl.LightningModule):
+    """A mask-conditional image generator trained with Lightning; subclasses build ``self.model``.
+
+    ``config`` is the plain-dict form of :class:`utils.config.Config`; it (and any extra hyperparameter a
+    subclass takes) is saved in the checkpoint, which alone rebuilds the module.
+    """
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.cfg = config_from_dict(config, "checkpoint config")
+        self.ema: AveragedModel | None = None
+        self._ema_step = -1
+        self._compiled_blocks = 0
+        self._time_first_step = False  # log the first step's wall time (it includes the compilation)
+        self._first_step_clock = 0.0
+        # Set by the trainer; a method that optimises by hand (automatic_optimization = False) accumulates this many.
+        self.accumulate_grad_batches = 1
+
+    @classmethod
+    def for_data(cls, config: dict, datamodule) -> SynthesisMethod:
+        """The module to train on ``datamodule`` (a method whose hyperparameters come from the data overrides)."""
+        return cls(config)
+
+    # --- the interface ------------------------------------------------------------------------------
+    def validation_loss(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(self, mask: torch.Tensor, noise: SampleNoise, num_steps: int, sampler: str) -> torch.Tensor:
+        """(B, 1, H, W) float images in [0, 1] for ``mask`` (B, 1, H, W) integer labels."""
+        raise NotImplementedError
+
+    def nfe(self, num_steps: int, sampler: str) -> int:
+        """Network evaluations per image of :meth:`generate`."""
+        raise NotImplementedError
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part, for the log (every trained network, the discriminator included)."""
+        return {"network": count_parameters(self.model)}
+
+    def describe(self) -> str:
+        """One line of the method's settings for the log."""
+        return self.cfg.method
+
+    # --- shared machinery ---------------------------------------------------------------------------
+    def keep_ema(self) -> None:
+        """Keep an EMA of ``self.model`` when ``train_args.ema_decay`` > 0 (call after building it)."""
+        decay = self.cfg.train_args.ema_decay
+        if decay > 0:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+            self.ema.requires_grad_(False)  # updated by hand; DDP must not wait for its gradients
+
+    def sampling_network(self) -> torch.nn.Module:
+        """The weights images are made with: the EMA weights when kept, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def training_generator(self, batch_idx: int, device: torch.device) -> torch.Generator:
+        """The random stream of this (seed, global rank, epoch, batch).
+
+        Every DDP rank draws its own numbers (``seed_everything`` alone gives all ranks one stream), and a
+        resumed run draws what the uninterrupted run would have drawn at the same epoch and batch.
+        """
+        return seeded_generator([self.cfg.train_args.seed, self.global_rank, self.current_epoch, batch_idx], device)
+
+    def compile_blocks(self) -> int:
+        """Compile the network's repeated blocks in place for ``train_args.compile: blocks``; how many."""
+        return 0
+
+    def configure_model(self):
+        """Regional compilation when ``train_args.compile`` is "blocks" (training only; called by the Trainer)."""
+        if self.cfg.train_args.compile == "blocks" and not self._compiled_blocks:
+            self._compiled_blocks = self.compile_blocks()
+            self._time_first_step = self._compiled_blocks > 0
+            log.info("torch.compile on %d blocks: the first training step compiles them", self._compiled_blocks)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self._time_first_step:
+            self._first_step_clock = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
+            self.ema.update_parameters(self.model)
+            self._ema_step = self.global_step
+        if self._time_first_step:
+            if batch["x_1"].is_cuda:
+                torch.cuda.synchronize()
+            log.info("first training step took %.1f s (it compiled the %d blocks; inductor caches the kernels)",
+                     time.perf_counter() - self._first_step_clock, self._compiled_blocks)
+            self._time_first_step = False
+
+    def validation_step(self, batch, batch_idx):
+        loss = self.validation_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["x_1"].shape[0])
+
+    def on_validation_epoch_end(self):
+        every = self.cfg.train_args.sample_every_n_epochs
+        last = self.current_epoch + 1 >= self.trainer.max_epochs
+        if self.trainer.sanity_checking or not ((self.current_epoch + 1) % every == 0 or last):
+            return
+        metrics = self._sample_grid()
+        if metrics:
+            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    @rank_zero_only
+    def _sample_grid(self) -> dict:
+        """Sample the first validation masks; write mask | real | generated as PNG and to TensorBoard."""
+        ds = self.trainer.datamodule.val_set
+        n = min(self.cfg.train_args.num_sample_images, len(ds))
+        mask, s = ds.mask[:n], self.cfg.sampling_args
+        # the inferer's path: noise of (seed, i), the method's sampler, under sampling_args.precision
+        gen01 = generate(self, mask, torch.arange(n), self.cfg.train_args.seed, s.num_steps, s.method,
+                         batch_size=n, devices=[str(self.device)], progress=False).images
+        real01 = to_unit(ds.x_1[:n])
+        grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01])
+        out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
+        save_png(grid, out)
+        if self.logger is not None and hasattr(self.logger.experiment, "add_image"):
+            self.logger.experiment.add_image("samples/mask_real_generated", grid, self.global_step,
+                                             dataformats="HW")
+        ssim, psnr = ssim_per_image(gen01, real01).mean(), psnr_per_image(gen01, real01).mean()  # evaluate.py's
+        log.info("epoch %d: sample grid %s (SSIM %.3f, PSNR %.2f dB on %d validation masks)",
+                 self.current_epoch, out, ssim, psnr, n)
+        return {"val/sample_ssim": float(ssim), "val/sample_psnr": float(psnr)}
+
+    def configure_optimizers(self):
+        t = self.cfg.train_args
+        fused = use_fused_adam(next(self.model.parameters()).is_cuda, self.trainer.precision, t.gradient_clip_val)
+        log.info("optimizer: Adam, lr %.3g, %s", t.lr, "fused" if fused else "not fused")
+        return torch.optim.Adam(self.model.parameters(), lr=t.lr, fused=fused)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Evaluate the best checkpoint of a run with the paper's protocol (2,000 samples, 10 Euler steps, test split).
+# Evaluate the best checkpoint of a run, of any method, with the paper's protocol (2,000 samples, 10 steps of
+# the checkpoint's sampler, e.g. Euler for flow matching, test split).
 #   bash run_eval_best.sh [RUN_DIR] [extra evaluate.py args]
 #   bash run_eval_best.sh checkpoints/comet_camus --inception_weights W.pth --clip_dir CLIP_DIR
 # RUN_DIR defaults to checkpoints/quickstart (what `bash train.sh` trains). Results go to
@@ -10,4 +11,4 @@ bash setup.sh >/dev/null
 run_dir=${1:-checkpoints/quickstart}
 [[ $# -gt 0 ]] && shift
 exec .venv/bin/python evaluate.py --checkpoint "$run_dir" --which best --num_samples 2000 --num_steps 10 \
-  --method euler --split test "$@" </dev/null
+  --split test "$@" </dev/null

@@ -301,7 +301,9 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
     for pick in (order[::-1][:k], order[:k]):  # best, then worst
         pick = list(pick)
         rows += [mask_to_unit(masks[pick], num_classes), real[pick], images[pick]]
-    save_png(grid_image(rows), out_dir / "best_worst.png")
+    labels = [f"{which} SSIM: mask" for which in ("best", "worst") for _ in range(3)]
+    labels[1::3], labels[2::3] = ["real"] * 2, ["generated"] * 2
+    save_png(grid_image(rows, row_labels=labels), out_dir / "best_worst.png")
 
 
 def report_table(results: dict) -> str:

@@ -53,8 +53,8 @@ def setup_logging(rank: int) -> logging.handlers.MemoryHandler:
     return buffer
 
 
-def log_to_file(buffer: logging.handlers.MemoryHandler, path: Path) -> None:
-    """Write the buffered records to ``path`` and send every later one there too."""
+def log_to_file(buffer: logging.handlers.MemoryHandler, path: Path) -> logging.FileHandler:
+    """Write the buffered records to ``path`` and send every later one there too (until the handler is removed)."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     buffer.setTarget(handler)
@@ -62,6 +62,7 @@ def log_to_file(buffer: logging.handlers.MemoryHandler, path: Path) -> None:
     root = logging.getLogger()
     root.removeHandler(buffer)
     root.addHandler(handler)
+    return handler
 
 
 def resolve_devices(train, cuda_count: int) -> tuple[str, int]:
@@ -178,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     log_buffer = setup_logging(rank)
 
     import pytorch_lightning as pl
-    import torch
-    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-    from pytorch_lightning.strategies import DDPStrategy
 
     from utils.data.datamodule import EchoDataModule
     from utils.data.dataset_io import DatasetError
@@ -199,9 +196,24 @@ def main(argv: list[str] | None = None) -> int:
         progress = checkpoint_progress(resume) if resume is not None else None
     except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
-    if rank == 0:
-        log_to_file(log_buffer, cfg.run_dir / "train.log")
+    file_log = log_to_file(log_buffer, cfg.run_dir / "train.log") if rank == 0 else None
+    try:
+        return fit(cfg, module, dm, resume, progress)
+    finally:  # a later run in this process (a study) must not write into this run's log
+        if file_log is not None:
+            logging.getLogger().removeHandler(file_log)
+            file_log.close()
 
+
+def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) -> int:
+    """Build the Lightning Trainer for ``cfg`` and train ``module`` on ``dm`` (resuming from ``resume``)."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.strategies import DDPStrategy
+
+    t = cfg.train_args
     accelerator, devices = resolve_devices(t, torch.cuda.device_count())
     world = devices * t.num_nodes
     accumulate = accumulation_steps(t.effective_batch_size, t.batch_size, world)

@@ -301,9 +301,10 @@ def config_from_dict(values: dict, source: str = "<config>") -> Config:
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(values).__name__}")
     try:
-        return _build(Config, with_method_defaults(values), "")
+        values = with_method_defaults(values)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    return build_dataclass(Config, values, source)
 
 
 def with_method_defaults(values: dict) -> dict:
@@ -363,8 +364,8 @@ def sampling_overrides(num_steps: int | None, sampler: str | None) -> list[str]:
     return items + ([] if sampler is None else [f"sampling_args.method={sampler}"])
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
-    """Load a YAML config file, apply ``--set`` overrides, validate. Errors name the file and key."""
+def read_yaml_mapping(path: str | Path) -> dict:
+    """The mapping at the top of a YAML file; a missing file, bad YAML or another top level is a ConfigError."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -373,9 +374,23 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
             values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    source = f"{path}" + (f" (with --set {' '.join(overrides)})" if overrides else "")
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return values
+
+
+def build_dataclass(cls, values: dict, source: str):
+    """A typed, validated instance of a config dataclass ``cls``; errors are prefixed with ``source``."""
+    try:
+        return _build(cls, values, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file, apply ``--set`` overrides, validate. Errors name the file and key."""
+    values = read_yaml_mapping(path)
+    source = f"{path}" + (f" (with --set {' '.join(overrides)})" if overrides else "")
     return config_from_dict(apply_overrides(values, list(overrides)), source)
 
 

@@ -19,16 +19,54 @@ def mask_to_unit(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
     return mask.float() / max(num_classes - 1, 1)
 
 
-def grid_image(rows: list[torch.Tensor], pad: int = 2) -> np.ndarray:
-    """Rows of (N, 1, H, W) images in [0, 1] to one uint8 (rows*H, N*W) array with padding."""
-    n = max(len(r) for r in rows)
-    h, w = rows[0].shape[-2:]
-    canvas = np.zeros((len(rows) * (h + pad) + pad, n * (w + pad) + pad), dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            y, x = pad + r * (h + pad), pad + c * (w + pad)
-            canvas[y:y + h, x:x + w] = np.rint(img[0].clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+MIN_TILE = 128  # px: every tile of a grid is shown at least this wide (nearest-neighbour upscaling)
+
+
+def grid_image(rows: list[torch.Tensor], pad: int = 2, row_labels: list[str] | None = None,
+               col_labels: list[str] | None = None, min_tile: int = MIN_TILE) -> np.ndarray:
+    """Rows of (N, 1, H, W) images in [0, 1] to one uint8 grey array with padding and optional labels.
+
+    Tiles narrower than ``min_tile`` are enlarged by the smallest integer factor that reaches it (nearest
+    neighbour: pixels stay pixels); labels go in a left column (rows) and a top band (columns).
+    """
+    factor = max(1, -(-min_tile // rows[0].shape[-1]))
+    tiles = [[np.kron(np.rint(img[0].clamp(0, 1).cpu().numpy() * 255).astype(np.uint8),
+                      np.ones((factor, factor), dtype=np.uint8)) for img in row] for row in rows]
+    h, w = tiles[0][0].shape
+    left = _label_width(row_labels) if row_labels else 0
+    top = LABEL_HEIGHT if col_labels else 0
+    n = max(len(r) for r in tiles)
+    canvas = np.zeros((top + len(tiles) * (h + pad) + pad, left + n * (w + pad) + pad), dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            y, x = top + pad + r * (h + pad), left + pad + c * (w + pad)
+            canvas[y:y + h, x:x + w] = tile
+    if row_labels or col_labels:
+        canvas = _draw_labels(canvas, row_labels or [], col_labels or [], top, left, h, w, pad)
     return canvas
+
+
+LABEL_HEIGHT = 14  # px of the band holding column labels (PIL's default bitmap font is 11 px high)
+
+
+def _label_width(labels: list[str]) -> int:
+    from PIL import ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(Image.new("L", (1, 1))), ImageFont.load_default()
+    return 8 + max(int(draw.textlength(t, font=font)) for t in labels)
+
+
+def _draw_labels(canvas: np.ndarray, row_labels: list[str], col_labels: list[str], top: int, left: int,
+                 h: int, w: int, pad: int) -> np.ndarray:
+    from PIL import ImageDraw
+
+    img = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(img)
+    for r, text in enumerate(row_labels):
+        draw.text((4, top + pad + r * (h + pad) + h // 2 - 5), text, fill=255)
+    for c, text in enumerate(col_labels):
+        draw.text((left + pad + c * (w + pad) + 2, 1), text, fill=255)
+    return np.asarray(img)
 
 
 def save_png(array: np.ndarray, path: str | Path) -> Path:

@@ -30,7 +30,7 @@ def write_samples(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, ids:
     for start in range(0, k, GRID_COLUMNS):
         sl = slice(start, min(start + GRID_COLUMNS, k))
         rows += [mask_to_unit(masks[sl], num_classes), images[sl]]
-    save_png(grid_image(rows), out_dir / "grid.png")
+    save_png(grid_image(rows, row_labels=["mask", "generated"] * (len(rows) // 2)), out_dir / "grid.png")
     if png:
         for i, img in enumerate(images):
             save_png(np.rint(img[0].numpy() * 255).astype(np.uint8), out_dir / "png" / f"{i:05d}.png")

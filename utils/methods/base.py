@@ -153,7 +153,8 @@ class SynthesisMethod(pl.LightningModule):
         gen01 = generate(self, mask, torch.arange(n), self.cfg.train_args.seed, s.num_steps, s.method,
                          batch_size=n, devices=[str(self.device)], progress=False).images
         real01 = to_unit(ds.x_1[:n])
-        grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01])
+        grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01],
+                          row_labels=["mask", "real", "generated"])
         out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
         save_png(grid, out)
         if self.logger is not None and hasattr(self.logger.experiment, "add_image"):

@@ -1,0 +1,112 @@
+"""Running a study: every (row, seed) trained, then evaluated with the study's protocol; resumable.
+
+Training goes through ``trainer.main`` (which resumes a killed run from its ``last.ckpt`` and refuses a run
+directory holding another configuration), evaluation through ``evaluate.main``. A stage that finished is
+recorded in ``<study>/done/`` and skipped on the next run, after checking that its config did not change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from utils.config import config_to_dict
+from utils.studies.spec import RowSpec, StudySpec, row_config, row_overrides, run_name
+
+log = logging.getLogger("comet.study")
+
+
+def eval_dir(spec: StudySpec, row: RowSpec, seed: int) -> Path:
+    return spec.study_dir / "eval" / run_name(row, seed)
+
+
+def jobs(spec: StudySpec) -> list[tuple[RowSpec, int]]:
+    """Seed by seed, every row: a study stopped early still holds complete comparisons for its first seeds."""
+    return [(row, seed) for seed in spec.seeds for row in spec.rows]
+
+
+def _marker(spec: StudySpec, row: RowSpec, seed: int, stage: str) -> Path:
+    return spec.study_dir / "done" / f"{run_name(row, seed)}.{stage}.json"
+
+
+def _finished(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict) -> bool:
+    """Whether ``stage`` finished with this very ``record`` (config or protocol); a changed one is refused."""
+    from trainer import RESUMABLE_CHANGES
+    from utils.config import config_diff
+
+    path = _marker(spec, row, seed, stage)
+    if not path.is_file():
+        return False
+    changed = [k for k in config_diff(json.loads(path.read_text()), record) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise SystemExit(f"error: study {spec.name}: row '{row.name}' seed {seed} was {stage}ed with a different "
+                         f"setting (differs in: {', '.join(changed)}). Nothing was changed. Rename the study or "
+                         f"the row, or remove {spec.study_dir} yourself.")
+    return True
+
+
+def _mark(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict) -> None:
+    path = _marker(spec, row, seed, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def train(spec: StudySpec, row: RowSpec, seed: int) -> None:
+    import trainer
+
+    args = ["--config_path", row.config or spec.config]
+    for item in row_overrides(spec, row, seed):
+        args += ["--set", item]
+    trainer.main(args)
+
+
+def evaluate(spec: StudySpec, row: RowSpec, seed: int) -> None:
+    import evaluate as evaluate_cli
+
+    e, out = spec.evaluation, eval_dir(spec, row, seed)
+    evaluate_cli.main(["--checkpoint", str(row_config(spec, row, seed).run_dir), "--which", "best",
+                       "--num_samples", str(e.num_samples), "--num_steps", str(e.num_steps),
+                       "--seed", str(e.noise_seed), "--split", e.split, "--n_boot", str(e.n_boot),
+                       "--skip_missing_metrics", "--output_dir", str(out), "--overwrite"])  # ours: a killed try
+
+
+def run_study(spec: StudySpec) -> None:
+    """Train and evaluate every (row, seed) not done yet, logging one line per stage with the time left."""
+    todo = jobs(spec)
+    records = {(row.name, seed): config_to_dict(row_config(spec, row, seed)) for row, seed in todo}
+    protocol = asdict(spec.evaluation)
+    for row, seed in todo:  # refuse a changed row before any work
+        _finished(spec, row, seed, "train", records[row.name, seed])
+        _finished(spec, row, seed, "evaluate", protocol)
+    stages = [(row, seed, stage) for row, seed in todo for stage in ("train", "evaluate")]
+    start, spent = time.perf_counter(), {"train": [], "evaluate": []}
+    for k, (row, seed, stage) in enumerate(stages, 1):
+        record = records[row.name, seed] if stage == "train" else protocol
+        where = f"[{k}/{len(stages)}] row '{row.name}' seed {seed}: {stage}"
+        if _finished(spec, row, seed, stage, record):
+            log.info("%s: done earlier, skipped", where)
+            continue
+        log.info("%s ...", where)
+        t0 = time.perf_counter()
+        (train if stage == "train" else evaluate)(spec, row, seed)
+        _mark(spec, row, seed, stage, record)
+        spent[stage].append(time.perf_counter() - t0)
+        log.info("%s: done in %s (study %s so far; about %s left)", where, _clock(spent[stage][-1]),
+                 _clock(time.perf_counter() - start), _clock(_time_left(stages[k:], spent)))
+
+
+def _time_left(remaining: list, spent: dict[str, list[float]]) -> float:
+    """The remaining stages at this run's mean time per stage kind (unknown kinds count as trainings)."""
+    mean = {s: sum(v) / len(v) for s, v in spent.items() if v}
+    fallback = mean.get("train", max(mean.values(), default=0.0))
+    return sum(mean.get(stage, fallback) for *_, stage in remaining)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

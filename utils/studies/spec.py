@@ -1,0 +1,118 @@
+"""A study: rows (variants of a base config) x training seeds, trained and evaluated with one protocol.
+
+A study file (``configs/studies/*.yaml``)::
+
+    name: seed_ablation_quick
+    config: configs/quickstart.yaml        # the base of every row
+    seeds: [0, 1, 2]                       # training seeds: the unit of replication
+    baseline: MOTFM                        # the row the difference table compares with
+    evaluation: {num_samples: 40, split: test, noise_seed: 0, num_steps: 10}
+    rows:
+      - {name: MOTFM, set: [prior_args.alpha=0, contrastive_args.weight=0]}
+      - {name: COMET}
+      - {name: SPADE, config: configs/spade_quickstart.yaml}   # a row may start from another base
+
+Every row is trained once per seed (``train_args.seed``) and evaluated on the same masks and noise.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.config import Config, ConfigError, build_dataclass, load_config, read_yaml_mapping
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str
+    config: str = ""  # default: the study's config
+    set: tuple[str, ...] = ()  # --set overrides on top of the config
+
+    def check(self, key):
+        if not self.name.strip():
+            raise ConfigError(f"{key('name')} must not be empty")
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    num_samples: int = 2000
+    split: str = "test"
+    noise_seed: int = 0  # the noise of sample i is that of (noise_seed, i), in every row and seed
+    num_steps: int = 10  # steps of each row's own sampler (a one-pass generator ignores them)
+    n_boot: int = 1000  # for the per-run cluster-bootstrap intervals evaluate.py writes
+
+    def check(self, key):
+        for name in ("num_samples", "num_steps", "n_boot"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key(name)} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    config: str
+    rows: tuple[RowSpec, ...]
+    seeds: tuple[int, ...] = (0, 1, 2)
+    baseline: str = ""  # default: the first row
+    output_dir: str = "studies"
+    description: str = ""
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+
+    def check(self, key):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"{key('name')} must be letters, digits, '_', '.' or '-', got {self.name!r}")
+        names = [r.name for r in self.rows]
+        if not names:
+            raise ConfigError(f"{key('rows')} must list at least one row")
+        slugs = [slug(n) for n in names]
+        if len(set(slugs)) != len(slugs):
+            raise ConfigError(f"{key('rows')} names must differ (as directory names: {slugs})")
+        if self.baseline and self.baseline not in names:
+            raise ConfigError(f"{key('baseline')} must be one of the rows {names}, got {self.baseline!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"{key('seeds')} must be distinct training seeds, got {list(self.seeds)}")
+
+    @property
+    def baseline_row(self) -> str:
+        return self.baseline or self.rows[0].name
+
+    @property
+    def study_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def slug(name: str) -> str:
+    """A row name as a directory name: '+ warm start' -> 'warm_start'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "row"
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    """Read and validate a study file; each row's config is loaded too, so a bad row fails before any training."""
+    from utils.config import apply_overrides
+
+    values = apply_overrides(read_yaml_mapping(path), list(overrides))
+    spec = build_dataclass(StudySpec, values, str(path))
+    for seed in spec.seeds:
+        for row in spec.rows:
+            row_config(spec, row, seed)
+    return spec
+
+
+def run_name(row: RowSpec, seed: int) -> str:
+    return f"{slug(row.name)}-seed{seed}"
+
+
+def row_overrides(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
+    """The ``--set`` items that make ``row`` with training ``seed`` from its config, its run under ``<study>/runs/``."""
+    return [*row.set, f"train_args.seed={seed}", f"run_name={run_name(row, seed)}",
+            f"output_dir={spec.study_dir / 'runs'}"]
+
+
+def row_config(spec: StudySpec, row: RowSpec, seed: int) -> Config:
+    """The resolved config of ``row`` trained with ``seed``."""
+    try:
+        return load_config(row.config or spec.config, row_overrides(spec, row, seed))
+    except ConfigError as e:
+        raise ConfigError(f"study {spec.name}, row '{row.name}': {e}") from None

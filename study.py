@@ -1,0 +1,54 @@
+"""Run a study: every row of a study file x every training seed, trained, evaluated and tabulated.
+
+Examples:
+    python study.py configs/studies/seed_ablation_quick.yaml
+    python study.py configs/studies/seed_results.yaml --set seeds=[0,1,2,3,4]
+    python study.py configs/studies/seed_ablation_quick.yaml --report_only    # tables from finished runs
+
+Writes into <output_dir>/<name>/: results.md (the seed's table layout and the differences from the
+baseline row), results.csv and results.json (every per-image value), samples.png, metrics.png, configs/
+(each row's resolved config) and runs/ (each row and seed's run directory). Running it again skips what
+finished; a killed study continues where it stopped; a row whose config changed is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("study", help="study file (configs/studies/*.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the study file, e.g. --set seeds=[0,1] (repeatable)")
+    p.add_argument("--report_only", action="store_true", help="only write the tables from finished runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from utils.config import ConfigError
+    from utils.studies.report import write_report
+    from utils.studies.runner import run_study
+    from utils.studies.spec import load_study
+
+    try:
+        spec = load_study(args.study, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not args.report_only:
+        run_study(spec)
+    command = shlex.join(["python", "study.py", *(argv if argv is not None else sys.argv[1:])])
+    path = write_report(spec, command)
+    print(path.read_text())
+    logging.getLogger("comet.study").info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Studies: rows x training seeds, resumable, with paired differences summarised over seeds."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from utils.config import ConfigError
+from utils.studies.spec import load_study
+from utils.studies.tables import RunResult, paired_difference, t_interval
+
+
+def _run(row, seed, values, index=(0, 1, 2)):
+    return RunResult(row, seed, np.array(index), {"ssim": np.array(values, dtype=float)}, {}, {})
+
+
+def test_a_row_minus_itself_is_exactly_zero_with_an_interval_containing_zero():
+    runs = [_run("a", s, v) for s, v in enumerate([[0.1, 0.5, 0.9], [0.2, 0.3, 0.4], [0.7, 0.1, 0.6]])]
+    d = [paired_difference(r, r, "ssim") for r in runs]
+    assert d == [0.0, 0.0, 0.0]
+    cell = t_interval(d)
+    assert cell["mean"] == 0.0 and cell["lo"] <= 0.0 <= cell["hi"]
+
+
+def test_differences_are_paired_within_seed_then_summarised_over_seeds():
+    base = [_run("b", 0, [0.1, 0.2, 0.3]), _run("b", 1, [0.5, 0.5, 0.5])]
+    row = [_run("r", 0, [0.2, 0.4, 0.3]), _run("r", 1, [0.5, 0.8, 0.5])]
+    d = [paired_difference(r, b, "ssim") for r, b in zip(row, base)]
+    np.testing.assert_allclose(d, [0.1, 0.1])
+    cell = t_interval([0.1, 0.3, 0.2])
+    from scipy import stats  # the textbook interval: mean +- t_{0.975, 2} * sd / sqrt(3)
+
+    half = stats.t.ppf(0.975, 2) * np.std([0.1, 0.3, 0.2], ddof=1) / np.sqrt(3)
+    np.testing.assert_allclose([cell["lo"], cell["hi"]], [0.2 - half, 0.2 + half])
+    assert t_interval([0.4])["lo"] is None  # one seed: no interval
+    with pytest.raises(ValueError, match="different masks"):
+        paired_difference(_run("r", 0, [1, 2, 3], index=(0, 1, 5)), base[0], "ssim")
+
+
+def _study(tmp_path, tiny_data, **extra) -> str:
+    spec = {"name": "tiny_study", "config": "configs/tiny.yaml", "seeds": [0, 1], "output_dir": str(tmp_path),
+            "evaluation": {"num_samples": 4, "num_steps": 2, "n_boot": 20},
+            "rows": [{"name": "MOTFM", "set": ["prior_args.alpha=0", "contrastive_args.weight=0",
+                                               f"data_args.path={tiny_data}", "train_args.max_epochs=1"]},
+                     {"name": "+ warm start", "set": ["contrastive_args.weight=0", f"data_args.path={tiny_data}",
+                                                      "train_args.max_epochs=1"]}], **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_a_bad_study_file_names_the_key(tmp_path, tiny_data):
+    with pytest.raises(ConfigError, match=r"study.yaml: baseline must be one of the rows"):
+        load_study(_study(tmp_path, tiny_data, baseline="COMET"))
+    with pytest.raises(ConfigError, match=r"row '\+ warm start'.*prior_args.alpah"):
+        load_study(_study(tmp_path, tiny_data), ["rows=[{name: '+ warm start', set: [prior_args.alpah=1]}]"])
+
+
+@pytest.mark.slow
+def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch):
+    import evaluate
+    import study
+    import trainer
+
+    trained, evaluated = [], []
+    real_train, real_eval = trainer.main, evaluate.main
+
+    def counting_train(args):
+        trained.append(args)
+        return real_train(args)
+
+    def failing_eval(args):
+        if len(evaluated) == 2:  # killed during the first evaluation of seed 1
+            raise KeyboardInterrupt
+        evaluated.append(args)
+        return real_eval(args)
+
+    monkeypatch.setattr(trainer, "main", counting_train)
+    monkeypatch.setattr(evaluate, "main", failing_eval)
+    path = _study(tmp_path, tiny_data)
+    with pytest.raises(KeyboardInterrupt):
+        study.main([path])
+    assert len(trained) == 3 and len(evaluated) == 2  # seed 0: both rows; seed 1: MOTFM trained, not evaluated
+    monkeypatch.setattr(evaluate, "main", lambda args: evaluated.append(args) or real_eval(args))
+    assert study.main([path]) == 0
+    assert len(trained) == 4 and len(evaluated) == 4  # only the missing stages ran
+
+    out = tmp_path / "tiny_study"
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    assert header == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ |"  # the seed's order; FID/KID/CMMD not measured
+    assert "## Difference from MOTFM" in md and "| + warm start | " in md and "2 training seeds [0, 1]" in md
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"]["MOTFM"]["ssim"]["n_seeds"] == 2
+    assert len(results["runs"]) == 4 and len(results["runs"][0]["per_image"]["ssim"]) == 4
+    assert sum(1 for _ in open(out / "results.csv")) == 1 + 4 * 4
+    for name in ("samples.png", "metrics.png", "configs/motfm.yaml", "configs/warm_start.yaml"):
+        assert (out / name).is_file(), name
+
+    changed = _study(tmp_path, tiny_data)  # the same study with MOTFM's learning rate changed
+    spec = yaml.safe_load(open(changed))
+    spec["rows"][0]["set"].append("train_args.lr=0.5")
+    open(changed, "w").write(yaml.safe_dump(spec))
+    with pytest.raises(SystemExit, match=r"row 'MOTFM' seed 0 was trained with a different setting.*train_args.lr"):
+        study.main([changed])
+    assert len(trained) == 4
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/studies").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_study_loads_with_its_rows(path):
+    spec = load_study(path)
+    assert spec.baseline_row in [r.name for r in spec.rows] and len(spec.seeds) >= 3

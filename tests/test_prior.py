@@ -70,3 +70,23 @@ def test_the_prior_is_float32_under_autocast_as_without_it():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # training runs under autocast, sampling does not
         under = warm_start_prior(mask, eps, 0.3, 5, 1.5, VALUES)
     assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
+def test_zero_padding_is_torch_conv2d_with_zero_padding_as_in_the_seed_code():
+    from torchvision.transforms.v2.functional import gaussian_blur as tv_blur  # reflect padding
+
+    x = torch.rand(2, 1, 20, 24)
+    k = gaussian_kernel1d(7, 2.0)
+    kernel2d = torch.outer(k, k).view(1, 1, 7, 7)
+    expected = torch.nn.functional.conv2d(x, kernel2d, padding=3)  # the seed's F.conv2d(padding=k // 2)
+    torch.testing.assert_close(gaussian_blur(x, 7, 2.0, padding="zeros"), expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gaussian_blur(x, 7, 2.0), tv_blur(x, [7, 7], [2.0, 2.0]), atol=1e-6, rtol=1e-5)
+
+
+def test_unit_labels_encode_the_seeds_min_max_masks(tiny_data):
+    from utils.config import load_config
+    from utils.data.datamodule import EchoDataModule
+
+    cfg = load_config("configs/tiny.yaml", [f"data_args.path={tiny_data}"])
+    dm = EchoDataModule(cfg.data_args, 4, 0)
+    assert dm.label_values("unit_labels") == [0.0, round(1 / 3, 6), round(2 / 3, 6), 1.0]

@@ -45,7 +45,8 @@ def _study(tmp_path, tiny_data, **extra) -> str:
             "rows": [{"name": "MOTFM", "set": ["prior_args.alpha=0", "contrastive_args.weight=0",
                                                f"data_args.path={tiny_data}", "train_args.max_epochs=1"]},
                      {"name": "+ warm start", "set": ["contrastive_args.weight=0", f"data_args.path={tiny_data}",
-                                                      "train_args.max_epochs=1"]}], **extra}
+                                                      "train_args.max_epochs=1"]},
+                     {"name": "MOTFM 1 step", "runs_of": "MOTFM", "num_steps": 1}], **extra}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
@@ -54,6 +55,8 @@ def _study(tmp_path, tiny_data, **extra) -> str:
 def test_a_bad_study_file_names_the_key(tmp_path, tiny_data):
     with pytest.raises(ConfigError, match=r"study.yaml: baseline must be one of the rows"):
         load_study(_study(tmp_path, tiny_data, baseline="COMET"))
+    with pytest.raises(ConfigError, match=r"rows\[0\].runs_of must name an earlier row that trains"):
+        load_study(_study(tmp_path, tiny_data), ["rows=[{name: a, runs_of: b}, {name: b}]"])
     with pytest.raises(ConfigError, match=r"row '\+ warm start'.*prior_args.alpah"):
         load_study(_study(tmp_path, tiny_data), ["rows=[{name: '+ warm start', set: [prior_args.alpah=1]}]"])
 
@@ -72,7 +75,7 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
         return real_train(args)
 
     def failing_eval(args):
-        if len(evaluated) == 2:  # killed during the first evaluation of seed 1
+        if len(evaluated) == 3:  # killed during the first evaluation of seed 1
             raise KeyboardInterrupt
         evaluated.append(args)
         return real_eval(args)
@@ -82,10 +85,11 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     path = _study(tmp_path, tiny_data)
     with pytest.raises(KeyboardInterrupt):
         study.main([path])
-    assert len(trained) == 3 and len(evaluated) == 2  # seed 0: both rows; seed 1: MOTFM trained, not evaluated
+    assert len(trained) == 3 and len(evaluated) == 3  # seed 0: all rows; seed 1: MOTFM trained, not evaluated
+    assert evaluated[2][evaluated[2].index("--num_steps") + 1] == "1"  # MOTFM's seed-0 run, at 1 step
     monkeypatch.setattr(evaluate, "main", lambda args: evaluated.append(args) or real_eval(args))
     assert study.main([path]) == 0
-    assert len(trained) == 4 and len(evaluated) == 4  # only the missing stages ran
+    assert len(trained) == 4 and len(evaluated) == 6  # only the missing stages ran
 
     out = tmp_path / "tiny_study"
     md = (out / "results.md").read_text()
@@ -94,8 +98,9 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     assert "## Difference from MOTFM" in md and "| + warm start | " in md and "2 training seeds [0, 1]" in md
     results = json.loads((out / "results.json").read_text())
     assert results["rows"]["MOTFM"]["ssim"]["n_seeds"] == 2
-    assert len(results["runs"]) == 4 and len(results["runs"][0]["per_image"]["ssim"]) == 4
-    assert sum(1 for _ in open(out / "results.csv")) == 1 + 4 * 4
+    assert len(results["runs"]) == 6 and len(results["runs"][0]["per_image"]["ssim"]) == 4
+    assert sum(1 for _ in open(out / "results.csv")) == 1 + 6 * 4
+    assert "Rows evaluated at other step counts: MOTFM 1 step: 1." in md
     for name in ("samples.png", "metrics.png", "configs/motfm.yaml", "configs/warm_start.yaml"):
         assert (out / name).is_file(), name
 

@@ -107,8 +107,11 @@ class PriorConfig:
     alpha: float = 0.3
     kernel_size: int = 15
     sigma: float = 5.0
-    # enc(mask): each label's mean training intensity in [-1, 1], or label / (num_classes - 1) * 2 - 1.
-    mask_encoding: Literal["mean_intensity", "scaled_labels"] = "mean_intensity"
+    # enc(mask): each label's mean training intensity in [-1, 1]; label / (num_classes - 1) * 2 - 1
+    # (scaled_labels); or label / (num_classes - 1) in [0, 1] (unit_labels: the seed's code, min-max masks).
+    mask_encoding: Literal["mean_intensity", "scaled_labels", "unit_labels"] = "mean_intensity"
+    # The blur's border: reflect, or zeros (the seed's code: conv2d zero padding).
+    padding: Literal["reflect", "zeros"] = "reflect"
 
     def check(self, key):
         _require(0.0 <= self.alpha < 1.0, key("alpha"), f"must be in [0, 1), got {self.alpha}")

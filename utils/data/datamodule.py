@@ -94,9 +94,13 @@ class EchoDataModule(pl.LightningDataModule):
                  len(self.val_set), *self.train_set.x_1.shape[-2:])
 
     def label_values(self, encoding: str) -> list[float]:
+        """enc(label) per label for the prior's ``mask_encoding`` (see utils.config.PriorConfig)."""
         if encoding == "mean_intensity":
             return mean_label_intensity(self.train_set.x_1, self.train_set.mask, self.cfg.num_classes)
-        return [round(float(v), 6) for v in scaled_label_values(self.cfg.num_classes)]
+        values = scaled_label_values(self.cfg.num_classes)
+        if encoding == "unit_labels":
+            values = (values + 1.0) / 2.0
+        return [round(float(v), 6) for v in values]
 
     def train_dataloader(self) -> DataLoader:
         # The order of epoch e is a permutation seeded by (seed, e) on one process or many (the Trainer calls

@@ -57,7 +57,7 @@ class FlowMatchingModule(SynthesisMethod):
     # --- the method -------------------------------------------------------------------------------
     def prior(self, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         p = self.cfg.prior_args
-        return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values)
+        return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values, p.padding)
 
     def sampling_adapter(self) -> VelocityAdapter:
         return VelocityAdapter(self.sampling_network())

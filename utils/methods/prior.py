@@ -23,15 +23,20 @@ def gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
-def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with reflect padding (same size out)."""
+def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W), same size out; ``padding`` "reflect" or "zeros" (the seed's
+    code: ``F.conv2d(padding=k // 2)``, which darkens the borders)."""
     k = gaussian_kernel1d(kernel_size, sigma).to(x.device, x.dtype)
     c = x.shape[1]
     pad = kernel_size // 2
-    x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if pad < x.shape[-1] else "replicate")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    x = F.pad(x, (0, 0, pad, pad), mode="reflect" if pad < x.shape[-2] else "replicate")
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    def padded(x, sides, size):
+        if padding == "zeros":
+            return F.pad(x, sides)
+        return F.pad(x, sides, mode="reflect" if pad < size else "replicate")
+
+    x = F.conv2d(padded(x, (pad, pad, 0, 0), x.shape[-1]), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(padded(x, (0, 0, pad, pad), x.shape[-2]), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def encode_mask(mask: torch.Tensor, label_values: torch.Tensor) -> torch.Tensor:
@@ -46,6 +51,7 @@ def warm_start_prior(
     kernel_size: int,
     sigma: float,
     label_values: torch.Tensor,
+    padding: str = "reflect",
 ) -> torch.Tensor:
     """Draw x_0 (B, 1, H, W) from the mask's warm-start prior, given the Gaussian noise ``eps``.
 
@@ -59,5 +65,5 @@ def warm_start_prior(
         mask = F.interpolate(mask.float(), size=eps.shape[-2:], mode="nearest")
     # float32 whatever autocast the caller runs under (training does, sampling does not): one prior, bit for bit
     with torch.autocast(eps.device.type, enabled=False):
-        structure = gaussian_blur(encode_mask(mask, label_values), kernel_size, sigma)
+        structure = gaussian_blur(encode_mask(mask, label_values), kernel_size, sigma, padding)
     return alpha * structure.to(eps.dtype) + math.sqrt(1.0 - alpha**2) * eps

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.studies.spec import StudySpec
+from utils.studies.spec import StudySpec, run_name
 from utils.studies.tables import summarise_study
 
 SAMPLE_ROWS = 6  # masks shown in samples.png
@@ -60,15 +60,13 @@ def results_markdown(spec: StudySpec, summary: dict, command: str) -> str:
     skipped = sorted({m for run in summary["runs"].values() for m, v in run.metrics.items() if "skipped" in v})
     if skipped:
         lines += ["", f"Not measured (no feature-extractor weights given): {', '.join(s.upper() for s in skipped)}."]
-    lines += ["", "Runs: " + ", ".join(f"[{r.name} seed {s}](runs/{_run(r, s)})" for s in spec.seeds
-                                        for r in spec.rows), ""]
+    steps = [f"{r.name}: {spec.num_steps(r)}" for r in spec.rows if spec.num_steps(r) != e.num_steps]
+    if steps:
+        lines += ["", f"Rows evaluated at other step counts: {', '.join(steps)}."]
+    trained = [r for r in spec.rows if not r.runs_of]
+    lines += ["", "Runs: " + ", ".join(f"[{r.name} seed {s}](runs/{run_name(r, s)})" for s in spec.seeds
+                                        for r in trained), ""]
     return "\n".join(lines)
-
-
-def _run(row, seed: int) -> str:
-    from utils.studies.spec import run_name
-
-    return run_name(row, seed)
 
 
 def write_report(spec: StudySpec, command: str) -> Path:

@@ -59,7 +59,7 @@ def _mark(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict) ->
 def train(spec: StudySpec, row: RowSpec, seed: int) -> None:
     import trainer
 
-    args = ["--config_path", row.config or spec.config]
+    args = ["--config_path", spec.trained_row(row).config or spec.config]
     for item in row_overrides(spec, row, seed):
         args += ["--set", item]
     trainer.main(args)
@@ -70,7 +70,7 @@ def evaluate(spec: StudySpec, row: RowSpec, seed: int) -> None:
 
     e, out = spec.evaluation, eval_dir(spec, row, seed)
     evaluate_cli.main(["--checkpoint", str(row_config(spec, row, seed).run_dir), "--which", "best",
-                       "--num_samples", str(e.num_samples), "--num_steps", str(e.num_steps),
+                       "--num_samples", str(e.num_samples), "--num_steps", str(spec.num_steps(row)),
                        "--seed", str(e.noise_seed), "--split", e.split, "--n_boot", str(e.n_boot),
                        "--skip_missing_metrics", "--output_dir", str(out), "--overwrite"])  # ours: a killed try
 
@@ -79,14 +79,14 @@ def run_study(spec: StudySpec) -> None:
     """Train and evaluate every (row, seed) not done yet, logging one line per stage with the time left."""
     todo = jobs(spec)
     records = {(row.name, seed): config_to_dict(row_config(spec, row, seed)) for row, seed in todo}
-    protocol = asdict(spec.evaluation)
-    for row, seed in todo:  # refuse a changed row before any work
-        _finished(spec, row, seed, "train", records[row.name, seed])
-        _finished(spec, row, seed, "evaluate", protocol)
-    stages = [(row, seed, stage) for row, seed in todo for stage in ("train", "evaluate")]
+    protocol = {row.name: {**asdict(spec.evaluation), "num_steps": spec.num_steps(row)} for row in spec.rows}
+    stages = [(row, seed, stage) for row, seed in todo for stage in ("train", "evaluate")
+              if stage == "evaluate" or not row.runs_of]
+    for row, seed, stage in stages:  # refuse a changed row before any work
+        _finished(spec, row, seed, stage, records[row.name, seed] if stage == "train" else protocol[row.name])
     start, spent = time.perf_counter(), {"train": [], "evaluate": []}
     for k, (row, seed, stage) in enumerate(stages, 1):
-        record = records[row.name, seed] if stage == "train" else protocol
+        record = records[row.name, seed] if stage == "train" else protocol[row.name]
         where = f"[{k}/{len(stages)}] row '{row.name}' seed {seed}: {stage}"
         if _finished(spec, row, seed, stage, record):
             log.info("%s: done earlier, skipped", where)

@@ -29,10 +29,17 @@ class RowSpec:
     name: str
     config: str = ""  # default: the study's config
     set: tuple[str, ...] = ()  # --set overrides on top of the config
+    # Evaluate the runs of an earlier row instead of training new ones (e.g. the same model at other steps).
+    runs_of: str = ""
+    num_steps: int = 0  # sampler steps at evaluation; 0 = the study's evaluation.num_steps
 
     def check(self, key):
         if not self.name.strip():
             raise ConfigError(f"{key('name')} must not be empty")
+        if self.runs_of and (self.config or self.set):
+            raise ConfigError(f"{key('runs_of')} evaluates another row's runs: give no config or set of its own")
+        if self.num_steps < 0:
+            raise ConfigError(f"{key('num_steps')} must be >= 0, got {self.num_steps}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,11 @@ class StudySpec:
         slugs = [slug(n) for n in names]
         if len(set(slugs)) != len(slugs):
             raise ConfigError(f"{key('rows')} names must differ (as directory names: {slugs})")
+        for i, row in enumerate(self.rows):
+            trained = [r.name for r in self.rows[:i] if not r.runs_of]
+            if row.runs_of and row.runs_of not in trained:
+                raise ConfigError(f"rows[{i}].runs_of must name an earlier row that trains ({trained}), "
+                                  f"got {row.runs_of!r}")
         if self.baseline and self.baseline not in names:
             raise ConfigError(f"{key('baseline')} must be one of the rows {names}, got {self.baseline!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -81,6 +93,13 @@ class StudySpec:
     @property
     def study_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    def trained_row(self, row: RowSpec) -> RowSpec:
+        """The row whose runs ``row`` evaluates: itself, or the row named by its ``runs_of``."""
+        return next(r for r in self.rows if r.name == row.runs_of) if row.runs_of else row
+
+    def num_steps(self, row: RowSpec) -> int:
+        return row.num_steps or self.evaluation.num_steps
 
 
 def slug(name: str) -> str:
@@ -106,6 +125,7 @@ def run_name(row: RowSpec, seed: int) -> str:
 
 def row_overrides(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
     """The ``--set`` items that make ``row`` with training ``seed`` from its config, its run under ``<study>/runs/``."""
+    row = spec.trained_row(row)
     return [*row.set, f"train_args.seed={seed}", f"run_name={run_name(row, seed)}",
             f"output_dir={spec.study_dir / 'runs'}"]
 
@@ -113,6 +133,6 @@ def row_overrides(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
 def row_config(spec: StudySpec, row: RowSpec, seed: int) -> Config:
     """The resolved config of ``row`` trained with ``seed``."""
     try:
-        return load_config(row.config or spec.config, row_overrides(spec, row, seed))
+        return load_config(spec.trained_row(row).config or spec.config, row_overrides(spec, row, seed))
     except ConfigError as e:
         raise ConfigError(f"study {spec.name}, row '{row.name}': {e}") from None

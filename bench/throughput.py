@@ -10,7 +10,8 @@ In one process and at each batch size, after warm-up, it measures
     gradient clipping at 1.0, MSE loss, N(0, I) prior; sampling with the same network under fp16 autocast;
   - each framework setting through the real code: the config method's training_step (for COMET: warm-start
     prior, flow matching and the contrastive term, switched on from the first step) under a Lightning Trainer
-    with the project's optimizer and clipping, and utils.generation.generate (what inferer.py and evaluate.py run) for sampling.
+    with the project's optimizer and clipping, and utils.generation.generate (what inferer.py and evaluate.py
+    run) for sampling.
 Images per second, peak GPU memory, achieved TFLOP/s (network FLOPs counted with FlopCounterMode), the fraction
 of the device's 16-bit peak and the ratio to the baseline are printed as JSON lines, then as a markdown table.
 docs/BENCHMARKS.md explains every column.
@@ -258,7 +259,8 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
     clip = run_cfg.train_args.gradient_clip_val or None if module.automatic_optimization else None
     timer = step_timer(args.warmup, args.iters, device)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=args.warmup + args.iters,
+    steps = module.trainer_max_steps(args.warmup + args.iters)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
                          gradient_clip_val=clip, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], default_root_dir=workdir)

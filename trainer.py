@@ -161,7 +161,7 @@ def keep_csv_log(path: Path, step: int) -> None:
 def log_budget(train, train_images: int) -> None:
     """The training budget as images seen, the unit methods are compared in (the seed's "same budget")."""
     if train.max_steps > 0:
-        log.info("budget: %d optimizer steps x %d images = %s images seen (max_steps; max_epochs %d)",
+        log.info("budget: %d generator steps x %d images = %s images seen (max_steps; max_epochs %d)",
                  train.max_steps, train.effective_batch_size, f"{train.max_steps * train.effective_batch_size:,}",
                  train.max_epochs)
     else:
@@ -248,7 +248,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
                 if world > 1 else "auto")
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=precision, max_epochs=t.max_epochs, max_steps=t.max_steps,
+        precision=precision, max_epochs=t.max_epochs, max_steps=module.trainer_max_steps(t.max_steps),
         accumulate_grad_batches=1 if manual else accumulate,
         gradient_clip_val=None if manual else t.gradient_clip_val or None,
         check_val_every_n_epoch=t.val_every_n_epochs, log_every_n_steps=t.log_every_n_steps,

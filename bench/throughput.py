@@ -259,7 +259,8 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
     clip = run_cfg.train_args.gradient_clip_val or None if module.automatic_optimization else None
     timer = step_timer(args.warmup, args.iters, device)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=args.warmup + args.iters,
+    steps = module.trainer_max_steps(args.warmup + args.iters)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
                          gradient_clip_val=clip, limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], default_root_dir=workdir)

@@ -21,10 +21,12 @@ import yaml
 # in a config is an error. The method's own sections default to their dataclass defaults when left out.
 METHOD_SECTIONS = {
     "flow_matching": ("prior_args", "contrastive_args"),
+    "spade": ("spade_args",),
 }
 # The samplers (sampling_args.method) each method offers; the first is its default.
 SAMPLERS = {
     "flow_matching": ("euler", "midpoint", "heun3", "rk4"),
+    "spade": ("generator",),  # one generator pass, whatever sampling_args.num_steps
 }
 ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS.values() for s in names))
 # Network evaluations per step of each fixed-grid ODE solver.
@@ -33,6 +35,9 @@ NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
 # changes what the trained network means (its shape, classes, prior, normalisation) or only matters to training.
 INFERENCE_OVERRIDES = ("data_args.path", "data_args.num_workers", "sampling_args.num_steps", "sampling_args.method",
                        "sampling_args.precision", "model_args.use_flash_attention", "output_dir")
+# The perceptual loss's network, from torchvision (ImageNet weights): a file the user provides, never downloaded.
+VGG19_FILE = "vgg19-dcbb9e9d.pth"
+VGG19_URL = "https://download.pytorch.org/models/" + VGG19_FILE
 
 
 class ConfigError(ValueError):
@@ -141,11 +146,67 @@ class ContrastiveConfig:
 
 
 @dataclass(frozen=True)
+class SpadeConfig:
+    """SPADE (Park et al., CVPR 2019), the GAN baseline: MONAI's SPADENet generator fed the one-hot mask, a
+    conditional MultiScalePatchDiscriminator on [image, one-hot mask], hinge adversarial loss plus
+    pix2pixHD's discriminator feature matching, optional VGG-19 perceptual and VAE (KL) terms.
+
+    train_args.lr is not used: the generator and discriminator learn at ``lr_g`` and ``lr_d`` (the paper's
+    two time-scale rule: 1e-4 and 4e-4 with Adam betas (0, 0.999); NVlabs/SPADE's code uses betas (0, 0.9)).
+    train_args.gradient_clip_val clips each of the two optimizers' gradients (0 = off; SPADE clips neither).
+    """
+
+    channels: tuple[int, ...] = (64, 128, 256, 512, 1024)  # SPADENet levels, finest first; the decoder reverses them
+    hidden_channels: int = 128  # the SPADE blocks' hidden convolution (the paper's 128)
+    is_vae: bool = False  # an image encoder gives the latent (style) in training; N(0, I) from the noise at generation
+    z_dim: int = 256
+    d_channels: int = 16  # the discriminators' first width, doubled per layer
+    d_num: int = 2  # discriminators; the i-th (from 1) has i * d_num_layers layers
+    d_num_layers: int = 3
+    lr_g: float = 1.0e-4
+    lr_d: float = 4.0e-4
+    betas: tuple[float, ...] = (0.0, 0.999)
+    adversarial_weight: float = 1.0
+    feature_matching_weight: float = 10.0  # pix2pixHD's and SPADE's lambda_feat
+    perceptual_weight: float = 0.0  # SPADE's 10 needs the ImageNet VGG-19 file (perceptual_weights)
+    perceptual_weights: str = ""  # local torchvision vgg19-dcbb9e9d.pth; never downloaded
+    kld_weight: float = 0.05  # only with is_vae
+
+    def check(self, key):
+        _require(len(self.channels) >= 1 and min(self.channels) >= 1, key("channels"),
+                 f"must be one or more positive widths, got {list(self.channels)}")
+        for name in ("hidden_channels", "z_dim", "d_channels", "d_num", "d_num_layers"):
+            _require(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_g", "lr_d"):
+            _require(getattr(self, name) > 0, key(name), f"must be > 0, got {getattr(self, name)}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), key("betas"),
+                 f"must be two numbers in [0, 1), got {list(self.betas)}")
+        for name in ("adversarial_weight", "feature_matching_weight", "perceptual_weight", "kld_weight"):
+            _require(getattr(self, name) >= 0, key(name), f"must be >= 0, got {getattr(self, name)}")
+        _require(self.perceptual_weight == 0 or bool(self.perceptual_weights), key("perceptual_weights"),
+                 f"must name a local file of torchvision's ImageNet VGG-19 weights ({VGG19_FILE}, from "
+                 f"{VGG19_URL}; copy it here from a machine with internet) when {key('perceptual_weight')} "
+                 f"> 0 (got {self.perceptual_weight}); or set {key('perceptual_weight')} to 0")
+
+    def check_image_size(self, size: int, key) -> None:
+        depth = 2 ** len(self.channels)
+        _require(size % depth == 0, "data_args.image_size",
+                 f"must be divisible by {depth} for {len(self.channels)} {key('channels')} levels, got {size}")
+        layers = self.d_num * self.d_num_layers
+        _require(size >= 2 ** (layers + 2), "data_args.image_size",
+                 f"must be >= {2 ** (layers + 2)} for a deepest discriminator of {layers} layers "
+                 f"({key('d_num')} x {key('d_num_layers')}): its last instance-normalised map must stay "
+                 f"larger than 1 x 1, got {size}")
+        _require(not self.is_vae or self.z_dim <= size * size, key("z_dim"),
+                 f"must be <= image_size^2 ({size * size}): the latent is read from one sample's noise")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 4  # per device
     effective_batch_size: int = 16  # kept for any number of devices by adjusting accumulation
     max_epochs: int = 400
-    max_steps: int = -1  # optimizer steps; -1 = run max_epochs
+    max_steps: int = -1  # generator optimizer steps (a GAN's D steps not counted); -1 = run max_epochs
     lr: float = 1e-4
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "16-mixed"
     gradient_clip_val: float = 1.0
@@ -197,12 +258,14 @@ class Config:
     output_dir: str = "checkpoints"
     method: str = "flow_matching"  # a key of METHOD_SECTIONS
     data_args: DataConfig = field(default_factory=DataConfig)
+    # the flow-matching network (and the benchmark's MOTFM-like baseline); other methods do not read it
     model_args: ModelConfig = field(default_factory=ModelConfig)
     train_args: TrainConfig = field(default_factory=TrainConfig)
     sampling_args: SamplingConfig = field(default_factory=SamplingConfig)
     # method sections: set for the configured method (see METHOD_SECTIONS), None for every other
     prior_args: PriorConfig | None = None
     contrastive_args: ContrastiveConfig | None = None
+    spade_args: SpadeConfig | None = None
 
     def check(self, key):
         _require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),
@@ -210,10 +273,13 @@ class Config:
         samplers = SAMPLERS[self.method]
         _require(self.sampling_args.method in samplers, "sampling_args.method",
                  f"must be one of {list(samplers)} for method {self.method}, got {self.sampling_args.method!r}")
-        m = self.model_args
-        depth = 2 ** (len(m.channels) - 1)
-        _require(self.data_args.image_size % depth == 0, "data_args.image_size",
-                 f"must be divisible by {depth} for {len(m.channels)} UNet levels, got {self.data_args.image_size}")
+        if self.method == "flow_matching":
+            depth = 2 ** (len(self.model_args.channels) - 1)
+            _require(self.data_args.image_size % depth == 0, "data_args.image_size",
+                     f"must be divisible by {depth} for {len(self.model_args.channels)} UNet levels, "
+                     f"got {self.data_args.image_size}")
+        if self.spade_args is not None:
+            self.spade_args.check_image_size(self.data_args.image_size, lambda name: f"spade_args.{name}")
         if self.contrastive_args is not None:
             keys, batch = self.contrastive_args.num_keys, self.train_args.batch_size
             _require(keys % batch == 0, "contrastive_args.num_keys",

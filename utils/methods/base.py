@@ -48,11 +48,15 @@ class SynthesisMethod(pl.LightningModule):
     subclass takes) is saved in the checkpoint, which alone rebuilds the module.
     """
 
+    # Lightning's global_step counts every optimizer.step() (Lightning issue #17958): a method that steps
+    # other optimizers (a discriminator) with each generator step says how many steps that makes.
+    optimizer_steps_per_generator_step = 1
+
     def __init__(self, config: dict):
         super().__init__()
         self.cfg = config_from_dict(config, "checkpoint config")
         self.ema: AveragedModel | None = None
-        self._ema_step = -1
+        self._steps_before_batch = 0
         self._compiled_blocks = 0
         self._time_first_step = False  # log the first step's wall time (it includes the compilation)
         self._first_step_clock = 0.0
@@ -92,6 +96,14 @@ class SynthesisMethod(pl.LightningModule):
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
             self.ema.requires_grad_(False)  # updated by hand; DDP must not wait for its gradients
 
+    def generator_steps(self) -> int:
+        """Optimizer steps of the generating network so far (train_args.max_steps counts these)."""
+        return self.global_step // self.optimizer_steps_per_generator_step
+
+    def trainer_max_steps(self, generator_steps: int) -> int:
+        """Lightning's ``max_steps`` for ``generator_steps`` generator steps (-1, no limit, stays -1)."""
+        return generator_steps * self.optimizer_steps_per_generator_step if generator_steps > 0 else -1
+
     def sampling_network(self) -> torch.nn.Module:
         """The weights images are made with: the EMA weights when kept, else the trained ones."""
         return self.ema.module if self.ema is not None else self.model
@@ -116,13 +128,13 @@ class SynthesisMethod(pl.LightningModule):
             log.info("torch.compile on %d blocks: the first training step compiles them", self._compiled_blocks)
 
     def on_train_batch_start(self, batch, batch_idx):
+        self._steps_before_batch = self.generator_steps()
         if self._time_first_step:
             self._first_step_clock = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
+        if self.ema is not None and self.generator_steps() != self._steps_before_batch:  # once per generator step
             self.ema.update_parameters(self.model)
-            self._ema_step = self.global_step
         if self._time_first_step:
             if batch["x_1"].is_cuda:
                 torch.cuda.synchronize()

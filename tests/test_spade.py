@@ -1,0 +1,338 @@
+"""The SPADE baseline and the adversarial machinery (manual optimisation) it shares with later methods."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from conftest import ROOT, tiny_overrides
+from torch.utils.data import DataLoader
+
+import trainer
+from losses.adversarial import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss, kl_divergence
+from utils.config import ConfigError, config_from_dict, config_to_dict
+from utils.methods.spade import SpadeModule
+from utils.seeding import SampleNoise
+
+SPADE_ARGS = {"channels": [8, 16], "hidden_channels": 8, "d_channels": 8, "d_num": 1, "d_num_layers": 3}
+
+
+def spade_values(train_args: dict | None = None, **spade_args) -> dict:
+    """configs/tiny.yaml's data and budget with method spade and a tiny generator and discriminator."""
+    with open(ROOT / "configs" / "tiny.yaml") as f:
+        values = yaml.safe_load(f)
+    for section in ("prior_args", "contrastive_args"):
+        values.pop(section)
+    values["sampling_args"].pop("method")
+    values["train_args"].update(train_args or {})
+    values.update(method="spade", spade_args={**SPADE_ARGS, **spade_args})
+    return values
+
+
+def spade_module(train_args: dict | None = None, **spade_args) -> SpadeModule:
+    return SpadeModule(config_to_dict(config_from_dict(spade_values(train_args, **spade_args))))
+
+
+def spade_yaml(tmp_path, **spade_args):
+    path = tmp_path / "spade_tiny.yaml"
+    path.write_text(yaml.safe_dump(spade_values(**spade_args)))
+    return path
+
+
+def masks(n: int = 2, size: int = 32) -> torch.Tensor:
+    return torch.randint(0, 4, (n, 1, size, size), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def batches(n: int, size: int = 32) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [{"x_1": torch.rand(1, size, size, generator=g) * 2 - 1,
+             "mask": torch.randint(0, 4, (1, size, size), generator=g, dtype=torch.uint8),
+             "index": torch.tensor(i), "patient": torch.tensor(i)} for i in range(n)]
+
+
+def fit(module, data: list[dict], batch_size: int, g_steps: int, precision="32-true", callbacks=()):
+    """Train ``g_steps`` generator steps the way trainer.py sets up a manual-optimisation method."""
+    t = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=module.trainer_max_steps(g_steps),
+                   accumulate_grad_batches=1, gradient_clip_val=None, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                   num_sanity_val_steps=0, callbacks=list(callbacks))
+    t.fit(module, train_dataloaders=DataLoader(data, batch_size=batch_size, shuffle=False))
+    return t
+
+
+def params(net: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --- losses ---------------------------------------------------------------------------------------------------
+def test_hinge_losses_at_known_logits():
+    real, fake = [torch.tensor([2.0, 0.5]), torch.tensor([-3.0])], [torch.tensor([-2.0, 0.5]), torch.tensor([1.0])]
+    # D: scale 0: relu(1-2), relu(1-0.5) -> 0.25; relu(1-2), relu(1.5) -> 0.75; scale 1: 4 + 2; mean of 1 and 6
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(3.5)
+    assert hinge_generator_loss(fake).item() == pytest.approx(((2.0 - 0.5) / 2 - 1.0) / 2)  # mean_d(-mean D)
+
+
+def test_feature_matching_and_kl():
+    feats = [[torch.ones(2, 3), torch.zeros(2, 2)], [torch.ones(2, 1)]]
+    assert feature_matching_loss(feats, feats).item() == 0
+    shifted = [[f + 1 for f in fd] for fd in feats]
+    assert feature_matching_loss(shifted, feats).item() == pytest.approx((2 + 1) / 2)  # mean_d sum_l L1
+    assert kl_divergence(torch.zeros(3, 5), torch.zeros(3, 5)).item() == 0
+    assert kl_divergence(torch.ones(3, 5), torch.zeros(3, 5)).item() == pytest.approx(0.5 * 5)
+
+
+# --- the generator ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("is_vae", [False, True])
+def test_generated_images_depend_on_the_mask_and_are_in_unit_range(is_vae):
+    torch.manual_seed(0)
+    module = spade_module(is_vae=is_vae, z_dim=16).eval()
+    noise = SampleNoise(torch.arange(2), 0, (1, 32, 32))
+    m = masks()
+    with torch.inference_mode():
+        a = module.generate(m, noise, 10, "generator")
+        b = module.generate(torch.flip(m, dims=[0]), noise, 10, "generator")
+        again = module.generate(m, noise, 1, "generator")
+    assert a.shape == (2, 1, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert (a - b).abs().amax(dim=(1, 2, 3)).min() > 1e-4  # each sample changes with its mask
+    assert torch.equal(a, again) and module.nfe(10, "generator") == 1
+    with torch.inference_mode():  # tanh output: [-1, 1] before to_unit's clamp, nothing lost to clamping
+        raw = module.synthesise(module.model, m, noise.initial())
+    assert raw.abs().max() < 1
+
+
+def test_vae_latent_comes_from_the_sample_noise():
+    torch.manual_seed(0)
+    module = spade_module(is_vae=True, z_dim=16).eval()
+    m = masks()
+    with torch.inference_mode():
+        a = module.generate(m, SampleNoise(torch.arange(2), 0, (1, 32, 32)), 1, "generator")
+        b = module.generate(m, SampleNoise(torch.arange(2), 1, (1, 32, 32)), 1, "generator")
+    assert not torch.equal(a, b)
+
+
+# --- the adversarial step ---------------------------------------------------------------------------------------
+def test_each_loss_reaches_only_its_own_network():
+    torch.manual_seed(0)
+    module = spade_module()
+    x_1, cond = torch.rand(2, 1, 32, 32) * 2 - 1, torch.nn.functional.one_hot(masks()[:, 0].long(), 4)
+    cond = cond.permute(0, 3, 1, 2).float()
+    terms = module.adversarial_terms(x_1, module.model.decode(cond), cond)
+    (terms.generator + terms.feature_matching).backward(retain_graph=True)
+    assert all(p.grad is None for p in module.discriminator.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.model.parameters())
+    module.model.zero_grad(set_to_none=True)
+    terms.discriminator.backward()
+    assert all(p.grad is None for p in module.model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.discriminator.parameters())
+
+
+class Recorder(pl.Callback):
+    """At each optimizer step (after clipping, before the update): which optimizer, both networks' gradients
+    and parameters."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        g, d = pl_module.model, pl_module.discriminator
+        which = "G" if optimizer.param_groups[0]["params"][0] is next(g.parameters()) else "D"
+        norm = lambda net: sum(p.grad.norm() ** 2 for p in net.parameters() if p.grad is not None) ** 0.5  # noqa: E731
+        self.calls.append((which, norm(g), norm(d), params(g), params(d)))
+
+
+def test_one_step_trains_both_networks_and_each_step_moves_only_its_own():
+    torch.manual_seed(0)
+    module, rec = spade_module(), Recorder()
+    start_g, start_d = params(module.model), params(module.discriminator)
+    fit(module, batches(4), 4, 1, callbacks=[rec])
+    (w1, g1, d1, g_at_1, d_at_1), (w2, _, _, g_at_2, d_at_2) = rec.calls
+    assert (w1, w2) == ("G", "D") and g1 > 0 and d1 > 0  # one backward gave both their gradients
+    assert same(g_at_1, start_g) and same(d_at_1, start_d)
+    assert not same(g_at_2, start_g) and same(d_at_2, start_d)  # the G step left D alone
+    assert same(params(module.model), g_at_2) and not same(params(module.discriminator), start_d)  # and vice versa
+    assert module.global_step == 2 and module.generator_steps() == 1
+
+
+def test_k_micro_batches_give_the_update_of_one_k_times_larger_batch(monkeypatch):
+    """Instance norm everywhere and batch-mean losses: the G and D updates agree to float, clipping included
+    (a tight clip, so that clipping the summed gradient once differs from clipping each micro-batch's)."""
+    runs = {}
+    for name, batch, k in (("large", 4, 1), ("accumulated", 2, 2)):
+        torch.manual_seed(0)
+        module = spade_module({"gradient_clip_val": 1e-3})
+        module.accumulate_grad_batches = k
+        clips = []
+
+        def counted(opt, original=module.clip_gradients, clips=clips, **kw):
+            clips.append(kw)
+            original(opt, **kw)
+
+        monkeypatch.setattr(module, "clip_gradients", counted)
+        fit(module, batches(4), batch, 1)
+        runs[name] = (params(module.model), params(module.discriminator), clips)
+    (g_a, d_a, clips_a), (g_b, d_b, clips_b) = runs["large"], runs["accumulated"]
+    assert len(clips_a) == len(clips_b) == 2  # once per optimizer step: G and D
+    assert clips_b[0] == {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "norm"}
+    for a, b in zip(g_a + d_a, g_b + d_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains_on_the_cpu():
+    torch.manual_seed(0)
+    module = spade_module()
+    start = params(module.model)
+    t = fit(module, batches(4), 4, 2, precision="bf16-mixed")
+    assert t.precision == "bf16-mixed" and module.generator_steps() == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters()) and not same(params(module.model), start)
+
+
+# --- perceptual loss --------------------------------------------------------------------------------------------
+def vgg_file(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg19.pth"
+    torch.save({f"features.{k}": v for k, v in make_layers(cfgs["E"]).state_dict().items()}, path)
+    return path
+
+
+def test_perceptual_loss_is_off_by_default_and_needs_a_file():
+    module = SpadeModule.for_data(config_to_dict(config_from_dict(spade_values())), None)
+    assert module.perceptual is None and module.cfg.spade_args.perceptual_weight == 0
+    with pytest.raises(ConfigError, match=r"spade_args.perceptual_weights must name a local file .*vgg19-dcbb9e9d"):
+        config_from_dict(spade_values(perceptual_weight=10.0))
+
+
+def test_perceptual_weights_file_missing_is_named(tmp_path):
+    values = config_to_dict(config_from_dict(spade_values(perceptual_weight=10.0,
+                                                          perceptual_weights=str(tmp_path / "none.pth"))))
+    with pytest.raises(FileNotFoundError, match=r"spade_args.perceptual_weights: .*none.pth not found"):
+        SpadeModule.for_data(values, None)
+
+
+def test_perceptual_loss_from_a_local_file_loads_and_gives_a_gradient(tmp_path):
+    values = config_to_dict(config_from_dict(spade_values(perceptual_weight=10.0,
+                                                          perceptual_weights=str(vgg_file(tmp_path)))))
+    module = SpadeModule.for_data(values, None)
+    fake = (torch.rand(2, 1, 32, 32) * 2 - 1).requires_grad_()
+    loss = module.perceptual(fake, torch.rand(2, 1, 32, 32) * 2 - 1)
+    loss.backward()
+    assert loss > 0 and fake.grad.abs().sum() > 0
+    assert not any(k.startswith("perceptual") for k in module.state_dict())  # not in the checkpoint
+    torch.manual_seed(0)
+    out = module.losses({"x_1": torch.rand(2, 1, 32, 32) * 2 - 1, "mask": masks()}, 0)
+    assert out.logs["train/g_perceptual"] > 0
+
+
+# --- config -----------------------------------------------------------------------------------------------------
+def test_unet_checks_do_not_fire_for_spade_and_spade_checks_name_their_keys():
+    values = spade_values()
+    values["model_args"]["channels"] = [8] * 7  # a UNet of 7 levels would need image_size % 64 == 0
+    for k in ("num_res_blocks", "num_head_channels"):
+        values["model_args"][k] = [values["model_args"][k][0]] * 7
+    values["model_args"]["attention_levels"] = [False] * 7
+    assert config_from_dict(values).data_args.image_size == 32
+    with pytest.raises(ConfigError, match=r"data_args.image_size must be divisible by 64 for 6 spade_args.channels"):
+        config_from_dict(spade_values(channels=[8] * 6))
+    with pytest.raises(ConfigError, match=r"image_size must be >= 64 for a deepest discriminator of 4 layers"):
+        config_from_dict(spade_values(d_num=2, d_num_layers=2))
+    with pytest.raises(ConfigError, match=r"sampling_args.method must be one of \['generator'\]"):
+        config_from_dict({**spade_values(), "sampling_args": {"method": "euler"}})
+    with pytest.raises(ConfigError, match="spade_args belongs to method spade"):
+        config_from_dict({**spade_values(), "method": "flow_matching"})
+
+
+# --- through the command lines ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def spade_run(tmp_path_factory, tiny_data):
+    """trainer.main on the tiny spade config: max_steps 3 generator steps, accumulation 4, EMA on.
+
+    The 16 training images make 4 micro-batches of 4, one generator step per epoch: the run stops at an epoch's
+    end, where last.ckpt is written."""
+    tmp = tmp_path_factory.mktemp("spade")
+    seen = {}
+
+    class Recording(pl.Trainer):
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            super().__init__(**kwargs)
+
+    overrides = tiny_overrides(tmp, **{"data_args.path": tiny_data, "train_args.max_steps": 3,
+                                       "train_args.max_epochs": 10, "train_args.effective_batch_size": 16,
+                                       "train_args.ema_decay": 0.5})
+    args = ["--config_path", str(spade_yaml(tmp))] + [a for s in overrides for a in ("--set", s)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pl, "Trainer", Recording)
+        assert trainer.main(args) == 0
+    return tmp / "runs" / "tiny", seen
+
+
+@pytest.mark.slow
+def test_trainer_steps_the_generator_max_steps_times_and_accumulates_itself(spade_run):
+    run, seen = spade_run
+    assert seen["accumulate_grad_batches"] == 1 and seen["gradient_clip_val"] is None and seen["max_steps"] == 6
+    ckpt = torch.load(run / "last.ckpt", weights_only=True)
+    g_state, d_state = (s["state"] for s in ckpt["optimizer_states"])
+    assert [int(g_state[0]["step"]), int(d_state[0]["step"])] == [3, 3]  # 3 generator and 3 discriminator steps
+    assert int(ckpt["state_dict"]["ema.n_averaged"]) == 3 and ckpt["global_step"] == 6
+    assert "x 4 accumulation = 16" in (run / "train.log").read_text()
+    assert ckpt["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_checkpoint_alone_rebuilds_it_and_the_inferer_generates_one_pass(spade_run, tmp_path):
+    import inferer
+    from utils.generation.checkpoints import load_module
+
+    run, _ = spade_run
+    module = load_module(run / "last.ckpt")
+    assert isinstance(module, SpadeModule) and module.sampling_network() is module.ema.module
+    out = tmp_path / "out"
+    assert inferer.main(["--checkpoint", str(run), "--output_dir", str(out), "--num_samples", "3"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["nfe_per_image"] == 1 and manifest["method"] == "generator"
+
+
+@pytest.mark.slow
+def test_evaluate_runs_on_a_spade_checkpoint(spade_run, tmp_path, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
+    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    run, _ = spade_run
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(run), "--skip_missing_metrics", "--num_samples", "16",
+                          "--n_boot", "20", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["ssim"]["n"] == 16
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_a_spade_config(tmp_path, capsys):
+    from bench import throughput
+
+    assert throughput.main(["--tiny", "--config_path", str(spade_yaml(tmp_path)), "--settings", "comet-fp32"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"record": "result"')]
+    assert [(r["setting"], r["task"]) for r in rows][2:] == [("comet-fp32", "train"), ("comet-fp32", "sample")]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path, tiny_data):
+    config = spade_yaml(tmp_path)
+    sets = tiny_overrides(tmp_path, **{"data_args.path": tiny_data, "train_args.devices": 2,
+                                       "train_args.max_epochs": 1, "train_args.effective_batch_size": 16})
+    cmd = [sys.executable, "trainer.py", "--config_path", str(config)] + [a for s in sets for a in ("--set", s)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "runs" / "tiny" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2  # 16 images = 4 per process x 2 processes x 2 micro-batches: one G, one D step

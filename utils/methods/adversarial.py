@@ -1,0 +1,132 @@
+"""What every adversarially trained method shares: two optimizers stepped by hand, and a conditional discriminator.
+
+Lightning refuses ``Trainer(accumulate_grad_batches > 1)`` and ``Trainer(gradient_clip_val)`` with manual
+optimisation, so trainer.py passes 1 and None and :class:`AdversarialMethod` does both itself:
+
+- one backward per micro-batch of (generator loss + discriminator loss) / k, k = ``accumulate_grad_batches``;
+  the two losses reach disjoint parameters (the discriminator is frozen where the generator's loss runs it,
+  and sees the generated image detached in its own), so under DDP one gradient reduction serves both;
+- every k-th micro-batch (and at the epoch's end) the generator then the discriminator step, each clipped
+  once to ``train_args.gradient_clip_val`` in ``on_before_optimizer_step`` (after fp16 unscaling).
+
+Both losses use the parameters of the window's start (pix2pixHD's order: G and D losses from one generated
+batch), so k micro-batches give exactly the update of one k-times-larger batch. Each step counts in
+``global_step``; :attr:`optimizer_steps_per_generator_step` = 2 keeps train_args.max_steps and the EMA in
+generator steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from pytorch_lightning.strategies import ParallelStrategy
+
+from losses.adversarial import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
+from utils.methods.base import SynthesisMethod, use_fused_adam
+from utils.methods.networks import count_parameters
+
+log = logging.getLogger(__name__)
+
+
+def one_hot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, 1, H, W) integer labels -> (B, num_classes, H, W) float32 one-hot channels."""
+    return torch.nn.functional.one_hot(mask[:, 0].long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """Within: ``module``'s parameters take no gradient (gradients still flow through it to its inputs)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+@dataclass
+class AdversarialTerms:
+    discriminator: torch.Tensor  # hinge loss of D on (real, detached fake)
+    generator: torch.Tensor  # hinge loss of G through the frozen D
+    feature_matching: torch.Tensor
+    logs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Losses:
+    generator: torch.Tensor
+    discriminator: torch.Tensor
+    logs: dict
+
+
+class AdversarialMethod(SynthesisMethod):
+    """A generator ``self.model`` trained against a conditional discriminator ``self.discriminator`` that sees
+    [image, one-hot mask]. Subclasses build both and implement :meth:`losses` and :meth:`adam_settings`."""
+
+    optimizer_steps_per_generator_step = 2
+
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.automatic_optimization = False
+
+    def losses(self, batch: dict, batch_idx: int) -> Losses:
+        raise NotImplementedError
+
+    def adam_settings(self) -> tuple[float, float, tuple[float, float]]:
+        """(generator lr, discriminator lr, Adam betas)."""
+        raise NotImplementedError
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {"generator": count_parameters(self.model), "discriminator": count_parameters(self.discriminator)}
+
+    def adversarial_terms(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> AdversarialTerms:
+        """D's and G's hinge losses and G's feature matching for images (B, 1, H, W) under ``cond`` (B, C, H, W).
+
+        ``fake`` carries the generator's graph; D's parameters get gradients only from D's own loss.
+        """
+        real_logits, real_features = self.discriminator(torch.cat([real, cond], 1))
+        fake_logits, _ = self.discriminator(torch.cat([fake.detach(), cond], 1))
+        with frozen(self.discriminator):
+            g_logits, g_features = self.discriminator(torch.cat([fake, cond], 1))
+        d_real = torch.stack([r.float().mean() for r in real_logits]).mean().detach()
+        d_fake = torch.stack([f.float().mean() for f in fake_logits]).mean().detach()
+        return AdversarialTerms(hinge_discriminator_loss(real_logits, fake_logits), hinge_generator_loss(g_logits),
+                                feature_matching_loss(g_features, real_features),
+                                {"train/d_real": d_real, "train/d_fake": d_fake})
+
+    def training_step(self, batch, batch_idx):
+        k = self.accumulate_grad_batches
+        step = (batch_idx + 1) % k == 0 or self.trainer.is_last_batch
+        with self._gradient_sync(step):
+            out = self.losses(batch, batch_idx)
+            self.manual_backward((out.generator + out.discriminator) / k)
+        if step:
+            for opt in self.optimizers():  # the generator's, then the discriminator's
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        logs = {**out.logs, "train/g_loss": out.generator.detach(), "train/d_loss": out.discriminator.detach()}
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch["x_1"].shape[0])
+        return out.generator.detach()
+
+    def _gradient_sync(self, step: bool):
+        """DDP all-reduces gradients only on the backward before a step (Lightning's own accumulation does so)."""
+        strategy = self.trainer.strategy
+        return nullcontext() if step or not isinstance(strategy, ParallelStrategy) else strategy.block_backward_sync()
+
+    def on_before_optimizer_step(self, optimizer):
+        clip = self.cfg.train_args.gradient_clip_val
+        if clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def configure_optimizers(self):
+        lr_g, lr_d, betas = self.adam_settings()
+        fused = use_fused_adam(next(self.model.parameters()).is_cuda, self.trainer.precision,
+                               self.cfg.train_args.gradient_clip_val)
+        log.info("optimizers: Adam, generator lr %.3g, discriminator lr %.3g, betas %s, %s", lr_g, lr_d, betas,
+                 "fused" if fused else "not fused")
+        return [torch.optim.Adam(self.model.parameters(), lr=lr_g, betas=betas, fused=fused),
+                torch.optim.Adam(self.discriminator.parameters(), lr=lr_d, betas=betas, fused=fused)]

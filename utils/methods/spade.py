@@ -1,0 +1,116 @@
+"""SPADE (Park et al., CVPR 2019): a GAN whose generator normalises its features with the mask, the seed's GAN baseline.
+
+Generator: MONAI's ``SPADENet`` on the one-hot mask. Without the VAE it starts from the mask downsampled to
+the coarsest level and is deterministic (the noise of :meth:`generate` is unused); with ``is_vae`` an image
+encoder gives the latent in training (KL term) and generation draws it from N(0, I), the first ``z_dim``
+numbers of each sample's noise. MONAI's default last activation is a LeakyReLU; SPADE's is tanh, which keeps
+images in [-1, 1], so tanh is used. Note MONAI's layout: the last residual block already narrows to one
+channel before the output convolution (SPADE keeps 64).
+
+Discriminator: MONAI's ``MultiScalePatchDiscriminator`` on [image, one-hot mask] with instance norm (the
+i-th of ``d_num`` discriminators has i * ``d_num_layers`` layers on the full-size input). Losses: hinge,
+discriminator feature matching (weight 10), optional VGG-19 perceptual (local weights only) and KL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import MultiScalePatchDiscriminator, SPADENet
+
+from losses.adversarial import kl_divergence
+from losses.perceptual import PerceptualLoss, vgg19_features
+from utils.config import SpadeConfig
+from utils.images import to_unit
+from utils.methods.adversarial import AdversarialMethod, Losses, one_hot
+from utils.seeding import SampleNoise, noise_for_indices
+
+
+def build_generator(cfg: SpadeConfig, num_classes: int, image_size: int) -> SPADENet:
+    # list(): SPADENet reverses and extends the list it is given
+    return SPADENet(spatial_dims=2, in_channels=1, out_channels=1, label_nc=num_classes,
+                    input_shape=(image_size, image_size), channels=list(cfg.channels), z_dim=cfg.z_dim,
+                    is_vae=cfg.is_vae, spade_intermediate_channels=cfg.hidden_channels, last_act="TANH")
+
+
+def build_discriminator(cfg: SpadeConfig, num_classes: int, image_size: int) -> MultiScalePatchDiscriminator:
+    return MultiScalePatchDiscriminator(num_d=cfg.d_num, num_layers_d=cfg.d_num_layers, spatial_dims=2,
+                                        channels=cfg.d_channels, in_channels=1 + num_classes, norm="INSTANCE",
+                                        minimum_size_im=image_size)
+
+
+class SpadeModule(AdversarialMethod):
+    def __init__(self, config: dict):
+        super().__init__(config)
+        self.save_hyperparameters()
+        s, d = self.cfg.spade_args, self.cfg.data_args
+        self.model = build_generator(s, d.num_classes, d.image_size)
+        self.discriminator = build_discriminator(s, d.num_classes, d.image_size)
+        self.keep_ema()
+        self.perceptual: PerceptualLoss | None = None  # training only: see for_data
+
+    @classmethod
+    def for_data(cls, config: dict, datamodule) -> SpadeModule:
+        """The module to train; it reads the perceptual loss's weights file (a checkpoint does not need it)."""
+        module = cls(config)
+        s = module.cfg.spade_args
+        if s.perceptual_weight > 0:
+            module.perceptual = PerceptualLoss(vgg19_features(s.perceptual_weights, "spade_args.perceptual_weights"))
+        return module
+
+    def describe(self) -> str:
+        s = self.cfg.spade_args
+        vae = f"VAE z_dim {s.z_dim} (KL {s.kld_weight:.3g})" if s.is_vae else "no VAE (deterministic)"
+        return (f"SPADE: generator channels {list(s.channels)}, {vae}; {s.d_num} discriminators x "
+                f"{s.d_num_layers} layers from {s.d_channels} channels; Adam G {s.lr_g:.3g} D {s.lr_d:.3g} "
+                f"betas {list(s.betas)}; weights: hinge {s.adversarial_weight:.3g}, feature matching "
+                f"{s.feature_matching_weight:.3g}, perceptual {s.perceptual_weight:.3g}")
+
+    def adam_settings(self):
+        s = self.cfg.spade_args
+        return s.lr_g, s.lr_d, tuple(s.betas)
+
+    # --- the method -------------------------------------------------------------------------------
+    def synthesise(self, network: SPADENet, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, H, W) in [-1, 1] for ``mask``; ``eps`` (B, 1, H, W) N(0, I) gives the VAE's latent."""
+        s = self.cfg.spade_args
+        z = eps.flatten(1)[:, : s.z_dim] if s.is_vae else None
+        return network.decode(one_hot(mask, self.cfg.data_args.num_classes).to(eps.device), z)
+
+    def losses(self, batch: dict, batch_idx: int) -> Losses:
+        s = self.cfg.spade_args
+        x_1, mask = batch["x_1"], batch["mask"]
+        cond = one_hot(mask, self.cfg.data_args.num_classes)
+        generator, logs, z = 0.0, {}, None
+        if s.is_vae:
+            mu, logvar = self.model.encoder(x_1)
+            eps = torch.randn(mu.shape, generator=self.training_generator(batch_idx, x_1.device), device=x_1.device)
+            z = mu + eps * torch.exp(0.5 * logvar)
+            logs["train/kld"] = kl_divergence(mu, logvar)
+            generator = s.kld_weight * logs["train/kld"]
+        fake = self.model.decode(cond, z)
+        adv = self.adversarial_terms(x_1, fake, cond)
+        generator = generator + s.adversarial_weight * adv.generator + s.feature_matching_weight * adv.feature_matching
+        logs.update(adv.logs, **{"train/g_adv": adv.generator, "train/g_feature_matching": adv.feature_matching})
+        if self.perceptual is not None:
+            logs["train/g_perceptual"] = self.perceptual(fake, x_1)
+            generator = generator + s.perceptual_weight * logs["train/g_perceptual"]
+        return Losses(generator, adv.discriminator, {k: v.detach() for k, v in logs.items()})
+
+    def validation_loss(self, batch: dict) -> torch.Tensor:
+        """L1 between the image generated for each validation mask and its paired real image.
+
+        The GAN losses cannot rank checkpoints (they measure G against a discriminator that moves with it);
+        a paired distance to the real image measures the generator alone and is deterministic: the
+        generator is, and the VAE's latent is each image's noise of (seed, index), as at generation. L1
+        favours the conditional mean, so it is a proxy for image quality, not FID.
+        """
+        x_1, index = batch["x_1"], batch["index"]
+        eps = noise_for_indices(index.cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
+        return F.l1_loss(self.synthesise(self.sampling_network(), batch["mask"], eps).float(), x_1.float())
+
+    def generate(self, mask: torch.Tensor, noise: SampleNoise, num_steps: int, sampler: str) -> torch.Tensor:
+        return to_unit(self.synthesise(self.sampling_network(), mask, noise.initial()))
+
+    def nfe(self, num_steps: int, sampler: str) -> int:
+        return 1

@@ -21,10 +21,12 @@ import yaml
 # in a config is an error. The method's own sections default to their dataclass defaults when left out.
 METHOD_SECTIONS = {
     "flow_matching": ("prior_args", "contrastive_args"),
+    "ddpm": ("ddpm_args",),
 }
 # The samplers (sampling_args.method) each method offers; the first is its default.
 SAMPLERS = {
     "flow_matching": ("euler", "midpoint", "heun3", "rk4"),
+    "ddpm": ("ddim", "ddpm"),
 }
 ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS.values() for s in names))
 # Network evaluations per step of each fixed-grid ODE solver.
@@ -138,6 +140,30 @@ class ContrastiveConfig:
 
 
 @dataclass(frozen=True)
+class DDPMConfig:
+    """A denoising diffusion model on the same network (the ControlNet baseline of the seed's main table).
+
+    The noise schedule is MONAI's ``DDPMScheduler`` default, Ho et al.'s: betas linear from 1e-4 to 0.02
+    over 1,000 steps (the seed does not give its baseline's schedule).
+    """
+
+    num_train_timesteps: int = 1000
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "linear_beta"
+    beta_start: float = 1e-4  # the beta schedules' ends (not used by cosine)
+    beta_end: float = 2e-2
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    eta: float = 0.0  # the ddim sampler's noise: 0 = deterministic DDIM, 1 = DDPM's posterior variance
+    clip_sample: bool = True  # clamp each step's predicted image to [-1, 1]
+
+    def check(self, key):
+        _require(self.num_train_timesteps >= 2, key("num_train_timesteps"),
+                 f"must be >= 2, got {self.num_train_timesteps}")
+        _require(0 < self.beta_start < self.beta_end < 1, key("beta_start"),
+                 f"and beta_end must satisfy 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        _require(0 <= self.eta <= 1, key("eta"), f"must be in [0, 1], got {self.eta}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 4  # per device
     effective_batch_size: int = 16  # kept for any number of devices by adjusting accumulation
@@ -179,7 +205,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     num_steps: int = 10
-    # The sampler, one of SAMPLERS[method]; left out, the method's default (flow matching: euler).
+    # The sampler, one of SAMPLERS[method]; left out, the method's default (flow matching: euler; ddpm: ddim).
     method: str | None = None
     # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none.
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
@@ -200,6 +226,7 @@ class Config:
     # method sections: set for the configured method (see METHOD_SECTIONS), None for every other
     prior_args: PriorConfig | None = None
     contrastive_args: ContrastiveConfig | None = None
+    ddpm_args: DDPMConfig | None = None
 
     def check(self, key):
         _require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),
@@ -207,6 +234,10 @@ class Config:
         samplers = SAMPLERS[self.method]
         _require(self.sampling_args.method in samplers, "sampling_args.method",
                  f"must be one of {list(samplers)} for method {self.method}, got {self.sampling_args.method!r}")
+        if self.ddpm_args is not None:
+            steps, train_steps = self.sampling_args.num_steps, self.ddpm_args.num_train_timesteps
+            _require(steps <= train_steps, "sampling_args.num_steps",
+                     f"must be <= ddpm_args.num_train_timesteps ({train_steps}), got {steps}")
         m = self.model_args
         depth = 2 ** (len(m.channels) - 1)
         _require(self.data_args.image_size % depth == 0, "data_args.image_size",

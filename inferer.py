@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
+from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES, SAMPLERS
 
 log = logging.getLogger("comet.inferer")
 
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_samples", type=int, help="images to generate (default: one per mask)")
     p.add_argument("--num_inference_steps", type=int, help="sampler steps (default: the config's, 10)")
     p.add_argument("--method", choices=ALL_SAMPLERS,
-                   help="sampler, one of the checkpoint's method's (flow matching: euler, midpoint, heun3, rk4; "
-                        "default: the config's)")
+                   help="sampler, one of the checkpoint's method's ("
+                        + "; ".join(f"{m}: {', '.join(s)}" for m, s in SAMPLERS.items()) + "; default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
     p.add_argument("--masks", help="folder of PNG/NPY label maps, or a dataset file, instead of the split")

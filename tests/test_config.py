@@ -17,7 +17,8 @@ def test_every_shipped_config_loads(path):
 
 def test_shipped_config_set_is_complete():
     names = {p.name for p in CONFIGS}
-    assert {"comet_camus.yaml", "motfm_camus.yaml", "comet_synthetic.yaml", "quickstart.yaml", "tiny.yaml"} <= names
+    assert {"comet_camus.yaml", "motfm_camus.yaml", "comet_synthetic.yaml", "quickstart.yaml", "tiny.yaml",
+            "ddpm_camus.yaml", "ddpm_synthetic.yaml", "ddpm_quickstart.yaml"} <= names
 
 
 def test_seed_recipe_values():

@@ -21,13 +21,17 @@ import yaml
 # in a config is an error. The method's own sections default to their dataclass defaults when left out.
 METHOD_SECTIONS = {
     "flow_matching": ("prior_args", "contrastive_args"),
+    "ddpm": ("ddpm_args",),
     "spade": ("spade_args",),
 }
 # The samplers (sampling_args.method) each method offers; the first is its default.
 SAMPLERS = {
     "flow_matching": ("euler", "midpoint", "heun3", "rk4"),
+    "ddpm": ("ddim", "ddpm"),
     "spade": ("generator",),  # one generator pass, whatever sampling_args.num_steps
 }
+# The methods whose network is model_args' UNet + ControlNet.
+UNET_METHODS = ("flow_matching", "ddpm")
 ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS.values() for s in names))
 # Network evaluations per step of each fixed-grid ODE solver.
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
@@ -146,6 +150,30 @@ class ContrastiveConfig:
 
 
 @dataclass(frozen=True)
+class DDPMConfig:
+    """A denoising diffusion model on the same network (the ControlNet baseline of the seed's main table).
+
+    The noise schedule is MONAI's ``DDPMScheduler`` default, Ho et al.'s: betas linear from 1e-4 to 0.02
+    over 1,000 steps (the seed does not give its baseline's schedule).
+    """
+
+    num_train_timesteps: int = 1000
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "linear_beta"
+    beta_start: float = 1e-4  # the beta schedules' ends (not used by cosine)
+    beta_end: float = 2e-2
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    eta: float = 0.0  # the ddim sampler's noise: 0 = deterministic DDIM, 1 = DDPM's posterior variance
+    clip_sample: bool = True  # clamp each step's predicted image to [-1, 1]
+
+    def check(self, key):
+        _require(self.num_train_timesteps >= 2, key("num_train_timesteps"),
+                 f"must be >= 2, got {self.num_train_timesteps}")
+        _require(0 < self.beta_start < self.beta_end < 1, key("beta_start"),
+                 f"and beta_end must satisfy 0 < beta_start < beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        _require(0 <= self.eta <= 1, key("eta"), f"must be in [0, 1], got {self.eta}")
+
+
+@dataclass(frozen=True)
 class SpadeConfig:
     """SPADE (Park et al., CVPR 2019), the GAN baseline: MONAI's SPADENet generator fed the one-hot mask, a
     conditional MultiScalePatchDiscriminator on [image, one-hot mask], hinge adversarial loss plus
@@ -243,7 +271,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class SamplingConfig:
     num_steps: int = 10
-    # The sampler, one of SAMPLERS[method]; left out, the method's default (flow matching: euler).
+    # The sampler, one of SAMPLERS[method]; left out, the method's default (flow matching: euler; ddpm: ddim).
     method: str | None = None
     # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none.
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
@@ -265,6 +293,7 @@ class Config:
     # method sections: set for the configured method (see METHOD_SECTIONS), None for every other
     prior_args: PriorConfig | None = None
     contrastive_args: ContrastiveConfig | None = None
+    ddpm_args: DDPMConfig | None = None
     spade_args: SpadeConfig | None = None
 
     def check(self, key):
@@ -273,11 +302,15 @@ class Config:
         samplers = SAMPLERS[self.method]
         _require(self.sampling_args.method in samplers, "sampling_args.method",
                  f"must be one of {list(samplers)} for method {self.method}, got {self.sampling_args.method!r}")
-        if self.method == "flow_matching":
+        if self.method in UNET_METHODS:
             depth = 2 ** (len(self.model_args.channels) - 1)
             _require(self.data_args.image_size % depth == 0, "data_args.image_size",
                      f"must be divisible by {depth} for {len(self.model_args.channels)} UNet levels, "
                      f"got {self.data_args.image_size}")
+        if self.ddpm_args is not None:
+            steps, train_steps = self.sampling_args.num_steps, self.ddpm_args.num_train_timesteps
+            _require(steps <= train_steps, "sampling_args.num_steps",
+                     f"must be <= ddpm_args.num_train_timesteps ({train_steps}), got {steps}")
         if self.spade_args is not None:
             self.spade_args.check_image_size(self.data_args.image_size, lambda name: f"spade_args.{name}")
         if self.contrastive_args is not None:

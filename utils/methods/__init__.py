@@ -10,6 +10,7 @@ import importlib
 # config ``method`` -> "module:class"; the method's config section is declared in utils.config.METHOD_SECTIONS
 METHODS = {
     "flow_matching": "utils.methods.flow_matching:FlowMatchingModule",
+    "ddpm": "utils.methods.ddpm:DDPMModule",
     "spade": "utils.methods.spade:SpadeModule",
 }
 

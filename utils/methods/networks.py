@@ -46,7 +46,11 @@ class ConditionalVelocityField(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        timesteps = t * TIME_SCALE
+        return self.at_timesteps(x_t, t * TIME_SCALE, mask)
+
+    def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same network given the UNet's own ``timesteps`` (B,) in [0, TIME_SCALE], e.g. a diffusion
+        model's integer steps, instead of t in [0, 1]."""
         cond = mask.to(x_t.dtype) / (self.num_classes - 1)
         down, mid = self.controlnet(x=x_t, timesteps=timesteps, controlnet_cond=cond)
         return self.unet(

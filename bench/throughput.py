@@ -10,7 +10,8 @@ In one process and at each batch size, after warm-up, it measures
     gradient clipping at 1.0, MSE loss, N(0, I) prior; sampling with the same network under fp16 autocast;
   - each framework setting through the real code: the config method's training_step (for COMET: warm-start
     prior, flow matching and the contrastive term, switched on from the first step) under a Lightning Trainer
-    with the project's optimizer and clipping, and utils.generation.generate (what inferer.py and evaluate.py run) for sampling.
+    with the project's optimizer and clipping, and utils.generation.generate (what inferer.py and evaluate.py
+  run) for sampling.
 Images per second, peak GPU memory, achieved TFLOP/s (network FLOPs counted with FlopCounterMode), the fraction
 of the device's 16-bit peak and the ratio to the baseline are printed as JSON lines, then as a markdown table.
 docs/BENCHMARKS.md explains every column.

@@ -1,11 +1,12 @@
-"""Evaluate a COMET checkpoint (or existing samples) with FID, KID, CMMD, SSIM, PSNR, B-Dice and HD95.
+"""Evaluate a COMET checkpoint (or existing samples) with FID, KID, CMMD, SSIM, PSNR, B-Dice, surface Dice and HD95.
 
 Examples:
     python evaluate.py --checkpoint checkpoints/comet_camus --num_samples 2000 --num_steps 10 \\
         --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
     python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
 
-Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, HD95);
+Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, surface Dice
+(NSD at --surface_dice_tolerance px, beside the pixel-exact B-Dice) and HD95 of their edge maps);
 FID, KID and CMMD compare the generated set with the split's real images. Nothing is downloaded:
 weights come from --inception_weights / --clip_dir, the COMET_INCEPTION_WEIGHTS / COMET_CLIP_DIR
 environment variables, or torch hub's cache.
@@ -26,10 +27,10 @@ from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
 
 log = logging.getLogger("comet.evaluate")
 
-METRICS = ("fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95")  # the paper's table order
-PER_IMAGE = ("ssim", "psnr", "b_dice", "hd95")
+METRICS = ("fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice")  # the paper's order, then ours
+PER_IMAGE = ("ssim", "psnr", "b_dice", "surface_dice", "hd95")
 HIGHER_IS_BETTER = {"fid": False, "ssim": True, "kid": False, "cmmd": False, "psnr": True, "b_dice": True,
-                    "hd95": False}
+                    "hd95": False, "surface_dice": True}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", help="where to write (default: next to the checkpoint or samples)")
     out.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    out.add_argument("--surface_dice_tolerance", type=float, default=2.0,
+                     help="tolerance in pixels of the surface Dice (NSD) of edge maps (default: %(default)s)")
     out.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default: 1000)")
     out.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     return p
@@ -162,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_samples < 1 or (args.num_steps is not None and args.num_steps < 1):
         raise SystemExit("error: --num_samples and --num_steps must be >= 1")
+    if not args.surface_dice_tolerance > 0:
+        raise SystemExit(f"error: --surface_dice_tolerance must be > 0, got {args.surface_dice_tolerance}")
     if args.samples and args.overrides:
         raise SystemExit("error: --set changes the checkpoint's config; it does not apply to --samples")
 
@@ -244,7 +249,7 @@ def run(args) -> int:
     paired = real[indices]
 
     log.info("per-image metrics on %d pairs", len(images))
-    per_image = paired_metrics(images, paired, masks)
+    per_image = paired_metrics(images, paired, masks, tolerance=args.surface_dice_tolerance)
     metrics: dict[str, dict] = {m: {"skipped": reason} for m, reason in skipped.items()}
     for name in PER_IMAGE:  # resampled by source image: samples sharing a mask are not independent
         s = summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0)
@@ -270,7 +275,8 @@ def run(args) -> int:
         "num_samples": len(images), "num_masks": len(set(indices.tolist())),
         "num_steps": steps, "method": method, "seed": seed,
         "checkpoint": str(ckpt) if ckpt else None, "dataset": str(data_path), "split": split,
-        "num_real": len(records), "weights_sha256": weights, "device": device,
+        "num_real": len(records), "surface_dice_tolerance_px": args.surface_dice_tolerance,
+        "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
     }
     num_classes = manifest.get("config", {}).get("data_args", {}).get("num_classes", int(split_masks.max()) + 1)
@@ -306,8 +312,8 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
 
 def report_table(results: dict) -> str:
     """The paper's results table (markdown), with N samples, the number of masks and the 95% intervals."""
-    head = "| " + " | ".join(f"{m.upper().replace('B_DICE', 'B-Dice')}{'↑' if HIGHER_IS_BETTER[m] else '↓'}"
-                             for m in METRICS) + " |"
+    names = {"b_dice": "B-Dice", "surface_dice": f"NSD@{results['surface_dice_tolerance_px']:g}px"}
+    head = "| " + " | ".join(f"{names.get(m, m.upper())}{'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in METRICS) + " |"
     cells, notes = [], []
     for m in METRICS:
         r = results["metrics"][m]

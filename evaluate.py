@@ -4,12 +4,17 @@ Examples:
     python evaluate.py --checkpoint checkpoints/comet_camus --num_samples 2000 --num_steps 10 \\
         --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
     python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
+    python evaluate.py --checkpoint checkpoints/quickstart --num_samples 160 --skip_missing_metrics --segmenter auto
 
 Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, surface Dice
 (NSD at --surface_dice_tolerance px, beside the pixel-exact B-Dice) and HD95 of their edge maps);
 FID, KID and CMMD compare the generated set with the split's real images. Nothing is downloaded:
 weights come from --inception_weights / --clip_dir, the COMET_INCEPTION_WEIGHTS / COMET_CLIP_DIR
 environment variables, or torch hub's cache.
+
+Mask fidelity (--segmenter): a segmenter trained on the real training split (utils.evaluation.segmenter; `auto`
+trains it once and caches it by data hash) segments every generated image; per-label Dice, HD95 and surface
+Dice against the mask that conditioned it, next to the same segmenter on the real images (the ceiling).
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler, one of the checkpoint's method's (default: the checkpoint's, e.g. euler)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU)")
+    audit = p.add_argument_group("is the synthetic data useful and safe?")
+    audit.add_argument("--segmenter", metavar="DIR_OR_PT|auto",
+                       help="mask fidelity with this segmenter (a segmenter.pt or its directory), or `auto`: "
+                            "train one on the dataset's train split, cached by data hash under --cache_dir")
     w = p.add_argument_group("feature-extractor weights (never downloaded)")
     w.add_argument("--inception_weights", help="torch-fidelity Inception-v3 state dict (.pth)")
     w.add_argument("--clip_dir", help="local transformers directory of CLIP ViT-L/14@336")
@@ -228,6 +237,9 @@ def run(args) -> int:
     records = load_dataset(data_path).get(split)
     if not records:
         raise SystemExit(f"error: {data_path} has no '{split}' split")
+    config = module.hparams["config"] if module is not None else manifest.get("config", {})
+    num_classes = config.get("data_args", {}).get("num_classes", 4)
+    segmenter = _segmenter(args, data_path, num_classes)  # trained (auto) or loaded before generating
     real = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]))
     split_masks = torch.from_numpy(np.stack([np.asarray(r["mask"], dtype=np.uint8) for r in records]))
 
@@ -255,7 +267,7 @@ def run(args) -> int:
         s = summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0)
         metrics[name] = {"value": _finite(s["mean"]), "n": s["n"], "n_masks": s["n_clusters"],
                          "ci95": [_finite(s["ci95_lo"]), _finite(s["ci95_hi"])]}
-    cache = FeatureCache(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
+    cache = FeatureCache(_cache_dir(args))
     weights = {}
     for key, ext in extractors.items():
         real_feats = cache.features(split, ext, real)
@@ -279,11 +291,42 @@ def run(args) -> int:
         "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
     }
-    num_classes = manifest.get("config", {}).get("data_args", {}).get("num_classes", int(split_masks.max()) + 1)
+    if segmenter is not None:
+        from utils.evaluation.segmenter import mask_fidelity
+
+        log.info("mask fidelity: segmenting %d generated and %d real images", len(images), len(real))
+        results["mask_fidelity"] = {"segmenter": str(segmenter[1]), **mask_fidelity(
+            segmenter[0], images, masks, indices.numpy(), real, split_masks, num_classes,
+            args.surface_dice_tolerance, args.n_boot)}
     write_results(out_dir, results, per_image, indices, images, paired, masks, num_classes)
-    print(report_table(results))
+    print(report(results))
     log.info("wrote %s", out_dir)
     return 0
+
+
+def _segmenter(args, data_path, num_classes: int):
+    """(network, where it came from) for --segmenter, or None without it; bad files stop with their name."""
+    if not args.segmenter:
+        return None
+    from utils.evaluation.segmenter import SegmenterError, cached_segmenter, load_segmenter
+
+    path = args.segmenter
+    if path == "auto":
+        if not Path(data_path).is_file():
+            raise SystemExit(f"error: --segmenter auto caches by the dataset file's hash; {data_path} is not a "
+                             "file: train one with `python -m utils.evaluation.segmenter train` and pass it")
+        path = cached_segmenter(data_path, _cache_dir(args), num_classes)
+    try:
+        net, ckpt = load_segmenter(path)
+    except SegmenterError as e:
+        raise SystemExit(f"error: {e}") from None
+    if ckpt["num_classes"] != num_classes:
+        raise SystemExit(f"error: {path}: the segmenter has {ckpt['num_classes']} classes, the data {num_classes}")
+    return net, path
+
+
+def _cache_dir(args) -> Path:
+    return Path(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
 
 
 def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks,
@@ -300,7 +343,7 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
         w.writerow(["sample", "source_index", *PER_IMAGE])
         for i in range(len(indices)):
             w.writerow([i, int(indices[i]), *(f"{per_image[m][i]:.6g}" for m in PER_IMAGE)])
-    (out_dir / "report.md").write_text(report_table(results) + "\n")
+    (out_dir / "report.md").write_text(report(results) + "\n")
     order = np.argsort(per_image["ssim"])
     k = min(8, len(order))
     rows = []
@@ -308,6 +351,21 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
         pick = list(pick)
         rows += [mask_to_unit(masks[pick], num_classes), real[pick], images[pick]]
     save_png(grid_image(rows), out_dir / "best_worst.png")
+
+
+def report(results: dict) -> str:
+    """The metrics table, then the mask fidelity and memorisation sections when they were computed."""
+    parts = [report_table(results)]
+    if "mask_fidelity" in results:
+        from utils.evaluation.segmenter import fidelity_table
+
+        f = results["mask_fidelity"]
+        parts += ["", f"## Mask fidelity (segmenter {f['segmenter']})", "",
+                  f"Each generated image segmented and scored against the mask that conditioned it (gen, N = "
+                  f"{f['n']}), next to the same segmenter on the {f['n_real']} real images with their own masks "
+                  f"(real: the ceiling). Means over images; NSD at {f['tolerance_px']:g} px; 95% CIs in "
+                  "metrics.json.", "", fidelity_table(f)]
+    return "\n".join(parts)
 
 
 def report_table(results: dict) -> str:

@@ -15,6 +15,8 @@ environment variables, or torch hub's cache.
 Mask fidelity (--segmenter): a segmenter trained on the real training split (utils.evaluation.segmenter; `auto`
 trains it once and caches it by data hash) segments every generated image; per-label Dice, HD95 and surface
 Dice against the mask that conditioned it, next to the same segmenter on the real images (the ceiling).
+Memorisation audit (on by default, --no-memorisation to skip): each generated image's nearest training image
+by pixel RMSE, against the real test images' nearest distances (utils.evaluation.memorisation).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--segmenter", metavar="DIR_OR_PT|auto",
                        help="mask fidelity with this segmenter (a segmenter.pt or its directory), or `auto`: "
                             "train one on the dataset's train split, cached by data hash under --cache_dir")
+    audit.add_argument("--memorisation", action=argparse.BooleanOptionalAction, default=True,
+                       help="nearest-training-image audit of every generated image (default: on; cheap)")
     w = p.add_argument_group("feature-extractor weights (never downloaded)")
     w.add_argument("--inception_weights", help="torch-fidelity Inception-v3 state dict (.pth)")
     w.add_argument("--clip_dir", help="local transformers directory of CLIP ViT-L/14@336")
@@ -234,7 +238,8 @@ def run(args) -> int:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
     extractors, skipped = _extractors(args, device)  # fail on missing weights before generating anything
-    records = load_dataset(data_path).get(split)
+    dataset = load_dataset(data_path)
+    records = dataset.get(split)
     if not records:
         raise SystemExit(f"error: {data_path} has no '{split}' split")
     config = module.hparams["config"] if module is not None else manifest.get("config", {})
@@ -291,6 +296,8 @@ def run(args) -> int:
         "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
     }
+    if args.memorisation:
+        results["memorisation"] = _memorisation(dataset, images, out_dir)
     if segmenter is not None:
         from utils.evaluation.segmenter import mask_fidelity
 
@@ -323,6 +330,21 @@ def _segmenter(args, data_path, num_classes: int):
     if ckpt["num_classes"] != num_classes:
         raise SystemExit(f"error: {path}: the segmenter has {ckpt['num_classes']} classes, the data {num_classes}")
     return net, path
+
+
+def _memorisation(dataset: dict, images, out_dir: Path) -> dict:
+    """The audit's summary (files written in ``out_dir``), or why it was skipped."""
+    from utils.evaluation.memorisation import audit, write_audit
+    from utils.evaluation.segmenter import split_tensors
+
+    if not dataset.get("train") or not dataset.get("test"):
+        return {"skipped": "the dataset needs train and test splits (training images, unseen reference)"}
+    train, _ = split_tensors(dataset["train"])
+    test, _ = split_tensors(dataset["test"])
+    log.info("memorisation audit: %d generated and %d test images against %d training images",
+             len(images), len(test), len(train))
+    patients = [r["metadata"].get("patient") for r in dataset["train"]]
+    return write_audit(out_dir, audit(images, train, test), images, train, patients)
 
 
 def _cache_dir(args) -> Path:
@@ -365,6 +387,11 @@ def report(results: dict) -> str:
                   f"{f['n']}), next to the same segmenter on the {f['n_real']} real images with their own masks "
                   f"(real: the ceiling). Means over images; NSD at {f['tolerance_px']:g} px; 95% CIs in "
                   "metrics.json.", "", fidelity_table(f)]
+    if "memorisation" in results:
+        from utils.evaluation.memorisation import report_section
+
+        m = results["memorisation"]
+        parts += ["", f"Memorisation audit skipped: {m['skipped']}" if "skipped" in m else report_section(m)]
     return "\n".join(parts)
 
 

@@ -57,6 +57,9 @@ def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tm
     assert "- SSIM: N = 12 of 8 masks, 95% CI [" in report
     assert "95% cluster-bootstrap interval over the 8 source images; noise and masks only, not training seeds" in report
     assert (out / "best_worst.png").exists() and (out / "samples" / "samples.npz").exists()
+    audit = results["memorisation"]  # on by default
+    assert audit["n"] == 12 and audit["n_test"] == 8 and audit["threshold"] > 0
+    assert "## Memorisation audit" in report and (out / "memorisation_hist.png").exists()
 
 
 @pytest.mark.slow

@@ -404,7 +404,7 @@ def report_table(results: dict) -> str:
         r = results["metrics"][m]
         if "skipped" in r:
             cells.append("skipped")
-            notes.append(f"- {m.upper()} skipped: {r['skipped'].split(': tried')[0].split('. ')[0]} "
+            notes.append(f"- {names.get(m, m.upper())} skipped: {r['skipped'].split(': tried')[0].split('. ')[0]} "
                          "(details in metrics.json)")
         else:
             v = r["value"]
@@ -413,7 +413,7 @@ def report_table(results: dict) -> str:
                 "ci95"] else ""
             real = f" vs {r['n_real']} real" if "n_real" in r else ""
             masks = f" of {r['n_masks']} masks" if "n_masks" in r else ""
-            notes.append(f"- {m.upper()}: N = {r['n']}{masks}{real}{extra}")
+            notes.append(f"- {names.get(m, m.upper())}: N = {r['n']}{masks}{real}{extra}")
     lines = [f"Evaluation of {results['checkpoint']} on split '{results['split']}' of {results['dataset']}: "
              f"{results['num_samples']} samples of {results['num_masks']} distinct masks, {results['num_steps']} "
              f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(METRICS),

@@ -1,14 +1,22 @@
-"""Evaluate a COMET checkpoint (or existing samples) with FID, KID, CMMD, SSIM, PSNR, B-Dice and HD95.
+"""Evaluate a COMET checkpoint (or existing samples) with FID, KID, CMMD, SSIM, PSNR, B-Dice, surface Dice and HD95.
 
 Examples:
     python evaluate.py --checkpoint checkpoints/comet_camus --num_samples 2000 --num_steps 10 \\
         --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
     python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
+    python evaluate.py --checkpoint checkpoints/quickstart --num_samples 160 --skip_missing_metrics --segmenter auto
 
-Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, HD95);
+Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, surface Dice
+(NSD at --surface_dice_tolerance px, beside the pixel-exact B-Dice) and HD95 of their edge maps);
 FID, KID and CMMD compare the generated set with the split's real images. Nothing is downloaded:
 weights come from --inception_weights / --clip_dir, the COMET_INCEPTION_WEIGHTS / COMET_CLIP_DIR
 environment variables, or torch hub's cache.
+
+Mask fidelity (--segmenter): a segmenter trained on the real training split (utils.evaluation.segmenter; `auto`
+trains it once and caches it by data hash) segments every generated image; per-label Dice, HD95 and surface
+Dice against the mask that conditioned it, next to the same segmenter on the real images (the ceiling).
+Memorisation audit (on by default, --no-memorisation to skip): each generated image's nearest training image
+by pixel RMSE, against the real test images' nearest distances (utils.evaluation.memorisation).
 """
 
 from __future__ import annotations
@@ -26,10 +34,10 @@ from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
 
 log = logging.getLogger("comet.evaluate")
 
-METRICS = ("fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95")  # the paper's table order
-PER_IMAGE = ("ssim", "psnr", "b_dice", "hd95")
+METRICS = ("fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice")  # the paper's order, then ours
+PER_IMAGE = ("ssim", "psnr", "b_dice", "surface_dice", "hd95")
 HIGHER_IS_BETTER = {"fid": False, "ssim": True, "kid": False, "cmmd": False, "psnr": True, "b_dice": True,
-                    "hd95": False}
+                    "hd95": False, "surface_dice": True}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler, one of the checkpoint's method's (default: the checkpoint's, e.g. euler)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU)")
+    audit = p.add_argument_group("is the synthetic data useful and safe?")
+    audit.add_argument("--segmenter", metavar="DIR_OR_PT|auto",
+                       help="mask fidelity with this segmenter (a segmenter.pt or its directory), or `auto`: "
+                            "train one on the dataset's train split, cached by data hash under --cache_dir")
+    audit.add_argument("--memorisation", action=argparse.BooleanOptionalAction, default=True,
+                       help="nearest-training-image audit of every generated image (default: on; cheap)")
     w = p.add_argument_group("feature-extractor weights (never downloaded)")
     w.add_argument("--inception_weights", help="torch-fidelity Inception-v3 state dict (.pth)")
     w.add_argument("--clip_dir", help="local transformers directory of CLIP ViT-L/14@336")
@@ -62,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", help="where to write (default: next to the checkpoint or samples)")
     out.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    out.add_argument("--surface_dice_tolerance", type=float, default=2.0,
+                     help="tolerance in pixels of the surface Dice (NSD) of edge maps (default: %(default)s)")
     out.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default: 1000)")
     out.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     return p
@@ -162,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.num_samples < 1 or (args.num_steps is not None and args.num_steps < 1):
         raise SystemExit("error: --num_samples and --num_steps must be >= 1")
+    if not args.surface_dice_tolerance > 0:
+        raise SystemExit(f"error: --surface_dice_tolerance must be > 0, got {args.surface_dice_tolerance}")
     if args.samples and args.overrides:
         raise SystemExit("error: --set changes the checkpoint's config; it does not apply to --samples")
 
@@ -220,9 +238,13 @@ def run(args) -> int:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
     extractors, skipped = _extractors(args, device)  # fail on missing weights before generating anything
-    records = load_dataset(data_path).get(split)
+    dataset = load_dataset(data_path)
+    records = dataset.get(split)
     if not records:
         raise SystemExit(f"error: {data_path} has no '{split}' split")
+    config = module.hparams["config"] if module is not None else manifest.get("config", {})
+    num_classes = config.get("data_args", {}).get("num_classes", 4)
+    segmenter = _segmenter(args, data_path, num_classes)  # trained (auto) or loaded before generating
     real = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]))
     split_masks = torch.from_numpy(np.stack([np.asarray(r["mask"], dtype=np.uint8) for r in records]))
 
@@ -244,13 +266,13 @@ def run(args) -> int:
     paired = real[indices]
 
     log.info("per-image metrics on %d pairs", len(images))
-    per_image = paired_metrics(images, paired, masks)
+    per_image = paired_metrics(images, paired, masks, tolerance=args.surface_dice_tolerance)
     metrics: dict[str, dict] = {m: {"skipped": reason} for m, reason in skipped.items()}
     for name in PER_IMAGE:  # resampled by source image: samples sharing a mask are not independent
         s = summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0)
         metrics[name] = {"value": _finite(s["mean"]), "n": s["n"], "n_masks": s["n_clusters"],
                          "ci95": [_finite(s["ci95_lo"]), _finite(s["ci95_hi"])]}
-    cache = FeatureCache(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
+    cache = FeatureCache(_cache_dir(args))
     weights = {}
     for key, ext in extractors.items():
         real_feats = cache.features(split, ext, real)
@@ -270,14 +292,63 @@ def run(args) -> int:
         "num_samples": len(images), "num_masks": len(set(indices.tolist())),
         "num_steps": steps, "method": method, "seed": seed,
         "checkpoint": str(ckpt) if ckpt else None, "dataset": str(data_path), "split": split,
-        "num_real": len(records), "weights_sha256": weights, "device": device,
+        "num_real": len(records), "surface_dice_tolerance_px": args.surface_dice_tolerance,
+        "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
     }
-    num_classes = manifest.get("config", {}).get("data_args", {}).get("num_classes", int(split_masks.max()) + 1)
+    if args.memorisation:
+        results["memorisation"] = _memorisation(dataset, images, out_dir)
+    if segmenter is not None:
+        from utils.evaluation.segmenter import mask_fidelity
+
+        log.info("mask fidelity: segmenting %d generated and %d real images", len(images), len(real))
+        results["mask_fidelity"] = {"segmenter": str(segmenter[1]), **mask_fidelity(
+            segmenter[0], images, masks, indices.numpy(), real, split_masks, num_classes,
+            args.surface_dice_tolerance, args.n_boot)}
     write_results(out_dir, results, per_image, indices, images, paired, masks, num_classes)
-    print(report_table(results))
+    print(report(results))
     log.info("wrote %s", out_dir)
     return 0
+
+
+def _segmenter(args, data_path, num_classes: int):
+    """(network, where it came from) for --segmenter, or None without it; bad files stop with their name."""
+    if not args.segmenter:
+        return None
+    from utils.evaluation.segmenter import SegmenterError, cached_segmenter, load_segmenter
+
+    path = args.segmenter
+    if path == "auto":
+        if not Path(data_path).is_file():
+            raise SystemExit(f"error: --segmenter auto caches by the dataset file's hash; {data_path} is not a "
+                             "file: train one with `python -m utils.evaluation.segmenter train` and pass it")
+        path = cached_segmenter(data_path, _cache_dir(args), num_classes)
+    try:
+        net, ckpt = load_segmenter(path)
+    except SegmenterError as e:
+        raise SystemExit(f"error: {e}") from None
+    if ckpt["num_classes"] != num_classes:
+        raise SystemExit(f"error: {path}: the segmenter has {ckpt['num_classes']} classes, the data {num_classes}")
+    return net, path
+
+
+def _memorisation(dataset: dict, images, out_dir: Path) -> dict:
+    """The audit's summary (files written in ``out_dir``), or why it was skipped."""
+    from utils.evaluation.memorisation import audit, write_audit
+    from utils.evaluation.segmenter import split_tensors
+
+    if not dataset.get("train") or not dataset.get("test"):
+        return {"skipped": "the dataset needs train and test splits (training images, unseen reference)"}
+    train, _ = split_tensors(dataset["train"])
+    test, _ = split_tensors(dataset["test"])
+    log.info("memorisation audit: %d generated and %d test images against %d training images",
+             len(images), len(test), len(train))
+    patients = [r["metadata"].get("patient") for r in dataset["train"]]
+    return write_audit(out_dir, audit(images, train, test), images, train, patients)
+
+
+def _cache_dir(args) -> Path:
+    return Path(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
 
 
 def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks,
@@ -294,7 +365,7 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
         w.writerow(["sample", "source_index", *PER_IMAGE])
         for i in range(len(indices)):
             w.writerow([i, int(indices[i]), *(f"{per_image[m][i]:.6g}" for m in PER_IMAGE)])
-    (out_dir / "report.md").write_text(report_table(results) + "\n")
+    (out_dir / "report.md").write_text(report(results) + "\n")
     order = np.argsort(per_image["ssim"])
     k = min(8, len(order))
     rows = []
@@ -306,16 +377,36 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
     save_png(grid_image(rows, row_labels=labels), out_dir / "best_worst.png")
 
 
+def report(results: dict) -> str:
+    """The metrics table, then the mask fidelity and memorisation sections when they were computed."""
+    parts = [report_table(results)]
+    if "mask_fidelity" in results:
+        from utils.evaluation.segmenter import fidelity_table
+
+        f = results["mask_fidelity"]
+        parts += ["", f"## Mask fidelity (segmenter {f['segmenter']})", "",
+                  f"Each generated image segmented and scored against the mask that conditioned it (gen, N = "
+                  f"{f['n']}), next to the same segmenter on the {f['n_real']} real images with their own masks "
+                  f"(real: the ceiling). Means over images; NSD at {f['tolerance_px']:g} px; 95% CIs in "
+                  "metrics.json.", "", fidelity_table(f)]
+    if "memorisation" in results:
+        from utils.evaluation.memorisation import report_section
+
+        m = results["memorisation"]
+        parts += ["", f"Memorisation audit skipped: {m['skipped']}" if "skipped" in m else report_section(m)]
+    return "\n".join(parts)
+
+
 def report_table(results: dict) -> str:
     """The paper's results table (markdown), with N samples, the number of masks and the 95% intervals."""
-    head = "| " + " | ".join(f"{m.upper().replace('B_DICE', 'B-Dice')}{'↑' if HIGHER_IS_BETTER[m] else '↓'}"
-                             for m in METRICS) + " |"
+    names = {"b_dice": "B-Dice", "surface_dice": f"NSD@{results['surface_dice_tolerance_px']:g}px"}
+    head = "| " + " | ".join(f"{names.get(m, m.upper())}{'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in METRICS) + " |"
     cells, notes = [], []
     for m in METRICS:
         r = results["metrics"][m]
         if "skipped" in r:
             cells.append("skipped")
-            notes.append(f"- {m.upper()} skipped: {r['skipped'].split(': tried')[0].split('. ')[0]} "
+            notes.append(f"- {names.get(m, m.upper())} skipped: {r['skipped'].split(': tried')[0].split('. ')[0]} "
                          "(details in metrics.json)")
         else:
             v = r["value"]
@@ -324,7 +415,7 @@ def report_table(results: dict) -> str:
                 "ci95"] else ""
             real = f" vs {r['n_real']} real" if "n_real" in r else ""
             masks = f" of {r['n_masks']} masks" if "n_masks" in r else ""
-            notes.append(f"- {m.upper()}: N = {r['n']}{masks}{real}{extra}")
+            notes.append(f"- {names.get(m, m.upper())}: N = {r['n']}{masks}{real}{extra}")
     lines = [f"Evaluation of {results['checkpoint']} on split '{results['split']}' of {results['dataset']}: "
              f"{results['num_samples']} samples of {results['num_masks']} distinct masks, {results['num_steps']} "
              f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(METRICS),

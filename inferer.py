@@ -4,10 +4,17 @@ Examples:
     python inferer.py --checkpoint checkpoints/quickstart --num_samples 64 --output_dir outputs/quickstart
     python inferer.py --config_path configs/comet_camus.yaml --num_samples 2000 --num_inference_steps 10
     python inferer.py --checkpoint run.ckpt --masks my_masks/ --resize --png --output_dir outputs/mine
+    python inferer.py --checkpoint checkpoints/quickstart --split train --num_samples 480 --export synth.npz
 
 Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
 or from --masks (a folder of PNG/NPY label maps, or a dataset file). Sample i starts from the prior noise
 of (--seed, i), so the images do not depend on --batch_size or --devices.
+
+--export PATH writes a synthetic dataset instead of the samples folder: a dataset file (.npz, the framework's
+format, or .pkl, MOTFM's pickle layout, by suffix) whose one split (--export_split, default train) holds the
+generated images as uint8 with the masks that conditioned them (and their class when the source records have
+one; metadata: sample, source index or file, source_patient), plus PATH's <stem>.manifest.json (checkpoint,
+sampler, seed, mask source). It holds no real image: pair it with the real valid/test splits downstream.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", action="store_true", help="also write one PNG per image")
     p.add_argument("--format", choices=("npz", "pkl"), default="npz",
                    help="npz always; pkl also writes the seed's/MOTFM's pickle layout")
+    p.add_argument("--export", metavar="PATH",
+                   help="write a synthetic dataset file (.npz or .pkl) and PATH's .manifest.json instead of samples")
+    p.add_argument("--export_split", default="train", help="split of the exported dataset (default: %(default)s)")
     return p
 
 
@@ -108,11 +118,19 @@ def run(args) -> int:
     cfg = module.cfg
     steps, method = cfg.sampling_args.num_steps, cfg.sampling_args.method
     out_dir = Path(args.output_dir or cfg.run_dir / f"samples_{args.split}_{steps}steps")
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+    if args.export:
+        from utils.generation.outputs import export_paths
+
+        try:
+            export_paths(args.export, args.overwrite)
+        except (ValueError, FileExistsError) as e:
+            raise SystemExit(f"error: {e}") from None
+    elif out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
-    source = load_masks(args.masks or cfg.data_args.path, args.split, cfg.data_args.num_classes,
-                        cfg.data_args.image_size, resize=args.resize)
+    mask_path = args.masks or cfg.data_args.path
+    source = load_masks(mask_path, args.split, cfg.data_args.num_classes, cfg.data_args.image_size,
+                        resize=args.resize)
     n = args.num_samples or len(source.masks)
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
@@ -123,9 +141,7 @@ def run(args) -> int:
                       batch_invariant=args.batch_invariant)
 
     from utils.evaluation.feature_extractors import sha256_file
-    from utils.generation.outputs import write_samples
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "checkpoint": str(ckpt.resolve()), "checkpoint_sha256": sha256_file(ckpt), "config": module.hparams["config"],
         "num_samples": n, "num_inference_steps": steps, "method": method, "seed": args.seed,
@@ -135,12 +151,44 @@ def run(args) -> int:
         "split": None if args.masks else args.split,
         "ema": module.ema is not None, "generation_method": cfg.method,
     }
-    write_samples(out_dir, result.images, masks, [source.ids[i] for i in pick.tolist()], manifest,
-                  num_classes=cfg.data_args.num_classes, png=args.png, pkl=args.format == "pkl",
-                  split=args.split)
-    log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, out_dir,
+    ids = [source.ids[i] for i in pick.tolist()]
+    if args.export:
+        target = _export(args, result.images, masks, ids, mask_path, manifest)
+    else:
+        from utils.generation.outputs import write_samples
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_samples(out_dir, result.images, masks, ids, manifest, num_classes=cfg.data_args.num_classes,
+                      png=args.png, pkl=args.format == "pkl", split=args.split)
+        target = out_dir
+    log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, target,
              result.seconds / n, result.nfe)
     return 0
+
+
+def _export(args, images, masks, ids: list, mask_path, manifest: dict) -> Path:
+    """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file."""
+    from utils.generation.outputs import export_dataset
+
+    if all(isinstance(i, int) for i in ids):  # masks from a dataset split: carry class and patient over
+        from utils.data.dataset_io import load_dataset
+
+        records = load_dataset(mask_path)[args.split]
+        sources = [_source(i, records[i]) for i in ids]
+    else:
+        sources = [{"source": i} for i in ids]
+    return export_dataset(args.export, images, masks, sources, manifest, split=args.export_split,
+                          overwrite=args.overwrite)
+
+
+def _source(index: int, record: dict) -> dict:
+    source = {"source": index}
+    if "class" in record:
+        source["class"] = record["class"]
+    patient = record.get("metadata", {}).get("patient")
+    if patient is not None:
+        source["patient"] = patient
+    return source
 
 
 if __name__ == "__main__":

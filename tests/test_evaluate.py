@@ -36,26 +36,30 @@ def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tm
     assert _eval(tiny_run, out, "--skip_missing_metrics") == 0
     results = json.loads((out / "metrics.json").read_text())
     m = results["metrics"]
-    assert list(m) == ["fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95"]
+    assert list(m) == ["fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice"]
     for name in ("fid", "kid", "cmmd"):
         assert "not found" in m[name]["skipped"] or "not given" in m[name]["skipped"]
-    for name in ("ssim", "psnr", "b_dice", "hd95"):
+    for name in ("ssim", "psnr", "b_dice", "surface_dice", "hd95"):
         assert isinstance(m[name]["value"], float) and m[name]["n"] == 12 and m[name]["n_masks"] == 8
         lo, hi = m[name]["ci95"]
         assert lo <= m[name]["value"] <= hi
     assert results["num_samples"] == 12 and results["num_masks"] == 8 and results["num_steps"] == 2
     rows = (out / "per_image.csv").read_text().splitlines()
-    assert rows[0] == "sample,source_index,ssim,psnr,b_dice,hd95" and len(rows) == 13
+    assert rows[0] == "sample,source_index,ssim,psnr,b_dice,surface_dice,hd95" and len(rows) == 13
     # 12 samples cycle over the 8 test masks: the interval resamples the 8 source images, not the 12 samples
     table = np.loadtxt(out / "per_image.csv", delimiter=",", skiprows=1)
     assert table[:, 1].tolist() == [i % 8 for i in range(12)]
     _, lo, hi = bootstrap_ci(table[:, 2], clusters=table[:, 1], n_boot=50, seed=0)
     np.testing.assert_allclose(m["ssim"]["ci95"], [lo, hi], rtol=1e-5)  # the csv holds 6 digits
     report = (out / "report.md").read_text()
-    assert "| FID↓ | SSIM↑ |" in report and "12 samples of 8 distinct masks" in report
+    assert "| FID↓ | SSIM↑ |" in report and "| HD95↓ | NSD@2px↑ |" in report
+    assert "12 samples of 8 distinct masks" in report
     assert "- SSIM: N = 12 of 8 masks, 95% CI [" in report
     assert "95% cluster-bootstrap interval over the 8 source images; noise and masks only, not training seeds" in report
     assert (out / "best_worst.png").exists() and (out / "samples" / "samples.npz").exists()
+    audit = results["memorisation"]  # on by default
+    assert audit["n"] == 12 and audit["n_test"] == 8 and audit["threshold"] > 0
+    assert "## Memorisation audit" in report and (out / "memorisation_hist.png").exists()
 
 
 @pytest.mark.slow
@@ -94,6 +98,7 @@ def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp
                           "--output_dir", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
     assert m["ssim"]["value"] == pytest.approx(1.0) and m["b_dice"]["value"] == pytest.approx(1.0)
+    assert m["surface_dice"]["value"] == 1.0
     assert m["hd95"]["value"] == 0.0 and m["psnr"]["value"] is None  # infinite PSNR is stored as null
 
 

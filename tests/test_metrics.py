@@ -215,6 +215,7 @@ def test_real_images_against_themselves_and_shifted_copies(blobs):
     same = metrics.paired_metrics(real, real, masks)
     np.testing.assert_allclose(same["ssim"], 1.0, atol=1e-6)
     np.testing.assert_array_equal(same["b_dice"], 1.0)
+    np.testing.assert_array_equal(same["surface_dice"], 1.0)
     np.testing.assert_array_equal(same["hd95"], 0.0)
     assert np.isinf(same["psnr"]).all()
 
@@ -222,6 +223,7 @@ def test_real_images_against_themselves_and_shifted_copies(blobs):
     means = {name: [s[name].mean() for s in scores] for name in same}
     for name in ("ssim", "psnr", "b_dice"):
         assert means[name][0] > means[name][1] > means[name][2], (name, means[name])
+    assert means["surface_dice"][:2] == [1.0, 1.0] and means["surface_dice"][2] < 1.0  # shifts 1, 2 within 2 px
     assert 0 < means["hd95"][0] < means["hd95"][1] < means["hd95"][2], means["hd95"]
     assert means["b_dice"][0] < 1.0
     # paired_metrics is the single-metric functions, batched.
@@ -372,3 +374,50 @@ def test_feature_cache_computes_once_per_split_extractor_and_data(tmp_path, blob
     cache.features("valid", extractor, images)
     assert extractor.calls == 3
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+def _square(top: int, left: int, side: int = 20, size: int = 48) -> np.ndarray:
+    a = np.zeros((size, size), bool)
+    a[top:top + side, left:left + side] = True
+    return a
+
+
+def _surface_dice_by_hand(a: np.ndarray, b: np.ndarray, tolerance: float) -> float:
+    """NSD re-derived with scipy: boundary = map minus its erosion; share of boundary pixels within tolerance."""
+    edge_a, edge_b = a & ~ndimage.binary_erosion(a), b & ~ndimage.binary_erosion(b)
+    near_a = ndimage.distance_transform_edt(~edge_b)[edge_a] <= tolerance
+    near_b = ndimage.distance_transform_edt(~edge_a)[edge_b] <= tolerance
+    return (near_a.sum() + near_b.sum()) / (edge_a.sum() + edge_b.sum())
+
+
+def test_surface_dice_known_answers():
+    a = _square(10, 10)
+    assert metrics.surface_dice(a, a) == 1.0
+    assert metrics.surface_dice(a, _square(10, 12), tolerance=2.0) == 1.0  # a shift within the tolerance
+    assert metrics.surface_dice(a, _square(10, 13), tolerance=2.0) < 1.0
+    far = metrics.surface_dice(a, _square(22, 24), tolerance=2.0)
+    assert far < 0.2
+    assert metrics.surface_dice(a, np.zeros_like(a)) == 0.0
+    assert metrics.surface_dice(np.zeros_like(a), np.zeros_like(a)) == 1.0
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x, y = (ndimage.gaussian_filter(rng.random((48, 48)), 3) > 0.5 for _ in range(2))
+        for tolerance in (1.0, 2.0, 3.5):
+            assert metrics.surface_dice(x, y, tolerance) == pytest.approx(_surface_dice_by_hand(x, y, tolerance),
+                                                                         abs=1e-6)
+
+
+def test_surface_dice_of_shifted_echo_edge_maps_is_monotone_where_b_dice_is_not():
+    from utils.data.dataset_io import normalise_image
+    from utils.data.synthetic_echo import build_synthetic_dataset
+
+    test = build_synthetic_dataset(64, (1, 1, 2), 0, progress=False)["test"]
+    real = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in test]))
+    masks = torch.from_numpy(np.stack([r["mask"] for r in test]))
+    scores = [metrics.paired_metrics(torch.roll(real, k, dims=-1), real, masks) for k in (0, 1, 3, 6)]
+    nsd = [s["surface_dice"].mean() for s in scores]
+    b_dice = [s["b_dice"].mean() for s in scores]
+    assert nsd[0] == 1.0 and nsd[1] > 0.99 and nsd[1] > nsd[2] > nsd[3], nsd
+    assert b_dice[1] > b_dice[2] < b_dice[3], b_dice  # the 6-px myocardium realigns pixel-exact edges
+    np.testing.assert_allclose(scores[2]["surface_dice"], metrics.surface_dice_per_image(
+        torch.roll(real, 3, dims=-1), real, masks))

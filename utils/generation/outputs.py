@@ -40,3 +40,49 @@ def write_samples(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, ids:
         with open(out_dir / "samples.pkl", "wb") as f:
             pickle.dump({split: records}, f, protocol=pickle.HIGHEST_PROTOCOL)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+EXPORT_SUFFIXES = (".npz", ".pkl")
+
+
+def export_paths(path: str | Path, overwrite: bool) -> tuple[Path, Path]:
+    """The dataset file and its manifest (``<stem>.manifest.json`` beside it), checked before any work:
+    a known suffix, and neither file present unless ``overwrite``."""
+    path = Path(path)
+    if path.suffix.lower() not in EXPORT_SUFFIXES:
+        raise ValueError(f"{path}: unknown export format '{path.suffix}' (expected {' or '.join(EXPORT_SUFFIXES)})")
+    manifest = path.with_name(f"{path.stem}.manifest.json")
+    for p in (path, manifest):
+        if p.exists() and not overwrite:
+            raise FileExistsError(f"{p} exists; pass --overwrite to replace it")
+    return path, manifest
+
+
+def export_dataset(path: str | Path, images: torch.Tensor, masks: torch.Tensor, sources: list[dict], manifest: dict,
+                   split: str = "train", overwrite: bool = False) -> Path:
+    """Generated images as a dataset file (:func:`utils.data.dataset_io.save_dataset`, ``.npz`` or the MOTFM
+    ``.pkl`` layout by suffix) holding the one split ``split``, and its manifest.
+
+    ``images`` (N, 1, H, W) float in [0, 1] are stored as uint8 (rounded); ``masks`` (N, 1, H, W) uint8 are
+    the masks that conditioned them. ``sources[i]`` describes sample i's mask: ``source`` (index in its split
+    or file name), and when the mask came from a dataset record its ``class`` and ``patient``; records get
+    ``metadata`` ``{"sample": i, "source": ..., "source_patient": ...}`` (``source_patient``, not
+    ``patient``: the image is not that patient's) and ``class`` when every source has one.
+    """
+    from utils.data.dataset_io import save_dataset, to_uint8
+
+    path, manifest_path = export_paths(path, overwrite)
+    with_class = all("class" in s for s in sources)
+    records = []
+    for i, source in enumerate(sources):
+        meta = {"sample": i, "source": str(source["source"])}
+        if "patient" in source:
+            meta["source_patient"] = str(source["patient"])
+        record = {"image": to_uint8(images[i].numpy()), "mask": masks[i].numpy().astype(np.uint8), "metadata": meta}
+        if with_class:
+            record["class"] = int(source["class"])
+        records.append(record)
+    save_dataset(path, {split: records}, overwrite=overwrite)
+    manifest_path.write_text(json.dumps({**manifest, "dataset": str(path), "split": split,
+                                         "num_records": len(records)}, indent=2, default=str) + "\n")
+    return path

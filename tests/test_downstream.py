@@ -1,0 +1,61 @@
+"""Downstream study: training sets per condition, paired statistics over seeds, the written tables."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from utils.data.dataset_io import load_dataset, save_dataset
+from utils.evaluation import downstream
+
+
+def _as_synthetic(records):
+    """Records shaped like an inferer.py --export: source_patient instead of patient."""
+    return [{"image": r["image"], "mask": r["mask"],
+             "metadata": {"sample": i, "source_patient": r["metadata"]["patient"]}} for i, r in enumerate(records)]
+
+
+def test_conditions_draw_patients_and_add_synthetic_images_for_the_rest(tiny_data):
+    train = load_dataset(tiny_data)["train"]  # 4 patients x 4 images
+    synthetic = _as_synthetic(train)
+    sets = downstream.conditions(train, synthetic, 0.25, seed=0)
+    assert list(sets) == ["real", "synthetic", "real+synthetic", "real25", "real25+synthetic"]
+    kept = {r["metadata"]["patient"] for r in sets["real25"]}
+    assert len(kept) == 1 and len(sets["real25"]) == 4 and len(sets["real+synthetic"]) == 32
+    extra = sets["real25+synthetic"][4:]
+    assert len(extra) == 12 and not kept & {r["metadata"]["source_patient"] for r in extra}
+    assert downstream.conditions(train, synthetic, 0.25, seed=0)["real25"] == sets["real25"]  # seeded
+
+
+def test_t_interval_is_the_textbook_one():
+    values = [0.80, 0.84, 0.83]
+    t = downstream.t_interval(values)
+    half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
+    assert t["mean"] == pytest.approx(np.mean(values))
+    np.testing.assert_allclose(t["ci95"], [np.mean(values) - half, np.mean(values) + half])
+    assert downstream.t_interval([0.5])["ci95"] == [None, None]
+
+
+@pytest.mark.slow
+def test_cli_synthetic_copies_of_the_real_images_train_the_same_segmenter(tiny_data, tmp_path):
+    """Synthetic = the real training images in the same order: same seed, same batches, same weights, so
+    the synthetic row equals the real row and its paired differences are exactly zero."""
+    save_dataset(tmp_path / "synth.npz", {"train": _as_synthetic(load_dataset(tiny_data)["train"])})
+    out = tmp_path / "out"
+    assert downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"),
+                            "--output", str(out), "--seeds", "0", "1", "--steps", "3"]) == 0
+    summary = json.loads((out / "downstream.json").read_text())["summary"]
+    for label in ("LV cavity", "myocardium", "LA cavity"):
+        for score in ("dice", "hd95", "surface_dice"):
+            assert summary["synthetic"][label][score]["value"] == summary["real"][label][score]["value"]
+            assert summary["synthetic"][label][score]["vs_real"]["mean"] == 0.0
+    rows = list(csv.DictReader(open(out / "downstream.csv")))
+    assert len(rows) == 5 * 2 * 3
+    dice = [float(r["dice"]) for r in rows if r["condition"] == "real" and r["label"] == "LV cavity"]
+    assert summary["real"]["LV cavity"]["dice"]["value"]["mean"] == pytest.approx(np.mean(dice), abs=1e-6)
+    md = (out / "downstream.md").read_text()
+    assert "| real25+synthetic | 16 |" in md and "ΔDice LV cavity" in md
+    with pytest.raises(SystemExit, match="downstream.json exists; pass --overwrite"):
+        downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"), "--output", str(out)])

@@ -352,7 +352,8 @@ def result(setting: Setting, task: str, batch: int, timing: dict, flop_per_image
            "peak_gib": timing["peak_gib"], "gflop_per_image": flop_per_image / 1e9, "tflops": tflops,
            "fraction_of_peak": tflops / peak if peak else None, "first_step_s": timing["first_s"],
            "compile_s": compile_s, "timed_images": batch * timing["calls"]}
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+    # 4 significant digits, not 4 decimals: a slow CPU reaches ~1e-5 TFLOP/s, which 4 decimals would write as 0
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}
 
 
 def markdown_table(rows: list[dict]) -> str:

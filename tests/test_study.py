@@ -94,7 +94,8 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     out = tmp_path / "tiny_study"
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Method"))
-    assert header == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ |"  # the seed's order; FID/KID/CMMD not measured
+    # the seed's order, then surface Dice; FID/KID/CMMD not measured without weights
+    assert header == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ | NSD↑ |"
     assert "## Difference from MOTFM" in md and "| + warm start | " in md and "2 training seeds [0, 1]" in md
     results = json.loads((out / "results.json").read_text())
     assert results["rows"]["MOTFM"]["ssim"]["n_seeds"] == 2

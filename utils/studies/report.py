@@ -21,8 +21,11 @@ def metric_order() -> tuple[tuple[str, ...], dict[str, bool]]:
     return METRICS, HIGHER_IS_BETTER
 
 
+LABELS = {"b_dice": "B-Dice", "surface_dice": "NSD"}  # NSD: normalised surface Dice at evaluate.py's tolerance
+
+
 def column(metric: str, higher: dict[str, bool]) -> str:
-    return f"{metric.upper().replace('B_DICE', 'B-Dice')}{'↑' if higher[metric] else '↓'}"
+    return f"{LABELS.get(metric, metric.upper())}{'↑' if higher[metric] else '↓'}"
 
 
 def _cell(c: dict | None, signed: bool = False) -> str:

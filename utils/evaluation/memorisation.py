@@ -105,7 +105,8 @@ def write_audit(out_dir: Path, result: dict, generated01: torch.Tensor, train01:
                   result["threshold"], out_dir / "memorisation_hist.png")
     closest = list(np.argsort(result["distance"], kind="stable")[:PAIRS_SHOWN])
     nearest_train = [int(result["index"][i]) for i in closest]
-    save_png(grid_image([generated01[closest], train01[nearest_train]]), out_dir / "memorisation_pairs.png")
+    save_png(grid_image([generated01[closest], train01[nearest_train]], row_labels=["generated", "nearest train"]),
+             out_dir / "memorisation_pairs.png")
     return s
 
 

@@ -66,7 +66,9 @@ def random_inception_file(tmp_path_factory):
 
     from utils.evaluation.feature_extractors import INCEPTION_FILE_NAME
 
-    with pytest.MonkeyPatch.context() as mp:  # build without downloading or loading any weights
+    # build without downloading or loading any weights; the random weights do not depend on the tests run before
+    with pytest.MonkeyPatch.context() as mp, torch.random.fork_rng():
+        torch.manual_seed(0)
         mp.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: {})
         mp.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
         model = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])

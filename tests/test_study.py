@@ -9,7 +9,7 @@ import yaml
 
 from utils.config import ConfigError
 from utils.studies.spec import load_study
-from utils.studies.tables import RunResult, paired_difference, t_interval
+from utils.studies.tables import RunResult, paired_difference, run_value, t_interval
 
 
 def _run(row, seed, values, index=(0, 1, 2)):
@@ -39,9 +39,21 @@ def test_differences_are_paired_within_seed_then_summarised_over_seeds():
         paired_difference(_run("r", 0, [1, 2, 3], index=(0, 1, 5)), base[0], "ssim")
 
 
+def test_mask_dice_is_the_segmenters_dice_averaged_over_labels():
+    run = _run("a", 0, [0.5, 0.5, 0.5])
+    assert run_value(run, "mask_dice") is None  # evaluated without a segmenter: the column is left out
+    run.evaluation["mask_fidelity"] = {"generated": {"LV cavity": {"dice": {"value": 0.9}},
+                                                     "myocardium": {"dice": {"value": 0.6}}}}
+    assert run_value(run, "mask_dice") == pytest.approx(0.75)
+    other = _run("b", 0, [0.5, 0.5, 0.5])
+    other.evaluation["mask_fidelity"] = {"generated": {"LV cavity": {"dice": {"value": 0.8}},
+                                                       "myocardium": {"dice": {"value": 0.5}}}}
+    assert paired_difference(run, other, "mask_dice") == pytest.approx(0.1)
+
+
 def _study(tmp_path, tiny_data, **extra) -> str:
     spec = {"name": "tiny_study", "config": "configs/tiny.yaml", "seeds": [0, 1], "output_dir": str(tmp_path),
-            "evaluation": {"num_samples": 4, "num_steps": 2, "n_boot": 20},
+            "evaluation": {"num_samples": 4, "num_steps": 2, "n_boot": 20, "segmenter": "auto"},
             "rows": [{"name": "MOTFM", "set": ["prior_args.alpha=0", "contrastive_args.weight=0",
                                                f"data_args.path={tiny_data}", "train_args.max_epochs=1"]},
                      {"name": "+ warm start", "set": ["contrastive_args.weight=0", f"data_args.path={tiny_data}",
@@ -67,6 +79,7 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     import study
     import trainer
 
+    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))  # the auto segmenter, trained once
     trained, evaluated = [], []
     real_train, real_eval = trainer.main, evaluate.main
 
@@ -95,7 +108,7 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| Method"))
     # the seed's order, then surface Dice; FID/KID/CMMD not measured without weights
-    assert header == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ | NSD↑ |"
+    assert header == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ | NSD↑ | mask Dice↑ |"
     assert "## Difference from MOTFM" in md and "| + warm start | " in md and "2 training seeds [0, 1]" in md
     results = json.loads((out / "results.json").read_text())
     assert results["rows"]["MOTFM"]["ssim"]["n_seeds"] == 2

@@ -15,13 +15,14 @@ SAMPLE_ROWS = 6  # masks shown in samples.png
 
 
 def metric_order() -> tuple[tuple[str, ...], dict[str, bool]]:
-    """The seed's column order and which direction is better (evaluate.py's definitions)."""
+    """The seed's column order then ours, and which direction is better (evaluate.py's definitions)."""
     from evaluate import HIGHER_IS_BETTER, METRICS
 
-    return METRICS, HIGHER_IS_BETTER
+    return (*METRICS, "mask_dice"), {**HIGHER_IS_BETTER, "mask_dice": True}
 
 
-LABELS = {"b_dice": "B-Dice", "surface_dice": "NSD"}  # NSD: normalised surface Dice at evaluate.py's tolerance
+# NSD: normalised surface Dice at evaluate.py's tolerance; mask Dice: the segmenter's, mean over labels
+LABELS = {"b_dice": "B-Dice", "surface_dice": "NSD", "mask_dice": "mask Dice"}
 
 
 def column(metric: str, higher: dict[str, bool]) -> str:

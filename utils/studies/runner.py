@@ -72,7 +72,8 @@ def evaluate(spec: StudySpec, row: RowSpec, seed: int) -> None:
     evaluate_cli.main(["--checkpoint", str(row_config(spec, row, seed).run_dir), "--which", "best",
                        "--num_samples", str(e.num_samples), "--num_steps", str(spec.num_steps(row)),
                        "--seed", str(e.noise_seed), "--split", e.split, "--n_boot", str(e.n_boot),
-                       "--skip_missing_metrics", "--output_dir", str(out), "--overwrite"])  # ours: a killed try
+                       "--skip_missing_metrics", "--output_dir", str(out), "--overwrite",  # ours: a killed try
+                       *(["--segmenter", e.segmenter] if e.segmenter else [])])
 
 
 def run_study(spec: StudySpec) -> None:

@@ -49,6 +49,9 @@ class EvaluationSpec:
     noise_seed: int = 0  # the noise of sample i is that of (noise_seed, i), in every row and seed
     num_steps: int = 10  # steps of each row's own sampler (a one-pass generator ignores them)
     n_boot: int = 1000  # for the per-run cluster-bootstrap intervals evaluate.py writes
+    # evaluate.py --segmenter: "" = no mask fidelity; "auto" (trained once per dataset, cached) or a segmenter path.
+    # With it the tables gain mask_dice: the segmenter's Dice against the conditioning mask, mean over labels.
+    segmenter: str = ""
 
     def check(self, key):
         for name in ("num_samples", "num_steps", "n_boot"):

@@ -46,7 +46,11 @@ def load_run(spec: StudySpec, row, seed: int) -> RunResult:
 
 
 def run_value(run: RunResult, metric: str) -> float | None:
-    """The run's value of ``metric``: the mean of its finite per-image values, or the set value; None if skipped."""
+    """The run's value of ``metric``: the mean of its finite per-image values, or the set value; None if skipped.
+    ``mask_dice`` is the segmenter's Dice of the generated images against their masks, mean over the labels."""
+    if metric == "mask_dice":
+        labels = run.evaluation.get("mask_fidelity", {}).get("generated", {})
+        return float(np.mean([s["dice"]["value"] for s in labels.values()])) if labels else None
     if metric in run.per_image:
         v = run.per_image[metric]
         return float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else None

@@ -30,7 +30,7 @@ from utils.evaluation.metrics import psnr_per_image, ssim_per_image
 from utils.generation.generate import generate
 from utils.images import grid_image, mask_to_unit, save_png, to_unit
 from utils.methods.networks import count_parameters
-from utils.seeding import SampleNoise, seeded_generator
+from utils.seeding import SampleNoise, noise_for_indices, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,12 @@ class SynthesisMethod(pl.LightningModule):
         resumed run draws what the uninterrupted run would have drawn at the same epoch and batch.
         """
         return seeded_generator([self.cfg.train_args.seed, self.global_rank, self.current_epoch, batch_idx], device)
+
+    def validation_noise(self, batch: dict) -> torch.Tensor:
+        """Fixed N(0, I) noise like ``batch["x_1"]`` per validation image: that of (seed, index), so val/loss
+        compares epochs and runs on the same draws."""
+        x_1 = batch["x_1"]
+        return noise_for_indices(batch["index"].cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
 
     def compile_blocks(self) -> int:
         """Compile the network's repeated blocks in place for ``train_args.compile: blocks``; how many."""

@@ -14,7 +14,7 @@ from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
 from utils.methods.diffusion_sampler import noise_schedule, sample
 from utils.methods.networks import build_model, compile_blocks, controlnet_parameter_counts
-from utils.seeding import SampleNoise, fixed_times, noise_for_indices
+from utils.seeding import SampleNoise, fixed_times
 
 
 class DDPMModule(SynthesisMethod):
@@ -64,7 +64,7 @@ class DDPMModule(SynthesisMethod):
     def validation_loss(self, batch: dict) -> torch.Tensor:
         """The training MSE at a fixed (timestep, eps) per validation image, with the weights that make images."""
         x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
-        eps = noise_for_indices(index.cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
+        eps = self.validation_noise(batch)
         num = self.cfg.ddpm_args.num_train_timesteps
         timesteps = (fixed_times(index) * num).long().clamp(max=num - 1).to(x_1.device)  # float32 t may round to 1
         return self.diffusion_loss(self.sampling_network(), x_1, mask, eps, timesteps)

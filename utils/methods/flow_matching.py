@@ -21,7 +21,7 @@ from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
 from utils.methods.networks import VelocityAdapter, build_model, compile_blocks, controlnet_parameter_counts
 from utils.methods.ode_sampler import sample
 from utils.methods.prior import warm_start_prior
-from utils.seeding import SampleNoise, fixed_times, noise_for_indices
+from utils.seeding import SampleNoise, fixed_times
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class FlowMatchingModule(SynthesisMethod):
     def validation_loss(self, batch: dict) -> torch.Tensor:
         """The flow-matching MSE at fixed (t, eps) per validation image, with the weights that make images."""
         x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
-        eps = noise_for_indices(index.cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
+        eps = self.validation_noise(batch)
         fm, *_ = self.flow_matching_loss(self.sampling_network(), x_1, mask, eps, fixed_times(index).to(x_1.device))
         return fm
 

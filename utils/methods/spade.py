@@ -23,7 +23,7 @@ from losses.perceptual import PerceptualLoss, vgg19_features
 from utils.config import SpadeConfig
 from utils.images import to_unit
 from utils.methods.adversarial import AdversarialMethod, Losses, one_hot
-from utils.seeding import SampleNoise, noise_for_indices
+from utils.seeding import SampleNoise
 
 
 def build_generator(cfg: SpadeConfig, num_classes: int, image_size: int) -> SPADENet:
@@ -105,8 +105,8 @@ class SpadeModule(AdversarialMethod):
         generator is, and the VAE's latent is each image's noise of (seed, index), as at generation. L1
         favours the conditional mean, so it is a proxy for image quality, not FID.
         """
-        x_1, index = batch["x_1"], batch["index"]
-        eps = noise_for_indices(index.cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
+        x_1 = batch["x_1"]
+        eps = self.validation_noise(batch)
         return F.l1_loss(self.synthesise(self.sampling_network(), batch["mask"], eps).float(), x_1.float())
 
     def generate(self, mask: torch.Tensor, noise: SampleNoise, num_steps: int, sampler: str) -> torch.Tensor:

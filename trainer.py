@@ -231,8 +231,6 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
              " + ".join(f"{name} {n:,}" for name, n in counts.items()))
     log.info("%s", module.describe())
     log_budget(t, len(dm.train_set))
-    module.accumulate_grad_batches = accumulate
-    manual = not module.automatic_optimization  # the method clips and accumulates itself
 
     callbacks = [
         ModelCheckpoint(dirpath=cfg.run_dir, monitor="val/loss", mode="min", save_top_k=1, save_last=True,
@@ -248,9 +246,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
                 if world > 1 else "auto")
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=precision, max_epochs=t.max_epochs, max_steps=module.trainer_max_steps(t.max_steps),
-        accumulate_grad_batches=1 if manual else accumulate,
-        gradient_clip_val=None if manual else t.gradient_clip_val or None,
+        precision=precision, max_epochs=t.max_epochs, **module.trainer_arguments(accumulate, t.max_steps),
         check_val_every_n_epoch=t.val_every_n_epochs, log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches or None, limit_val_batches=t.limit_val_batches or None,
         default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,

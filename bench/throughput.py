@@ -257,11 +257,9 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed)
     module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
-    clip = run_cfg.train_args.gradient_clip_val or None if module.automatic_optimization else None
     timer = step_timer(args.warmup, args.iters, device)
-    steps = module.trainer_max_steps(args.warmup + args.iters)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_steps=steps,
-                         gradient_clip_val=clip, limit_val_batches=0,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision,
+                         **module.trainer_arguments(1, args.warmup + args.iters), limit_val_batches=0,
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[timer], default_root_dir=workdir)
     trainer.fit(module, datamodule=dm)

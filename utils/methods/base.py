@@ -104,6 +104,16 @@ class SynthesisMethod(pl.LightningModule):
         """Lightning's ``max_steps`` for ``generator_steps`` generator steps (-1, no limit, stays -1)."""
         return generator_steps * self.optimizer_steps_per_generator_step if generator_steps > 0 else -1
 
+    def trainer_arguments(self, accumulate: int, generator_steps: int) -> dict:
+        """The Lightning Trainer's accumulation, clipping and ``max_steps`` for this method, which accumulates
+        ``accumulate`` micro-batches. Lightning refuses both with manual optimisation: such a method gets 1 and
+        None and does them itself (it reads :attr:`accumulate_grad_batches`)."""
+        self.accumulate_grad_batches = accumulate
+        manual = not self.automatic_optimization
+        return {"accumulate_grad_batches": 1 if manual else accumulate,
+                "gradient_clip_val": None if manual else self.cfg.train_args.gradient_clip_val or None,
+                "max_steps": self.trainer_max_steps(generator_steps)}
+
     def sampling_network(self) -> torch.nn.Module:
         """The weights images are made with: the EMA weights when kept, else the trained ones."""
         return self.ema.module if self.ema is not None else self.model

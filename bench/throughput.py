@@ -52,9 +52,9 @@ SETTINGS = {s.name: s for s in (
     Setting("comet-fp16-einsum", "16-mixed", False, False, "framework, the seed recipe with MONAI's einsum attention"),
     Setting("comet-fp16", "16-mixed", True, False, "framework, the seed config as shipped: fp16, SDPA attention"),
     Setting("comet-fp32", "32-true", True, False, "framework, fp32 (TF32 matmuls), SDPA, fused Adam on CUDA"),
-    Setting("comet-bf16", "bf16-mixed", True, False, "framework, bf16, SDPA, fused Adam on CUDA"),
+    Setting("comet-bf16", "bf16-mixed", True, False, "framework, bf16, SDPA (Adam fused only without clipping)"),
     Setting("comet-bf16-compiled", "bf16-mixed", True, True,
-            "framework, bf16, SDPA, fused Adam, torch.compile of each UNet/ControlNet block (training only)"),
+            "framework, bf16, SDPA, torch.compile of each UNet/ControlNet block (training only)"),
 )}
 DEFAULT_SETTINGS = [name for name, s in SETTINGS.items() if not s.compile]
 

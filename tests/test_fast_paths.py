@@ -140,17 +140,31 @@ def test_mixed_precision_sampling_matches_fp32(precision):
     assert 0 < (got - ref).abs().max() <= 1e-2
 
 
-@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed", "32-true"])
-@pytest.mark.parametrize("clip", [0.0, 1.0])
-def test_fused_adam_is_chosen_only_where_lightning_can_clip_it(precision, clip):
-    """Lightning's own precision plugin is the reference: it refuses to clip a fused optimizer under either mixed
-    precision (bf16 included, as an H200 run showed), so fused Adam is chosen only where its clipping passes."""
-    from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+def test_fused_adam_only_on_cuda_and_never_with_fp16_clipping():
+    assert use_fused_adam(True, "bf16-mixed", 1.0) and use_fused_adam(True, "32-true", 1.0)
+    assert use_fused_adam(True, "16-mixed", 0.0)  # no clipping: the scaler may unscale inside the step
+    assert not use_fused_adam(True, "16-mixed", 1.0)  # Lightning must unscale before clipping
+    assert not use_fused_adam(False, "bf16-mixed", 1.0)
 
-    param = torch.nn.Parameter(torch.ones(3))
-    param.grad = torch.full((3,), 2.0)
-    plugin = Precision() if precision == "32-true" else MixedPrecision(precision, device="cpu")
-    fused = use_fused_adam(True, precision, clip)
-    plugin.clip_gradients(torch.optim.Adam([param], fused=fused), clip_val=clip)  # raises where it cannot
-    assert fused == (precision == "32-true" or clip == 0)
-    assert not use_fused_adam(False, precision, clip)  # never on a CPU
+
+def test_bf16_training_clips_a_fused_adam(monkeypatch):
+    """Lightning's MixedPrecision plugin refuses to clip a fused optimizer under bf16 (an H200 run crashed on it);
+    the method clips by itself, so a fused Adam trains under bf16-mixed and its gradients are clipped to the limit."""
+    import pytorch_lightning as pl
+
+    monkeypatch.setattr("utils.methods.base.use_fused_adam", lambda *args: True)  # fused on the CPU too
+    module, clip, norms = tiny_module(contrastive_args={"weight": 0.0}), 1e-4, []  # plain loaders: no patients
+
+    class ClippedNorms(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            optimizer = trainer.optimizers[0]
+            assert optimizer.defaults["fused"]
+            optimizer.register_step_post_hook(lambda opt, *_: norms.append(torch.nn.utils.get_total_norm(
+                [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]).item()))
+
+    samples = [{k: v[i] for k, v in batch().items()} for i in range(4)] * 2
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=clip, max_steps=2,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, callbacks=[ClippedNorms()])
+    trainer.fit(module, torch.utils.data.DataLoader(samples, batch_size=4))
+    assert norms == pytest.approx([clip, clip], rel=1e-3)  # the raw gradients are far larger than 1e-4

@@ -120,7 +120,7 @@ class AdversarialMethod(SynthesisMethod):
     def on_before_optimizer_step(self, optimizer):
         clip = self.cfg.train_args.gradient_clip_val
         if clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            self.configure_gradient_clipping(optimizer, clip, "norm")
 
     def configure_optimizers(self):
         lr_g, lr_d, betas = self.adam_settings()

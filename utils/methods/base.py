@@ -36,9 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> bool:
-    """Fused Adam (one kernel for all parameters) on CUDA, except for mixed precision with clipping: Lightning's
-    MixedPrecision plugin refuses to clip an optimizer that could unscale inside its step, for fp16 and bf16 alike."""
-    return on_cuda and not (precision.endswith("-mixed") and gradient_clip_val > 0)
+    """Fused Adam (one kernel for all parameters) on CUDA, except for fp16 with clipping: there Lightning's
+    GradScaler must unscale before clipping, which an optimizer that unscales inside its step prevents. Under
+    bf16 the method clips by itself (:meth:`SynthesisMethod.configure_gradient_clipping`)."""
+    return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
 
 
 class SynthesisMethod(pl.LightningModule):
@@ -192,6 +193,15 @@ class SynthesisMethod(pl.LightningModule):
         log.info("epoch %d: sample grid %s (SSIM %.3f, PSNR %.2f dB on %d validation masks)",
                  self.current_epoch, out, ssim, psnr, n)
         return {"val/sample_ssim": float(ssim), "val/sample_psnr": float(psnr)}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Under bf16 there is no loss scaler, so the gradients are already true and are clipped here by norm:
+        Lightning's MixedPrecision plugin refuses to clip a fused optimizer even then (found on an H200)."""
+        if gradient_clip_val and self.trainer.precision == "bf16-mixed" and gradient_clip_algorithm in (None, "norm"):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         t = self.cfg.train_args

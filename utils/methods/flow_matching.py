@@ -112,9 +112,12 @@ class FlowMatchingModule(SynthesisMethod):
 
     # --- training state beyond the weights ----------------------------------------------------------
     def on_train_start(self):
-        c, patient = self.cfg.contrastive_args, self.trainer.datamodule.train_set.patient
+        c = self.cfg.contrastive_args
+        if not (c.weight > 0 and c.exclude_same_patient and self.global_rank == 0):
+            return
+        patient = self.trainer.datamodule.train_set.patient
         missing = int((patient < 0).sum())
-        if c.weight > 0 and c.exclude_same_patient and missing and self.global_rank == 0:
+        if missing:
             log.warning("%d of %d training images have no patient id (MOTFM pickles and PNG folders carry none): "
                         "contrastive_args.exclude_same_patient cannot keep their other images out of the "
                         "negatives", missing, len(patient))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.methods.ukan import KANLinear, UKAN
+from utils.methods.ukan import UKAN, KANLinear
 
 
 def count(module: nn.Module) -> int:

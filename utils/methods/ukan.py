@@ -142,7 +142,8 @@ class KANBlock(nn.Module):
 
 
 class TokenStage(nn.Module):
-    """conv3x3 stride 2 + LayerNorm (U-KAN's PatchEmbed), one KANBlock, LayerNorm: (B, c_in, H, W) -> (B, dim, H/2, W/2)."""
+    """conv3x3 stride 2 + LayerNorm (U-KAN's PatchEmbed), one KANBlock, LayerNorm:
+    (B, c_in, H, W) -> (B, dim, H/2, W/2)."""
 
     def __init__(self, c_in: int, dim: int, kind: str):
         super().__init__()
@@ -178,7 +179,8 @@ class UKAN(nn.Module):
         self.channels = (d0 // 8, d0 // 4, d0, d1, d2)
 
     def encode(self, x: torch.Tensor, stages: int = 5) -> list[torch.Tensor]:
-        """The first ``stages`` of [s1..s5]: (B, d0/8, H/2), (B, d0/4, H/4), (B, d0, H/8), (B, d1, H/16), (B, d2, H/32)."""
+        """The first ``stages`` of [s1..s5]: (B, d0/8, H/2, W/2), (B, d0/4, H/4, ..), (B, d0, H/8, ..),
+        (B, d1, H/16, ..), (B, d2, H/32, ..)."""
         out = []
         for layer in self.encoder[:stages]:
             x = F.relu(F.max_pool2d(layer(x), 2))

@@ -209,6 +209,10 @@ class MedDTFMModule(AdversarialMethod):
     # --- generation ---------------------------------------------------------------------------------
     supports_reference = True
 
+    @property
+    def default_t0(self) -> float:
+        return self.cfg.med_dt_fm_args.reference_t0
+
     def generate(self, mask: torch.Tensor, noise: SampleNoise, num_steps: int, sampler: str) -> torch.Tensor:
         x_0 = noise.initial()
         return to_unit(sample(VelocityAdapter(self.sampling_network()), x_0, mask, num_steps, sampler))

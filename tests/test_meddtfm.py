@@ -360,6 +360,24 @@ def test_segmenter_below_threshold_stops_the_run():
         m.pretrain_segmenter(phantom(8, 0), phantom(4, 1), progress=False)
 
 
+def test_stage_0_runs_for_a_new_run_only(monkeypatch, tmp_path):
+    class Data:
+        train_set, val_set = phantom(4, 0), phantom(2, 1)
+
+    ran = []
+    monkeypatch.setattr(MedDTFMModule, "pretrain_segmenter", lambda self, train, val: ran.append(train))
+    config = config_to_dict(config_from_dict({**values(), "output_dir": str(tmp_path)}))
+    MedDTFMModule.for_data(config, Data())
+    assert ran == [Data.train_set]
+    (tmp_path / "meddtfm_tiny").mkdir()
+    (tmp_path / "meddtfm_tiny" / "last.ckpt").touch()  # a resumed run: its checkpoint holds the segmenter
+    MedDTFMModule.for_data(config, Data())
+    no_dt = config_to_dict(config_from_dict({**values(lambdas=[0, 0, 0, 0]), "run_name": "no_dt",
+                                             "output_dir": str(tmp_path)}))
+    MedDTFMModule.for_data(no_dt, Data())  # nothing reads the segmenter's features
+    assert len(ran) == 1
+
+
 # --- reference-guided sampling ------------------------------------------------------------------------------------
 def test_reference_endpoints():
     m = module().eval()

@@ -81,6 +81,9 @@ class MedDTFMModule(AdversarialMethod):
     def for_data(cls, config: dict, datamodule) -> MedDTFMModule:
         """The module to train: stage 0 runs now, unless the run resumes (its checkpoint holds the segmenter)."""
         module = cls(config)
+        if not any(module.cfg.med_dt_fm_args.lambdas):
+            log.info("stage 0 skipped: med_dt_fm_args.lambdas are all 0, so nothing reads the segmenter's features")
+            return module
         if (module.cfg.run_dir / "last.ckpt").is_file():
             log.info("stage 0 skipped: the run resumes from %s, which holds the segmenter and its feature "
                      "statistics", module.cfg.run_dir / "last.ckpt")

@@ -198,6 +198,18 @@ def test_segmenter_frozen():
 
 
 # --- the adversarial term and manual optimisation ----------------------------------------------------------------
+def test_patch_discriminator_layout():
+    from utils.methods.adversarial import PatchDiscriminator
+
+    d = PatchDiscriminator(1 + 4, 64, 3)  # pix2pix's NLayerDiscriminator widths on [image, one-hot of 4 labels]
+    assert sum(p.numel() for p in d.parameters()) == 2_766_785
+    convs = [*d.layers, d.head]
+    assert all(torch.nn.utils.parametrize.is_parametrized(c, "weight") for c in convs)  # spectral norm everywhere
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)) for m in d.modules())
+    logits, features = PatchDiscriminator(5, 8, 3)(torch.randn(2, 5, 64, 64))
+    assert [tuple(x.shape) for x in logits] == [(2, 1, 6, 6)] and len(features) == 1 and len(features[0]) == 4
+
+
 def test_adversarial_weight_schedule():
     assert [adversarial_weight(0.1, 2, 2, e) for e in range(5)] == [0.0, 0.0, 0.05, 0.1, 0.1]
     assert adversarial_weight(0.0, 0, 1, 9) == 0.0

@@ -6,12 +6,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import tiny_overrides
+from conftest import ROOT, tiny_overrides
 
 import trainer
 from utils.data.masks import load_masks
@@ -131,3 +133,30 @@ def test_reference_closer_than_noise(run, tiny_data):
     guided = [error(t0) for t0 in (0.3, 0.5, 0.7, 0.9)]
     assert guided[0] < noise_based and all(b <= a for a, b in zip(guided, guided[1:]))
     assert error(0.0) == noise_based
+
+
+def test_evaluate_runs_on_a_meddtfm_checkpoint(run, tmp_path, monkeypatch):
+    import evaluate
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
+    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    run_dir, _ = run
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(run_dir), "--skip_missing_metrics", "--num_samples", "8",
+                          "--n_boot", "20", "--output_dir", str(out)]) == 0
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["ssim"]["n"] == 8
+
+
+def test_ddp_with_two_cpu_processes(tmp_path, tiny_data):
+    """Each rank runs stage 0. In epoch 0 the adversarial term is off (D unused), in epoch 1 a rank may have no
+    t >= 0.5 sample: DDP (find_unused_parameters off) must still get a gradient for every trained parameter."""
+    sets = tiny_overrides(tmp_path, **{"data_args.path": tiny_data, "train_args.devices": 2,
+                                       "train_args.max_epochs": 2, "train_args.effective_batch_size": 16})
+    cmd = [sys.executable, "trainer.py", "--config_path", "configs/meddtfm_tiny.yaml"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "runs" / "meddtfm_tiny" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4  # per epoch 16 images = 4 per process x 2 processes x 2 micro-batches: G and D

@@ -14,7 +14,8 @@ of (--seed, i), so the images do not depend on --batch_size or --devices.
 --reference FILE|DIR (a method with reference-guided generation: med_dt_fm) guides sample i by reference image
 i (cycled; a PNG/NPY file, a folder of them, or the --split of a dataset file): it starts at --t0 on the straight
 path towards the reference and is integrated to t = 1 under its mask (t0 = 0: noise-based; t0 = 1: the
-reference itself). The manifest records t0 and the references' SHA-256.
+reference itself). The manifest records t0 and the references' SHA-256. --feature_guidance S (experimental, default
+0) also pulls each step's projected decoder features towards the reference's segmentation-encoder features.
 
 --export PATH writes a synthetic dataset instead of the samples folder: a dataset file (.npz, the framework's
 format, or .pkl, MOTFM's pickle layout, by suffix) whose one split (--export_split, default train) holds the
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference-guided generation from these images (see above; method med_dt_fm)")
     p.add_argument("--t0", type=float, help="with --reference: where on the path to start, in [0, 1] (default: the "
                                             "checkpoint's med_dt_fm_args.reference_t0)")
+    p.add_argument("--feature_guidance", type=float, default=0.0, metavar="S",
+                   help="with --reference: experimental feature guidance scale (default: 0, off; it did not help "
+                        "in the design study)")
     p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
     p.add_argument("--batch_invariant", action="store_true",
                    help="run the network on one image at a time: bitwise-identical images for any --batch_size "
@@ -100,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.t0 is not None and not args.reference:
         raise SystemExit("error: --t0 needs --reference")
+    if args.feature_guidance and not args.reference:
+        raise SystemExit("error: --feature_guidance needs --reference")
+    if args.feature_guidance < 0:
+        raise SystemExit(f"error: --feature_guidance must be >= 0, got {args.feature_guidance}")
     if args.t0 is not None and not 0 <= args.t0 <= 1:
         raise SystemExit(f"error: --t0 must be in [0, 1], got {args.t0}")
     for name in ("num_samples", "num_inference_steps", "batch_size", "devices"):
@@ -155,7 +163,8 @@ def run(args) -> int:
              ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))
     result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
                       batch_invariant=args.batch_invariant, references=references,
-                      t0=reference_record["t0"] if references is not None else 0.0)
+                      t0=reference_record["t0"] if references is not None else 0.0,
+                      feature_guidance=args.feature_guidance)
 
     from utils.evaluation.feature_extractors import sha256_file
 
@@ -198,7 +207,7 @@ def reference_images(args, module, n: int):
     refs = load_references(args.reference, args.split, module.cfg.data_args.image_size, resize=args.resize)
     pick = torch.arange(n) % len(refs.images)
     record = {"source": refs.description, "t0": t0, "sha256": refs.sha256,
-              "ids": [refs.ids[i] for i in pick.tolist()], "feature_guidance": None}
+              "ids": [refs.ids[i] for i in pick.tolist()], "feature_guidance": args.feature_guidance}
     log.info("reference-guided: %s, t0 %.3g", refs.description, t0)
     return refs.images[pick] * 2 - 1, record
 

@@ -109,7 +109,7 @@ def test_feature_shapes():
     with torch.no_grad():
         _, features = m.model.velocity_and_features(x_t, t, mask)
         targets = m.distillation_targets(x_t, [0, 1, 2, 3])
-        projections = m.heads(features, [targets[i].shape[-2:] for i in range(4)])
+        projections = m.heads(features, {i: targets[i].shape[-2:] for i in range(4)})
     # 3-level UNet at 32 px: bottleneck 8x8, then the up blocks at 16, 32, 32
     assert [tuple(f.shape) for f in features] == [(2, 8, 8, 8), (2, 8, 16, 16), (2, 8, 32, 32), (2, 8, 32, 32)]
     assert bridge_channels((32, 64, 128, 256, 512)) == [512, 512, 256, 128]
@@ -117,7 +117,8 @@ def test_feature_shapes():
     expected = [(2, 24, 2, 2), (2, 16, 4, 4), (2, 4, 8, 8), (2, 2, 16, 16)]
     assert [tuple(projections[i].shape) for i in range(4)] == [tuple(targets[i].shape) for i in range(4)] == expected
     # and a target larger than its bridge's map is reached by bilinear upsampling
-    assert m.heads(features, [(16, 16)] * 4, [0])[0].shape == (2, 24, 16, 16)
+    assert list(m.heads(features, {0: (16, 16)})) == [0] and m.heads(features, {0: (16, 16)})[0].shape == (
+        2, 24, 16, 16)
 
 
 # --- distillation -------------------------------------------------------------------------------------------------
@@ -410,6 +411,22 @@ def test_reference_endpoints():
             calls.clear()
             m.generate_from_reference(mask, reference, noise, 10, "midpoint", t0)
             assert len(calls) == 2 * steps == m.nfe(10, "midpoint", t0)
+
+
+def test_feature_guidance_mechanics():
+    """Experimental and off by default. Not asserted: that it brings samples closer to the reference (in the
+    design note's prototype it did the opposite)."""
+    m = module().eval()
+    randomise_zero_layers(m.model)
+    mask, noise = masks(2), SampleNoise(torch.arange(2), 0, (1, 32, 32))
+    reference = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        plain = m.generate_from_reference(mask, reference, noise, 4, "euler", 0.5)
+        zero = m.generate_from_reference(mask, reference, noise, 4, "euler", 0.5, feature_guidance=0.0)
+        guided = m.generate_from_reference(mask, reference, noise, 4, "euler", 0.5, feature_guidance=0.5)
+        again = m.generate_from_reference(mask, reference, noise, 4, "euler", 0.5, feature_guidance=0.5)
+    assert torch.equal(zero, plain) and torch.equal(guided, again) and torch.isfinite(guided).all()
+    assert (guided - plain).abs().max() > 1e-4
 
 
 # --- configuration ------------------------------------------------------------------------------------------------

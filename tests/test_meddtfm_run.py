@@ -98,7 +98,11 @@ def test_inferer_reference_guided(run, tiny_data, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["reference"]["t0"] == 0.5 and manifest["nfe_per_image"] == 2  # round(0.5 * 3)
     assert manifest["reference"]["sha256"] == {tiny_data.name: sha256_file(tiny_data)}
-    assert manifest["reference"]["ids"] == [0, 1, 2]
+    assert manifest["reference"]["ids"] == [0, 1, 2] and manifest["reference"]["feature_guidance"] == 0
+    guided = tmp_path / "guided"
+    assert inferer.main(args + ["--t0", "0.5", "--feature_guidance", "0.25", "--output_dir", str(guided)]) == 0
+    assert json.loads((guided / "manifest.json").read_text())["reference"]["feature_guidance"] == 0.25
+    assert not np.array_equal(np.load(guided / "samples.npz")["images"], np.load(out / "samples.npz")["images"])
     assert inferer.main(args + ["--t0", "1", "--output_dir", str(tmp_path / "t1")]) == 0
     images = np.load(tmp_path / "t1" / "samples.npz")["images"]
     test_images = np.stack([np.asarray(r["image"], dtype=np.float32) / 255 for r in load_dataset(tiny_data)["test"]])

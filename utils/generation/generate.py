@@ -26,11 +26,12 @@ class Generated:
 
 def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, num_steps: int, sampler: str,
              batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False,
-             references: torch.Tensor | None = None, t0: float = 0.0) -> Generated:
+             references: torch.Tensor | None = None, t0: float = 0.0, feature_guidance: float = 0.0) -> Generated:
     """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
 
     With ``references`` (N, 1, H, W) in [-1, 1] (a method with ``supports_reference``), sample k is guided by
-    reference k: it starts at ``t0`` on the path towards it (``generate_from_reference``).
+    reference k: it starts at ``t0`` on the path towards it (``generate_from_reference``, with its experimental
+    ``feature_guidance`` scale).
 
     Work is split over ``devices`` (the module itself on its own device, a copy on any other; one thread
     each; see :func:`same_device`). Batch size and device count
@@ -52,8 +53,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     def solve(m, mask: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
         noise = SampleNoise(ids, seed, shape, m.device)
         with torch.inference_mode(), autocast(m.cfg.sampling_args.precision, m.device):
-            if ref is not None:
-                return m.generate_from_reference(mask, ref, noise, num_steps, sampler, t0).float()
+            if ref is not None:  # feature guidance takes its gradient outside inference mode
+                return m.generate_from_reference(mask, ref, noise, num_steps, sampler, t0, feature_guidance).float()
             return m.generate(mask, noise, num_steps, sampler).float()
 
     def work(k: int, chunk: list[int]) -> None:

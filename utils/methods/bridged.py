@@ -130,8 +130,6 @@ class ProjectionHeads(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1), nn.SiLU(), nn.Conv2d(c, e, 1))
                                    for c, e in zip(in_channels, out_channels))
 
-    def forward(self, features: list[torch.Tensor], sizes: list[tuple[int, int]],
-                which: list[int] | None = None) -> dict[int, torch.Tensor]:
-        """{i: P_i(B_i) at sizes[i]} for each level i in ``which`` (default: all)."""
-        which = range(len(self.heads)) if which is None else which
-        return {i: match_size(self.heads[i](features[i]), sizes[i]) for i in which}
+    def forward(self, features: list[torch.Tensor], sizes: dict[int, tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """{i: P_i(B_i) resized to sizes[i]} for each level i in ``sizes``."""
+        return {i: match_size(self.heads[i](features[i]), tuple(size)) for i, size in sizes.items()}

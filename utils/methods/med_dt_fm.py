@@ -50,6 +50,32 @@ from utils.seeding import SampleNoise, fixed_times
 log = logging.getLogger(__name__)
 
 
+class FeatureGuidedAdapter(VelocityAdapter):
+    """The solver's adapter with feature guidance (see :meth:`MedDTFMModule.generate_from_reference`). Sampling runs
+    under ``torch.inference_mode``; the gradient is taken on copies of the inputs outside it."""
+
+    def __init__(self, model, heads: ProjectionHeads, targets: dict[int, torch.Tensor], weights, scale: float):
+        super().__init__(model)
+        self.heads, self.targets, self.weights, self.scale = heads, targets, weights, scale
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **extras) -> torch.Tensor:
+        self.nfe += 1
+        with torch.inference_mode(False), torch.enable_grad():
+            x_t = x.clone().requires_grad_(True)
+            t = t.clone().to(x.dtype).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.clone()
+            v, features = self.model.velocity_and_features(x_t, t, extras["mask"].clone())
+            targets = {i: target.clone() for i, target in self.targets.items()}
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                projections = self.heads([f.float() for f in features], {i: p.shape[-2:] for i, p in targets.items()})
+                # per-sample sums, so each sample's gradient is its own
+                distance = sum(self.weights[i] * (projections[i] - targets[i]).square().flatten(1).mean(1).sum()
+                               for i in targets)
+            grad = torch.autograd.grad(distance, x_t)[0]
+            v = v.detach()
+        norm = lambda z: z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)  # noqa: E731
+        return v - self.scale * norm(v) * grad / norm(grad)
+
+
 def adversarial_weight(alpha: float, start_epoch: int, ramp_epochs: int, epoch: int) -> float:
     """w(epoch): 0 before ``start_epoch``, then alpha * (epoch - start + 1) / ramp_epochs up to alpha (survives
     resume: a function of the epoch counter only)."""
@@ -179,8 +205,7 @@ class MedDTFMModule(AdversarialMethod):
         if which:
             targets = self.distillation_targets(x_1, which)
             with torch.autocast(device_type=x_1.device.type, enabled=False):
-                projections = self.heads([f.float() for f in features], [targets[i].shape[-2:] if i in targets
-                                                                         else None for i in range(4)], which)
+                projections = self.heads([f.float() for f in features], {i: e.shape[-2:] for i, e in targets.items()})
             dt, terms = distillation_loss(projections, targets, m.lambdas)
             generator = generator + dt
             logs.update({"train/dt_loss": dt, **{f"train/dt_level{i}": term for i, term in terms.items()}})
@@ -221,14 +246,25 @@ class MedDTFMModule(AdversarialMethod):
         return to_unit(sample(VelocityAdapter(self.sampling_network()), x_0, mask, num_steps, sampler))
 
     def generate_from_reference(self, mask: torch.Tensor, reference: torch.Tensor, noise: SampleNoise,
-                                num_steps: int, sampler: str, t0: float) -> torch.Tensor:
+                                num_steps: int, sampler: str, t0: float, feature_guidance: float = 0.0) -> torch.Tensor:
         """Images in [0, 1] for ``mask`` guided by ``reference`` (B, 1, H, W) in [-1, 1]: from
         x_t0 = t0 reference + (1 - t0) x_0 on the path, round((1 - t0) N) steps of the N-step grid's size up to
-        t = 1. t0 = 0 is :meth:`generate` bit for bit; t0 = 1 returns the reference."""
+        t = 1. t0 = 0 is :meth:`generate` bit for bit; t0 = 1 returns the reference.
+
+        ``feature_guidance`` s > 0 (experimental, off by default: in the design note's prototype it moved samples
+        *away* from the reference): each velocity becomes v - s ||v|| g / ||g|| per sample, g the gradient in
+        x_t of sum_i lambda_i mse(P_i(B_i(x_t)), Ebar_i(reference)) (the projection heads and the frozen encoder).
+        """
         x_0 = noise.initial()
         t = torch.full((x_0.shape[0],), float(t0), device=x_0.device)
-        x_t0 = self.path.sample(x_0=x_0, x_1=reference.to(x_0), t=t).x_t
-        return to_unit(sample(VelocityAdapter(self.sampling_network()), x_t0, mask, num_steps, sampler, t0=t0))
+        reference = reference.to(x_0)
+        x_t0 = self.path.sample(x_0=x_0, x_1=reference, t=t).x_t
+        adapter = VelocityAdapter(self.sampling_network())
+        if feature_guidance > 0:
+            which = [i for i, w in enumerate(self.cfg.med_dt_fm_args.lambdas) if w > 0]
+            adapter = FeatureGuidedAdapter(self.sampling_network(), self.heads, self.distillation_targets(
+                reference, which), self.cfg.med_dt_fm_args.lambdas, feature_guidance)
+        return to_unit(sample(adapter, x_t0, mask, num_steps, sampler, t0=t0))
 
     def nfe(self, num_steps: int, sampler: str, t0: float = 0.0) -> int:
         return reference_steps(num_steps, t0) * NFE_PER_STEP[sampler]

@@ -76,12 +76,13 @@ def fit(m, data: list[dict], batch_size: int, g_steps: int, callbacks=()):
 
 
 # --- the bridged velocity field -------------------------------------------------------------------------------
-@pytest.mark.parametrize("channels", [(8, 8, 8), (8, 8, 8, 8, 8)])
-def test_bridged_forward_equals_monai_at_init(channels):
+@pytest.mark.parametrize(("channels", "updown_and_attention"), [((8, 8, 8), False), ((8, 8, 8, 8, 8), False),
+                                                                 ((8, 16, 16), True)])
+def test_bridged_forward_equals_monai_at_init(channels, updown_and_attention):
     n = len(channels)
-    cfg = ModelConfig(channels=channels, num_res_blocks=(1,) * n, attention_levels=(False,) * n,
-                      num_head_channels=(8,) * n, norm_num_groups=8, resblock_updown=False,
-                      conditioning_embedding_num_channels=(8,))
+    cfg = ModelConfig(channels=channels, num_res_blocks=(1,) * n, num_head_channels=(8,) * n, norm_num_groups=8,
+                      attention_levels=(False,) * (n - 1) + (updown_and_attention,),
+                      resblock_updown=updown_and_attention, conditioning_embedding_num_channels=(8,))
     torch.manual_seed(0)
     net = BridgedVelocityField(cfg, 4, cond_channels=8).eval()
     randomise_zero_layers(net)

@@ -203,6 +203,9 @@ def reference_images(args, module, n: int):
     if not module.supports_reference:
         raise SystemExit(f"error: --reference: method {module.cfg.method} has no reference-guided generation "
                          "(med_dt_fm has)")
+    if args.feature_guidance and not any(module.cfg.med_dt_fm_args.lambdas):
+        raise SystemExit("error: --feature_guidance needs a model trained with distillation (its "
+                         "med_dt_fm_args.lambdas are all 0)")
     t0 = args.t0 if args.t0 is not None else module.default_t0
     refs = load_references(args.reference, args.split, module.cfg.data_args.image_size, resize=args.resize)
     pick = torch.arange(n) % len(refs.images)

@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 class FeatureGuidedAdapter(VelocityAdapter):
     """The solver's adapter with feature guidance (see :meth:`MedDTFMModule.generate_from_reference`). Sampling runs
-    under ``torch.inference_mode``; the gradient is taken on copies of the inputs outside it."""
+    under ``torch.inference_mode``; the gradient is taken on copies of the inputs outside it. The projection heads
+    are the trained ones (there is no EMA of them), also when the velocity field is the EMA's."""
 
     def __init__(self, model, heads: ProjectionHeads, targets: dict[int, torch.Tensor], weights, scale: float):
         super().__init__(model)
@@ -72,8 +73,12 @@ class FeatureGuidedAdapter(VelocityAdapter):
                                for i in targets)
             grad = torch.autograd.grad(distance, x_t)[0]
             v = v.detach()
-        norm = lambda z: z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)  # noqa: E731
-        return v - self.scale * norm(v) * grad / norm(grad)
+        return v - self.scale * per_sample_norm(v) * grad / per_sample_norm(grad)
+
+
+def per_sample_norm(z: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B, 1, 1, 1): the L2 norm of each sample (at least 1e-12)."""
+    return z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
 def adversarial_weight(alpha: float, start_epoch: int, ramp_epochs: int, epoch: int) -> float:
@@ -262,6 +267,9 @@ class MedDTFMModule(AdversarialMethod):
         adapter = VelocityAdapter(self.sampling_network())
         if feature_guidance > 0:
             which = [i for i, w in enumerate(self.cfg.med_dt_fm_args.lambdas) if w > 0]
+            if not which:
+                raise ValueError("feature guidance needs distillation (med_dt_fm_args.lambdas all 0: no trained "
+                                 "projection heads, no segmenter)")
             adapter = FeatureGuidedAdapter(self.sampling_network(), self.heads, self.distillation_targets(
                 reference, which), self.cfg.med_dt_fm_args.lambdas, feature_guidance)
         return to_unit(sample(adapter, x_t0, mask, num_steps, sampler, t0=t0))

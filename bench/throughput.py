@@ -3,6 +3,8 @@
 Examples:
     python bench/throughput.py --batch_sizes 16 32 --output docs/bench.json
     python bench/throughput.py --settings comet-bf16 comet-bf16-compiled --batch_sizes 32
+    python bench/throughput.py --tasks sample --batch_sizes 64 256     # sampling only (large batches)
+    python bench/throughput.py --batch_sizes 16 --profile docs/profiles   # + the top kernels of a step
     python bench/throughput.py --tiny            # tiny network on the CPU in seconds (the test suite runs this)
 
 In one process and at each batch size, after warm-up, it measures
@@ -50,9 +52,9 @@ SETTINGS = {s.name: s for s in (
     Setting("comet-fp16-einsum", "16-mixed", False, False, "framework, the seed recipe with MONAI's einsum attention"),
     Setting("comet-fp16", "16-mixed", True, False, "framework, the seed config as shipped: fp16, SDPA attention"),
     Setting("comet-fp32", "32-true", True, False, "framework, fp32 (TF32 matmuls), SDPA, fused Adam on CUDA"),
-    Setting("comet-bf16", "bf16-mixed", True, False, "framework, bf16, SDPA, fused Adam on CUDA"),
+    Setting("comet-bf16", "bf16-mixed", True, False, "framework, bf16, SDPA (Adam fused only without clipping)"),
     Setting("comet-bf16-compiled", "bf16-mixed", True, True,
-            "framework, bf16, SDPA, fused Adam, torch.compile of each UNet/ControlNet block (training only)"),
+            "framework, bf16, SDPA, torch.compile of each UNet/ControlNet block (training only)"),
 )}
 DEFAULT_SETTINGS = [name for name, s in SETTINGS.items() if not s.compile]
 
@@ -84,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak_tflops", type=float,
                    help="the device's dense 16-bit peak for 'of peak' (default: known NVIDIA GPUs by name)")
     p.add_argument("--tiny", action="store_true", help="tiny network, few iterations, CPU: a smoke test")
+    p.add_argument("--tasks", nargs="+", choices=("train", "sample"), default=["train", "sample"],
+                   help="what to measure (default: both; sampling alone samples from the untrained network, "
+                        "which costs the same)")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after the timed window, profile one more training step and sampling batch of every "
+                        "setting with torch.profiler and write the top operators to DIR/<setting>_<task>_b<N>.txt")
     p.add_argument("--output", help="also write the environment and all results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
@@ -226,16 +234,19 @@ def baseline(cfg, batch: int, args, device) -> tuple[dict, dict]:
         with torch.inference_mode(), autocast(precision, device):
             sample(VelocityAdapter(model), torch.randn_like(x_1), mask, args.steps, "euler")
 
-    train = timed(train_step, args.warmup, args.iters, device)
-    model.eval()
-    sampling = timed(sample_batch, 1, args.sample_batches, device)
-    info = {"precision": precision, "optimizer": "Adam"}
-    return {**train, **info}, {**sampling, **info}
+    info, train, sampling = {"precision": precision, "optimizer": "Adam"}, {}, {}
+    if "train" in args.tasks:
+        train = {**timed(train_step, args.warmup, args.iters, device), **info}
+        profiled(train_step, args.profile, f"{BASELINE.name}_train_b{batch}", device)
+    if "sample" in args.tasks:
+        model.eval()
+        sampling = {**timed(sample_batch, 1, args.sample_batches, device), **info}
+        profiled(sample_batch, args.profile, f"{BASELINE.name}_sample_b{batch}", device)
+    return train, sampling
 
 
 def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, workdir: Path) -> tuple[dict, dict]:
     """The framework's training step (Lightning, as trainer.py) and sampling (generate, as inferer.py)."""
-    import pytorch_lightning as pl
     import torch
 
     from trainer import resolve_precision
@@ -257,52 +268,98 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed)
     module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
-    timer = step_timer(args.warmup, args.iters, device)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision,
-                         **module.trainer_arguments(1, args.warmup + args.iters), limit_val_batches=0,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[timer], default_root_dir=workdir)
-    trainer.fit(module, datamodule=dm)
-    if not timer.elapsed:
-        raise RuntimeError(f"{setting.name}: training stopped before step {args.warmup + args.iters}")
-    fused = bool(trainer.optimizers[0].defaults.get("fused"))
-    info = {"precision": precision, "optimizer": "Adam (fused)" if fused else "Adam"}
-    train = {"first_s": timer.first_s, "per_call_s": timer.elapsed / args.iters, "calls": args.iters,
-             "peak_gib": timer.peak_gib, **info}
-    del trainer
-    if setting.compile:  # inference does not compile: its sampling is the eager row's
+    info, train = {"precision": precision, "optimizer": "-"}, {}
+    if "train" in args.tasks:
+        train = train_framework(module, dm, precision, setting, batch, args, device, workdir)
+        info["optimizer"] = train["optimizer"]
+    if setting.compile or "sample" not in args.tasks:  # inference does not compile: its sampling is the eager row's
         return train, {}
     module.to(device).eval()  # Lightning moves the module back to the CPU after fit
     masks = dm.train_set.mask[: batch * args.sample_batches]
     where, sampler = [str(module.device)], run_cfg.sampling_args.method
+
+    def sample(n: int) -> None:
+        generate(module, masks[:n], torch.arange(n), 0, args.steps, sampler, batch, where, progress=False)
+
     _sync(device)
     start = time.perf_counter()
-    generate(module, masks[:batch], torch.arange(batch), 0, args.steps, sampler, batch, where, progress=False)
+    sample(batch)
     _sync(device)
     first = time.perf_counter() - start
     _reset_peak(device)
     start = time.perf_counter()
-    generate(module, masks, torch.arange(len(masks)), 0, args.steps, sampler, batch, where, progress=False)
+    sample(len(masks))
     _sync(device)
     per_batch = (time.perf_counter() - start) / args.sample_batches
-    return train, {"first_s": first, "per_call_s": per_batch, "calls": args.sample_batches,
-                   "peak_gib": _peak_gib(device), **info}
+    sampling = {"first_s": first, "per_call_s": per_batch, "calls": args.sample_batches,
+                "peak_gib": _peak_gib(device), **info}
+    profiled(lambda: sample(batch), args.profile, f"{setting.name}_sample_b{batch}", device)
+    return train, sampling
 
 
-def step_timer(warmup: int, iters: int, device):
+def train_framework(module, dm, precision: str, setting: Setting, batch: int, args, device, workdir: Path) -> dict:
+    """Time the method's training step under a Lightning Trainer as trainer.py builds it."""
+    import pytorch_lightning as pl
+
+    steps = args.warmup + args.iters
+    profile_to = Path(args.profile) / f"{setting.name}_train_b{batch}.txt" if args.profile else None
+    timer = step_timer(args.warmup, args.iters, device, profile_to)
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
+                         **module.trainer_arguments(1, steps + bool(profile_to)), limit_val_batches=0,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[timer], default_root_dir=workdir)
+    trainer.fit(module, datamodule=dm)
+    if not timer.elapsed:
+        raise RuntimeError(f"{setting.name}: training stopped before step {steps}")
+    fused = bool(trainer.optimizers[0].defaults.get("fused"))
+    return {"first_s": timer.first_s, "per_call_s": timer.elapsed / args.iters, "calls": args.iters,
+            "peak_gib": timer.peak_gib, "precision": precision, "optimizer": "Adam (fused)" if fused else "Adam"}
+
+
+def profiled(fn, directory: str | None, name: str, device) -> None:
+    """With ``directory``: one more call of ``fn`` under torch.profiler, its top operators to ``directory/name.txt``."""
+    if directory:
+        profiler = start_profiler(device)
+        fn()
+        write_profile(profiler, device, Path(directory) / f"{name}.txt")
+
+
+def start_profiler(device):
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+    profiler.start()
+    return profiler
+
+
+def write_profile(profiler, device, path: Path) -> None:
+    """Stop ``profiler`` and write its operators, by self time on the device (CUDA) or the CPU, to ``path``."""
+    _sync(device)
+    profiler.stop()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profiler.key_averages().table(sort_by=key, row_limit=30) + "\n")
+    log.info("wrote %s", path)
+
+
+def step_timer(warmup: int, iters: int, device, profile_to: Path | None = None):
     """A Lightning callback (built here so that Lightning is imported after argument parsing)."""
     import pytorch_lightning as pl
 
     class StepTimer(pl.Callback):
-        """Wall time of the first training step, and of steps warmup .. warmup + iters - 1 (data loading included)."""
+        """Wall time of the first training step, and of steps warmup .. warmup + iters - 1 (data loading included);
+        with ``profile_to``, the step after those is profiled."""
 
         def __init__(self, warmup: int, iters: int, device):
             self.warmup, self.last, self.device = warmup, warmup + iters - 1, device
             self.first_s = self.elapsed = 0.0
             self.peak_gib = None
             self._clock = 0.0
+            self._profiler = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if profile_to is not None and batch_idx == self.last + 1:
+                self._profiler = start_profiler(self.device)
             if batch_idx in (0, self.warmup):
                 _sync(self.device)
                 if batch_idx == self.warmup:
@@ -310,6 +367,9 @@ def step_timer(warmup: int, iters: int, device):
                 self._clock = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self._profiler is not None:
+                write_profile(self._profiler, self.device, profile_to)
+                self._profiler = None
             if batch_idx in (0, self.last):
                 _sync(self.device)
                 if batch_idx == 0:
@@ -401,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="comet_bench_") as tmp:
         for batch in args.batch_sizes:
-            images = batch * max(args.warmup + args.iters, args.sample_batches)
+            images = batch * max(args.warmup + args.iters + 1, args.sample_batches)  # +1: the profiled step
             data = make_dataset(Path(tmp) / f"data_b{batch}.npz", images, cfg.data_args.image_size,
                                 cfg.data_args.num_classes)
             reference = {}

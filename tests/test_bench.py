@@ -54,3 +54,25 @@ def test_output_is_not_overwritten_without_the_flag(tmp_path):
 def test_bad_arguments_are_named(argv, message):
     with pytest.raises(SystemExit, match=message):
         throughput.main(["--tiny", *argv])
+
+
+def test_sampling_only_with_profiles(tmp_path, capsys):
+    """--tasks sample measures no training; --profile writes each setting's top operators after the timed window."""
+    argv = ["--tiny", "--tasks", "sample", "--settings", "comet-bf16", "--profile", str(tmp_path / "prof")]
+    assert throughput.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"record": "result"')]
+    assert [(r["setting"], r["task"]) for r in rows] == [("motfm", "sample"), ("comet-bf16", "sample")]
+    written = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert written == ["comet-bf16_sample_b2.txt", "motfm_sample_b2.txt"]
+    table = (tmp_path / "prof" / "comet-bf16_sample_b2.txt").read_text()
+    assert "Self CPU" in table and "aten::conv2d" in table  # the network ran inside the profiled call
+
+
+def test_training_profile_is_an_extra_step(tmp_path, capsys):
+    argv = ["--tiny", "--tasks", "train", "--settings", "comet-fp32", "--profile", str(tmp_path / "prof")]
+    assert throughput.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"record": "result"')]
+    assert [(r["setting"], r["task"], r["timed_images"]) for r in rows] == [("motfm", "train", 4),
+                                                                            ("comet-fp32", "train", 4)]
+    table = (tmp_path / "prof" / "comet-fp32_train_b2.txt").read_text()
+    assert "autograd" in table.lower() or "backward" in table.lower()  # a training step, backward included

@@ -40,9 +40,9 @@ class MethodSetupError(ValueError):
 
 
 def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> bool:
-    """Fused Adam (one kernel for all parameters) on CUDA, except for fp16 with clipping: there Lightning's
-    GradScaler must unscale before clipping, which an optimizer that unscales inside its step prevents."""
-    return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
+    """Fused Adam (one kernel for all parameters) on CUDA, except for mixed precision with clipping: Lightning's
+    MixedPrecision plugin refuses to clip an optimizer that could unscale inside its step, for fp16 and bf16 alike."""
+    return on_cuda and not (precision.endswith("-mixed") and gradient_clip_val > 0)
 
 
 class SynthesisMethod(pl.LightningModule):

@@ -5,10 +5,17 @@ Examples:
     python inferer.py --config_path configs/comet_camus.yaml --num_samples 2000 --num_inference_steps 10
     python inferer.py --checkpoint run.ckpt --masks my_masks/ --resize --png --output_dir outputs/mine
     python inferer.py --checkpoint checkpoints/quickstart --split train --num_samples 480 --export synth.npz
+    python inferer.py --checkpoint checkpoints/meddtfm_quickstart --reference data/synthetic_echo_64.npz --t0 0.5
 
 Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
 or from --masks (a folder of PNG/NPY label maps, or a dataset file). Sample i starts from the prior noise
 of (--seed, i), so the images do not depend on --batch_size or --devices.
+
+--reference FILE|DIR (a method with reference-guided generation: med_dt_fm) guides sample i by reference image
+i (cycled; a PNG/NPY file, a folder of them, or the --split of a dataset file): it starts at --t0 on the straight
+path towards the reference and is integrated to t = 1 under its mask (t0 = 0: noise-based; t0 = 1: the
+reference itself). The manifest records t0 and the references' SHA-256. --feature_guidance S (experimental, default
+0) also pulls each step's projected decoder features towards the reference's segmentation-encoder features.
 
 --export PATH writes a synthetic dataset instead of the samples folder: a dataset file (.npz, the framework's
 format, or .pkl, MOTFM's pickle layout, by suffix) whose one split (--export_split, default train) holds the
@@ -46,7 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
     p.add_argument("--masks", help="folder of PNG/NPY label maps, or a dataset file, instead of the split")
-    p.add_argument("--resize", action="store_true", help="resize masks of another size (nearest neighbour)")
+    p.add_argument("--resize", action="store_true",
+                   help="resize masks (nearest neighbour) and reference images (bilinear) of another size")
+    p.add_argument("--reference", metavar="FILE|DIR",
+                   help="reference-guided generation from these images (see above; method med_dt_fm)")
+    p.add_argument("--t0", type=float, help="with --reference: where on the path to start, in [0, 1] (default: the "
+                                            "checkpoint's med_dt_fm_args.reference_t0)")
+    p.add_argument("--feature_guidance", type=float, default=0.0, metavar="S",
+                   help="with --reference: experimental feature guidance scale (default: 0, off; it did not help "
+                        "in the design study)")
     p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
     p.add_argument("--batch_invariant", action="store_true",
                    help="run the network on one image at a time: bitwise-identical images for any --batch_size "
@@ -87,6 +102,14 @@ def pick_devices(count: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.t0 is not None and not args.reference:
+        raise SystemExit("error: --t0 needs --reference")
+    if args.feature_guidance and not args.reference:
+        raise SystemExit("error: --feature_guidance needs --reference")
+    if args.feature_guidance < 0:
+        raise SystemExit(f"error: --feature_guidance must be >= 0, got {args.feature_guidance}")
+    if args.t0 is not None and not 0 <= args.t0 <= 1:
+        raise SystemExit(f"error: --t0 must be in [0, 1], got {args.t0}")
     for name in ("num_samples", "num_inference_steps", "batch_size", "devices"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -135,10 +158,13 @@ def run(args) -> int:
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
     batch = args.batch_size or (64 if devices[0].startswith("cuda") else 8)
+    references, reference_record = reference_images(args, module, n)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
              ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))
     result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
-                      batch_invariant=args.batch_invariant)
+                      batch_invariant=args.batch_invariant, references=references,
+                      t0=reference_record["t0"] if references is not None else 0.0,
+                      feature_guidance=args.feature_guidance)
 
     from utils.evaluation.feature_extractors import sha256_file
 
@@ -149,7 +175,7 @@ def run(args) -> int:
         "seconds_per_image": round(result.seconds / n, 5), "device": devices, "batch_size": batch,
         "batch_invariant": args.batch_invariant, "mask_source": source.description,
         "split": None if args.masks else args.split,
-        "ema": module.ema is not None, "generation_method": cfg.method,
+        "ema": module.ema is not None, "generation_method": cfg.method, "reference": reference_record,
     }
     ids = [source.ids[i] for i in pick.tolist()]
     if args.export:
@@ -164,6 +190,29 @@ def run(args) -> int:
     log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, target,
              result.seconds / n, result.nfe)
     return 0
+
+
+def reference_images(args, module, n: int):
+    """(references (n, 1, H, W) in [-1, 1] or None, the manifest's record of them or None) for --reference."""
+    if not args.reference:
+        return None, None
+    import torch
+
+    from utils.generation.references import load_references
+
+    if not module.supports_reference:
+        raise SystemExit(f"error: --reference: method {module.cfg.method} has no reference-guided generation "
+                         "(med_dt_fm has)")
+    if args.feature_guidance and not any(module.cfg.med_dt_fm_args.lambdas):
+        raise SystemExit("error: --feature_guidance needs a model trained with distillation (its "
+                         "med_dt_fm_args.lambdas are all 0)")
+    t0 = args.t0 if args.t0 is not None else module.default_t0
+    refs = load_references(args.reference, args.split, module.cfg.data_args.image_size, resize=args.resize)
+    pick = torch.arange(n) % len(refs.images)
+    record = {"source": refs.description, "t0": t0, "sha256": refs.sha256,
+              "ids": [refs.ids[i] for i in pick.tolist()], "feature_guidance": args.feature_guidance}
+    log.info("reference-guided: %s, t0 %.3g", refs.description, t0)
+    return refs.images[pick] * 2 - 1, record
 
 
 def _export(args, images, masks, ids: list, mask_path, manifest: dict) -> Path:

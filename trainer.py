@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data.dataset_io import DatasetError
     from utils.generation.checkpoints import CheckpointError
     from utils.methods import method_class
+    from utils.methods.base import MethodSetupError
 
     try:  # every input is read, and the model built, before the run directory is written
         cfg = load_config(args.config_path, args.overrides)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         module = method_class(cfg.method).for_data(config_dict, dm)
         resume = prepare_run_dir(cfg, config_dict, rank)
         progress = checkpoint_progress(resume) if resume is not None else None
-    except (ConfigError, FileNotFoundError, DatasetError, CheckpointError) as e:
+    except (ConfigError, FileNotFoundError, DatasetError, CheckpointError, MethodSetupError) as e:
         raise SystemExit(f"error: {e}") from None
     file_log = log_to_file(log_buffer, cfg.run_dir / "train.log") if rank == 0 else None
     try:

@@ -23,15 +23,17 @@ METHOD_SECTIONS = {
     "flow_matching": ("prior_args", "contrastive_args"),
     "ddpm": ("ddpm_args",),
     "spade": ("spade_args",),
+    "med_dt_fm": ("med_dt_fm_args", "ukan_args"),
 }
 # The samplers (sampling_args.method) each method offers; the first is its default.
 SAMPLERS = {
     "flow_matching": ("euler", "midpoint", "heun3", "rk4"),
     "ddpm": ("ddim", "ddpm"),
     "spade": ("generator",),  # one generator pass, whatever sampling_args.num_steps
+    "med_dt_fm": ("euler", "midpoint", "heun3", "rk4"),
 }
 # The methods whose network is model_args' UNet + ControlNet.
-UNET_METHODS = ("flow_matching", "ddpm")
+UNET_METHODS = ("flow_matching", "ddpm", "med_dt_fm")
 ALL_SAMPLERS = tuple(dict.fromkeys(s for names in SAMPLERS.values() for s in names))
 # Network evaluations per step of each fixed-grid ODE solver.
 NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
@@ -230,6 +232,81 @@ class SpadeConfig:
 
 
 @dataclass(frozen=True)
+class MedDTFMConfig:
+    """Med-DT-FM (shared/seeds/003 as read in shared/MED_DT_FM.md): image-space flow matching from N(0, I) on
+    model_args' UNet + ControlNet with mask-conditioned bridges B_0..B_3 in the decoder, trained with
+    L = L_FM + sum_i lambdas[i] * mse(P_i(B_i), Ebar_i(x_1)) + alpha * L_adv.
+
+    E_i is stage ``levels[i]`` (1..5, s1 finest) of the frozen U-KAN encoder (``ukan_args``) on the clean image;
+    the default (4, 3, 2, 1) gives B_0 (the bottleneck) the deepest target used. L_adv: a spectrally normalised
+    conditional PatchGAN's hinge loss on the one-step estimate x1_hat = x_t + (1 - t) v, only where
+    t >= t_adv_min, off for the first ``adv_start_fraction`` of train_args.max_epochs, then ramped linearly
+    over ``adv_ramp_epochs``. train_args.lr is not used: G and D learn at ``lr_g`` and ``lr_d``.
+    """
+
+    cond_channels: int = 64  # channels of the mask pyramid C_i
+    lambdas: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+    levels: tuple[int, ...] = (4, 3, 2, 1)
+    alpha: float = 0.05
+    t_adv_min: float = 0.5
+    adv_start_fraction: float = 0.25
+    adv_ramp_epochs: int = 3
+    d_channels: int = 64
+    d_num_layers: int = 3
+    lr_g: float = 1.0e-4
+    lr_d: float = 1.0e-4
+    betas: tuple[float, ...] = (0.5, 0.999)  # the draft's (pix2pixHD's) Adam betas
+    reference_t0: float = 0.5  # inferer.py --reference starts on the path at this t unless --t0 is given
+
+    def check(self, key):
+        _require(self.cond_channels >= 1, key("cond_channels"), f"must be >= 1, got {self.cond_channels}")
+        _require(len(self.lambdas) == 4 and min(self.lambdas) >= 0, key("lambdas"),
+                 f"must be 4 weights >= 0 (one per bridge B_0..B_3), got {list(self.lambdas)}")
+        _require(len(self.levels) == 4 and all(1 <= v <= 5 for v in self.levels), key("levels"),
+                 f"must be 4 U-KAN stages in 1..5 (one per bridge B_0..B_3), got {list(self.levels)}")
+        _require(self.alpha >= 0, key("alpha"), f"must be >= 0, got {self.alpha}")
+        _require(0 <= self.t_adv_min < 1, key("t_adv_min"), f"must be in [0, 1), got {self.t_adv_min}")
+        _require(0 <= self.adv_start_fraction <= 1, key("adv_start_fraction"),
+                 f"must be in [0, 1], got {self.adv_start_fraction}")
+        for name in ("adv_ramp_epochs", "d_channels", "d_num_layers"):
+            _require(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_g", "lr_d"):
+            _require(getattr(self, name) > 0, key(name), f"must be > 0, got {getattr(self, name)}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), key("betas"),
+                 f"must be two numbers in [0, 1), got {list(self.betas)}")
+        _require(0 <= self.reference_t0 <= 1, key("reference_t0"), f"must be in [0, 1], got {self.reference_t0}")
+
+
+@dataclass(frozen=True)
+class UKANConfig:
+    """Med-DT-FM's stage 0: the U-KAN segmenter trained on the training split only (never valid or test), then
+    frozen and stored in the Med-DT-FM checkpoint. Recipe after U-KAN's: Adam, ``lr`` (``kan_lr`` for the KAN
+    layers), weight decay, cosine decay to ``min_lr``, MONAI's Dice + CE loss; ``steps`` optimiser steps of
+    ``batch_size``. Training stops with an error when the validation foreground Dice is below ``min_val_dice``."""
+
+    kind: Literal["ukan", "ukan_mlp", "cnn"] = "ukan"
+    widths: tuple[int, ...] = (128, 160, 256)
+    steps: int = 5000
+    batch_size: int = 8
+    lr: float = 1.0e-4
+    kan_lr: float = 1.0e-2
+    weight_decay: float = 1.0e-4
+    min_lr: float = 1.0e-5
+    min_val_dice: float = 0.5
+    seed: int = 0
+
+    def check(self, key):
+        _require(len(self.widths) == 3 and self.widths[0] % 8 == 0 and min(self.widths) >= 8, key("widths"),
+                 f"must be 3 widths (d0, d1, d2) >= 8 with d0 divisible by 8, got {list(self.widths)}")
+        for name in ("steps", "batch_size"):
+            _require(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "kan_lr"):
+            _require(getattr(self, name) > 0, key(name), f"must be > 0, got {getattr(self, name)}")
+        _require(self.weight_decay >= 0 and self.min_lr >= 0, key("weight_decay"), "and min_lr must be >= 0")
+        _require(0 <= self.min_val_dice <= 1, key("min_val_dice"), f"must be in [0, 1], got {self.min_val_dice}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 4  # per device
     effective_batch_size: int = 16  # kept for any number of devices by adjusting accumulation
@@ -295,6 +372,8 @@ class Config:
     contrastive_args: ContrastiveConfig | None = None
     ddpm_args: DDPMConfig | None = None
     spade_args: SpadeConfig | None = None
+    med_dt_fm_args: MedDTFMConfig | None = None
+    ukan_args: UKANConfig | None = None
 
     def check(self, key):
         _require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),
@@ -307,6 +386,13 @@ class Config:
             _require(self.data_args.image_size % depth == 0, "data_args.image_size",
                      f"must be divisible by {depth} for {len(self.model_args.channels)} UNet levels, "
                      f"got {self.data_args.image_size}")
+        if self.method == "med_dt_fm":
+            _require(len(self.model_args.channels) >= 3, "model_args.channels",
+                     f"needs >= 3 UNet levels for method med_dt_fm (three up blocks carry bridges), got "
+                     f"{len(self.model_args.channels)}")
+            _require(self.data_args.image_size % 32 == 0, "data_args.image_size",
+                     f"must be divisible by 32 for the U-KAN segmenter of method med_dt_fm, got "
+                     f"{self.data_args.image_size}")
         if self.ddpm_args is not None:
             steps, train_steps = self.sampling_args.num_steps, self.ddpm_args.num_train_timesteps
             _require(steps <= train_steps, "sampling_args.num_steps",

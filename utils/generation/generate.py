@@ -25,8 +25,13 @@ class Generated:
 
 
 def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, num_steps: int, sampler: str,
-             batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False) -> Generated:
+             batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False,
+             references: torch.Tensor | None = None, t0: float = 0.0, feature_guidance: float = 0.0) -> Generated:
     """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
+
+    With ``references`` (N, 1, H, W) in [-1, 1] (a method with ``supports_reference``), sample k is guided by
+    reference k: it starts at ``t0`` on the path towards it (``generate_from_reference``, with its experimental
+    ``feature_guidance`` scale).
 
     Work is split over ``devices`` (the module itself on its own device, a copy on any other; one thread
     each; see :func:`same_device`). Batch size and device count
@@ -42,19 +47,26 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]
     bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
 
-    def solve(m, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    if references is not None and not module.supports_reference:
+        raise ValueError(f"method {module.cfg.method} has no reference-guided generation")
+
+    def solve(m, mask: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
         noise = SampleNoise(ids, seed, shape, m.device)
         with torch.inference_mode(), autocast(m.cfg.sampling_args.precision, m.device):
+            if ref is not None:  # feature guidance takes its gradient outside inference mode
+                return m.generate_from_reference(mask, ref, noise, num_steps, sampler, t0, feature_guidance).float()
             return m.generate(mask, noise, num_steps, sampler).float()
 
     def work(k: int, chunk: list[int]) -> None:
         m = models[k % len(models)]
         idx = torch.tensor(chunk)
         mask, ids = masks[idx].to(m.device), sample_ids[idx]
+        ref = None if references is None else references[idx].to(m.device)
         if batch_invariant:  # the network sees one image at a time
-            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1]) for j in range(len(chunk))])
+            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1], None if ref is None else ref[j:j + 1])
+                                for j in range(len(chunk))])
         else:
-            images = solve(m, mask, ids)
+            images = solve(m, mask, ids, ref)
         out[idx] = images.cpu()
         bar.update(len(chunk))
 
@@ -68,7 +80,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
                 list(pool.map(work, range(group, min(group + len(models), len(chunks))),
                               chunks[group:group + len(models)]))
     bar.close()
-    return Generated(out, module.nfe(num_steps, sampler), time.perf_counter() - start)
+    nfe = module.nfe(num_steps, sampler) if references is None else module.nfe(num_steps, sampler, t0)
+    return Generated(out, nfe, time.perf_counter() - start)
 
 
 def same_device(a: str | torch.device, b: str | torch.device) -> bool:

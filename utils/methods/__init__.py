@@ -12,6 +12,7 @@ METHODS = {
     "flow_matching": "utils.methods.flow_matching:FlowMatchingModule",
     "ddpm": "utils.methods.ddpm:DDPMModule",
     "spade": "utils.methods.spade:SpadeModule",
+    "med_dt_fm": "utils.methods.med_dt_fm:MedDTFMModule",
 }
 
 

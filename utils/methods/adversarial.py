@@ -48,6 +48,32 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+class PatchDiscriminator(torch.nn.Module):
+    """A conditional PatchGAN in pix2pix's layout (4x4 convolutions, ``num_layers`` of stride 2 from ``channels``
+    doubling up to 8x, one of stride 1, a 1-channel logit map; LeakyReLU 0.2) with spectral norm on every
+    convolution and no batch or instance norm (batch statistics in D are fragile with small per-GPU batches).
+
+    (B, in_channels, H, W) -> ([logits (B, 1, h, w)], [[the hidden feature maps]]): the layout of MONAI's
+    multi-scale discriminator with one scale, which :meth:`AdversarialMethod.adversarial_terms` reads.
+    """
+
+    def __init__(self, in_channels: int, channels: int = 64, num_layers: int = 3):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        widths = [in_channels] + [channels * 2 ** min(i, 3) for i in range(num_layers + 1)]
+        strides = [2] * num_layers + [1]
+        self.layers = torch.nn.ModuleList(sn(torch.nn.Conv2d(a, b, 4, stride=s, padding=1))
+                                          for a, b, s in zip(widths[:-1], widths[1:], strides))
+        self.head = sn(torch.nn.Conv2d(widths[-1], 1, 4, padding=1))
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        features = []
+        for layer in self.layers:
+            x = torch.nn.functional.leaky_relu(layer(x), 0.2)
+            features.append(x)
+        return [self.head(x)], [features]
+
+
 @dataclass
 class AdversarialTerms:
     discriminator: torch.Tensor  # hinge loss of D on (real, detached fake)
@@ -82,6 +108,10 @@ class AdversarialMethod(SynthesisMethod):
 
     def parameter_counts(self) -> dict[str, int]:
         return {"generator": count_parameters(self.model), "discriminator": count_parameters(self.discriminator)}
+
+    def generator_parameters(self) -> list[torch.nn.Parameter]:
+        """What the generator's optimizer trains (``self.model``; a method may add training-only parts)."""
+        return list(self.model.parameters())
 
     def adversarial_terms(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> AdversarialTerms:
         """D's and G's hinge losses and G's feature matching for images (B, 1, H, W) under ``cond`` (B, C, H, W).
@@ -128,5 +158,5 @@ class AdversarialMethod(SynthesisMethod):
                                self.cfg.train_args.gradient_clip_val)
         log.info("optimizers: Adam, generator lr %.3g, discriminator lr %.3g, betas %s, %s", lr_g, lr_d, betas,
                  "fused" if fused else "not fused")
-        return [torch.optim.Adam(self.model.parameters(), lr=lr_g, betas=betas, fused=fused),
+        return [torch.optim.Adam(self.generator_parameters(), lr=lr_g, betas=betas, fused=fused),
                 torch.optim.Adam(self.discriminator.parameters(), lr=lr_d, betas=betas, fused=fused)]

@@ -35,6 +35,10 @@ from utils.seeding import SampleNoise, noise_for_indices, seeded_generator
 log = logging.getLogger(__name__)
 
 
+class MethodSetupError(ValueError):
+    """A method that cannot be set up for this data (e.g. Med-DT-FM's stage-0 segmenter below its Dice threshold)."""
+
+
 def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> bool:
     """Fused Adam (one kernel for all parameters) on CUDA, except for fp16 with clipping: there Lightning's
     GradScaler must unscale before clipping, which an optimizer that unscales inside its step prevents. Under
@@ -80,6 +84,10 @@ class SynthesisMethod(pl.LightningModule):
     def nfe(self, num_steps: int, sampler: str) -> int:
         """Network evaluations per image of :meth:`generate`."""
         raise NotImplementedError
+
+    # A method that can also start from a reference image sets this and implements
+    # ``generate_from_reference(mask, reference, noise, num_steps, sampler, t0)`` and ``nfe(..., t0)``.
+    supports_reference = False
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part, for the log (every trained network, the discriminator included)."""

@@ -1,4 +1,4 @@
-"""The one sampler: integrate dx/dt = v_theta(x, t, mask) from t = 0 (the prior) to t = 1 (an image)."""
+"""The one sampler: integrate dx/dt = v_theta(x, t, mask) from t = t0 (0: the prior) to t = 1 (an image)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,30 @@ from flow_matching.solver import ODESolver
 from utils.methods.networks import VelocityAdapter
 
 
-def time_grid(num_steps: int, device=None) -> torch.Tensor:
-    """[0, 1/N, ..., 1]: N steps. (``linspace(0, 1, N)`` would be N - 1 steps, and none at N = 1.)"""
-    return torch.linspace(0.0, 1.0, num_steps + 1, device=device)
+def reference_steps(num_steps: int, t0: float) -> int:
+    """Steps from t0 to 1 at the N-step grid's step size: round((1 - t0) N); N at t0 = 0, none at t0 = 1."""
+    return round((1.0 - t0) * num_steps)
+
+
+def time_grid(num_steps: int, device=None, t0: float = 0.0) -> torch.Tensor:
+    """[t0, ..., 1] with :func:`reference_steps` steps; [0, 1/N, ..., 1] at t0 = 0. (``linspace(0, 1, N)`` would
+    be N - 1 steps, and none at N = 1.)"""
+    return torch.linspace(t0, 1.0, reference_steps(num_steps, t0) + 1, device=device)
 
 
 @torch.no_grad()
 def sample(
-    adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler"
+    adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler",
+    t0: float = 0.0,
 ) -> torch.Tensor:
-    """Solve the ODE with ``num_steps`` steps of the fixed-grid ``method``; returns x_1 (B, 1, H, W).
+    """Solve the ODE from ``x_0`` at time ``t0`` with the fixed-grid ``method``; returns x_1 (B, 1, H, W).
 
-    ``adapter.nfe`` counts the network evaluations made (``num_steps`` for Euler, twice that for midpoint).
+    ``num_steps`` steps from t0 = 0 (the prior); from a later t0 (a state on the path, e.g. towards a reference
+    image) the steps of the same size that remain, :func:`reference_steps`; at t0 = 1 ``x_0`` itself.
+    ``adapter.nfe`` counts the network evaluations made (the steps for Euler, twice that for midpoint).
     """
+    grid = time_grid(num_steps, x_0.device, t0)
+    if len(grid) == 1:
+        return x_0
     solver = ODESolver(velocity_model=adapter)
-    return solver.sample(
-        x_init=x_0, step_size=None, method=method, time_grid=time_grid(num_steps, x_0.device), mask=mask
-    )
+    return solver.sample(x_init=x_0, step_size=None, method=method, time_grid=grid, mask=mask)

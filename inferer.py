@@ -5,10 +5,12 @@ Examples:
     python inferer.py --config_path configs/comet_camus.yaml --num_samples 2000 --num_inference_steps 10
     python inferer.py --checkpoint run.ckpt --masks my_masks/ --resize --png --output_dir outputs/mine
     python inferer.py --checkpoint checkpoints/quickstart --split train --num_samples 480 --export synth.npz
+    python inferer.py --checkpoint checkpoints/class_quickstart --class 4CH_ED --set sampling_args.guidance_scale=2
 
 Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
 or from --masks (a folder of PNG/NPY label maps, or a dataset file). Sample i starts from the prior noise
-of (--seed, i), so the images do not depend on --batch_size or --devices.
+of (--seed, i), so the images do not depend on --batch_size or --devices. A class-conditional model makes each
+image of its mask's record's class, or of --class NAME (all), or of the class --class_file gives its mask.
 
 --export PATH writes a synthetic dataset instead of the samples folder: a dataset file (.npz, the framework's
 format, or .pkl, MOTFM's pickle layout, by suffix) whose one split (--export_split, default train) holds the
@@ -47,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
     p.add_argument("--masks", help="folder of PNG/NPY label maps, or a dataset file, instead of the split")
     p.add_argument("--resize", action="store_true", help="resize masks of another size (nearest neighbour)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="class-conditional models: make every image of this class (one of the checkpoint's names)")
+    p.add_argument("--class_file", metavar="CSV",
+                   help="class-conditional models: rows 'mask,class' giving each mask's class (mask: its file name "
+                        "in --masks or its index in the split)")
     p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
     p.add_argument("--batch_invariant", action="store_true",
                    help="run the network on one image at a time: bitwise-identical images for any --batch_size "
@@ -110,6 +117,7 @@ def run(args) -> int:
     from utils.config import sampling_overrides
     from utils.data.masks import load_masks
     from utils.generation.checkpoints import load_module
+    from utils.generation.classes import sample_classes
     from utils.generation.generate import generate
 
     ckpt = resolve_checkpoint(args)
@@ -134,11 +142,12 @@ def run(args) -> int:
     n = args.num_samples or len(source.masks)
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
+    classes = sample_classes(module.class_names, source, pick, args.class_name, args.class_file)
     batch = args.batch_size or (64 if devices[0].startswith("cuda") else 8)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
              ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))
     result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
-                      batch_invariant=args.batch_invariant)
+                      batch_invariant=args.batch_invariant, classes=classes)
 
     from utils.evaluation.feature_extractors import sha256_file
 
@@ -150,24 +159,28 @@ def run(args) -> int:
         "batch_invariant": args.batch_invariant, "mask_source": source.description,
         "split": None if args.masks else args.split,
         "ema": module.ema is not None, "generation_method": cfg.method,
+        "guidance_scale": cfg.sampling_args.guidance_scale,
     }
+    if classes is not None:
+        manifest["class_names"] = module.class_names
     ids = [source.ids[i] for i in pick.tolist()]
     if args.export:
-        target = _export(args, result.images, masks, ids, mask_path, manifest)
+        target = _export(args, result.images, masks, ids, mask_path, manifest, classes)
     else:
         from utils.generation.outputs import write_samples
 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_samples(out_dir, result.images, masks, ids, manifest, num_classes=cfg.data_args.num_classes,
-                      png=args.png, pkl=args.format == "pkl", split=args.split)
+                      png=args.png, pkl=args.format == "pkl", split=args.split, classes=classes)
         target = out_dir
     log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, target,
              result.seconds / n, result.nfe)
     return 0
 
 
-def _export(args, images, masks, ids: list, mask_path, manifest: dict) -> Path:
-    """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file."""
+def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes) -> Path:
+    """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file, and its
+    class the one it was generated with (class-conditional models)."""
     from utils.generation.outputs import export_dataset
 
     if all(isinstance(i, int) for i in ids):  # masks from a dataset split: carry class and patient over
@@ -177,6 +190,8 @@ def _export(args, images, masks, ids: list, mask_path, manifest: dict) -> Path:
         sources = [_source(i, records[i]) for i in ids]
     else:
         sources = [{"source": i} for i in ids]
+    if classes is not None:
+        sources = [{**source, "class": int(c)} for source, c in zip(sources, classes)]
     return export_dataset(args.export, images, masks, sources, manifest, split=args.export_split,
                           overwrite=args.overwrite)
 

@@ -25,8 +25,11 @@ class Generated:
 
 
 def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, num_steps: int, sampler: str,
-             batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False) -> Generated:
+             batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False,
+             classes: torch.Tensor | None = None) -> Generated:
     """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
+
+    ``classes`` (N,) int64: each sample's image class, for (and only for) a class-conditional module.
 
     Work is split over ``devices`` (the module itself on its own device, a copy on any other; one thread
     each; see :func:`same_device`). Batch size and device count
@@ -36,25 +39,31 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none).
     """
     n = len(masks)
+    if (classes is not None) != bool(module.class_names):
+        raise ValueError("give classes exactly when the module is class-conditional "
+                         f"(its classes: {module.class_names or 'none'})")
     shape = (1, *masks.shape[-2:])
     out = torch.empty((n, *shape), dtype=torch.float32)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]
     bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
 
-    def solve(m, mask: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def solve(m, mask: torch.Tensor, ids: torch.Tensor, cls: torch.Tensor | None) -> torch.Tensor:
         noise = SampleNoise(ids, seed, shape, m.device)
+        extra = {} if cls is None else {"classes": cls}
         with torch.inference_mode(), autocast(m.cfg.sampling_args.precision, m.device):
-            return m.generate(mask, noise, num_steps, sampler).float()
+            return m.generate(mask, noise, num_steps, sampler, **extra).float()
 
     def work(k: int, chunk: list[int]) -> None:
         m = models[k % len(models)]
         idx = torch.tensor(chunk)
         mask, ids = masks[idx].to(m.device), sample_ids[idx]
+        cls = None if classes is None else classes[idx].to(m.device)
         if batch_invariant:  # the network sees one image at a time
-            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1]) for j in range(len(chunk))])
+            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1], None if cls is None else cls[j:j + 1])
+                                for j in range(len(chunk))])
         else:
-            images = solve(m, mask, ids)
+            images = solve(m, mask, ids, cls)
         out[idx] = images.cpu()
         bar.update(len(chunk))
 

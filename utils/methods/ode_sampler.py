@@ -1,4 +1,4 @@
-"""The one sampler: integrate dx/dt = v_theta(x, t, mask) from t = 0 (the prior) to t = 1 (an image)."""
+"""The one sampler: integrate dx/dt = v_theta(x, t, mask[, classes]) from t = 0 (the prior) to t = 1 (an image)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,16 @@ def time_grid(num_steps: int, device=None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(
-    adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler"
+    adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler",
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Solve the ODE with ``num_steps`` steps of the fixed-grid ``method``; returns x_1 (B, 1, H, W).
 
-    ``adapter.nfe`` counts the network evaluations made (``num_steps`` for Euler, twice that for midpoint).
+    ``classes`` (B,) go to a class-conditional network. ``adapter.nfe`` counts the network evaluations made
+    (``num_steps`` for Euler, twice that for midpoint, twice again with guidance).
     """
     solver = ODESolver(velocity_model=adapter)
+    conditions = {"mask": mask} if classes is None else {"mask": mask, "classes": classes}
     return solver.sample(
-        x_init=x_0, step_size=None, method=method, time_grid=time_grid(num_steps, x_0.device), mask=mask
+        x_init=x_0, step_size=None, method=method, time_grid=time_grid(num_steps, x_0.device), **conditions
     )

@@ -87,7 +87,8 @@ def test_the_warm_start_prior_refuses_a_mode_without_a_mask(mode):
      "conditioning_args.mask_dropout must be 0 for conditioning_args.mode class"),
     (["conditioning_args.mode=unconditional", "prior_args.alpha=0", "conditioning_args.mask_input=one_hot"],
      "conditioning_args.mask_input must be left at scalar"),
-    (["conditioning_args.class_dropout=0.1"], "conditioning_args.class_dropout must be 0 for conditioning_args.mode mask"),
+    (["conditioning_args.class_dropout=0.1"],
+     "conditioning_args.class_dropout must be 0 for conditioning_args.mode mask"),
     (["conditioning_args.mask_dropout=1.0"], r"conditioning_args.mask_dropout must be in \[0, 1\)"),
     (["conditioning_args.mode=masks"], "conditioning_args.mode must be one of"),
     (["sampling_args.guidance_scale=2"], "sampling_args.guidance_scale must be 1 unless training dropped a condition"),
@@ -198,7 +199,8 @@ def test_mask_input_encodings_and_dropped_labels():
     dropped = mask_input(mask, 4, "one_hot", kept)
     assert dropped[0, :, 1, 0].abs().sum() == 0 and torch.equal(dropped[0, :, 1, 1], one_hot[0, :, 1, 1])
     null = torch.zeros(1, 4, dtype=torch.bool)
-    assert mask_input(mask, 4, "one_hot", null).abs().sum() == 0 and mask_input(mask, 4, "scalar", null).abs().sum() == 0
+    for encoding in ("one_hot", "scalar"):
+        assert mask_input(mask, 4, encoding, null).abs().sum() == 0
 
 
 def test_one_hot_controlnet_sees_one_channel_per_label():

@@ -356,3 +356,17 @@ def test_sample_classes_from_the_flag_a_file_or_the_records(tmp_path):
         sample_classes(NAMES, source, pick, "3CH")
     with pytest.raises(MaskError, match="this model is not class-conditional"):
         sample_classes([], source, pick, "4CH_ED")
+
+
+# --- the measurements' pieces ---------------------------------------------------------------------------------
+def test_the_classifier_learns_a_separable_task_and_the_scores_count_right():
+    from utils.evaluation.conditioning import ClassifierRecipe, confusion, predict, train_classifier, view_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 2
+    x = (0.2 + 0.6 * y.view(-1, 1, 1, 1) + 0.05 * torch.randn(64, 1, 16, 16, generator=g)).clamp(0, 1)
+    net = train_classifier(x, y, 2, ClassifierRecipe(steps=60))
+    assert torch.equal(predict(net, x), y)
+    assert confusion(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 0]), 3) == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    true, pred = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 1, 3, 0])  # 2CH_ED->2CH_ES: right view, wrong phase
+    assert view_accuracy(true, pred, NAMES) == 0.75 and view_accuracy(true, pred, ["a", "b", "c", "d"]) is None

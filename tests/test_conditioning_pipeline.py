@@ -99,3 +99,23 @@ def test_a_checkpoint_from_before_the_modes_still_loads_and_makes_the_same_image
     new_samples, _ = _infer(tiny_run, tmp_path / "new")
     old_samples, _ = _infer(tmp_path / "old.ckpt", tmp_path / "old")
     assert np.array_equal(new_samples["images"], old_samples["images"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode_run", ["mask+class"], indirect=True)  # a class and a dropped mask: both measurements
+def test_the_measurements_run_on_a_tiny_model(mode_run, tmp_path):
+    from utils.evaluation import conditioning
+
+    _, run = mode_run
+    common = ["--checkpoint", str(run), "--which", "last", "--output", str(tmp_path)]
+    assert conditioning.main(["classes", *common, "--per_class", "2", "--classifier_steps", "20"]) == 0
+    r = json.loads((tmp_path / "classes.json").read_text())
+    for part in ("real_test", "generated"):
+        matrix = np.array(r[part]["confusion"])
+        assert matrix.sum() == r[part]["n"] and r[part]["accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    assert np.array(r["generated"]["confusion"]).sum(1).tolist() == [2, 2, 2, 2]
+    assert conditioning.main(["guidance", *common, "--scales", "1", "2", "--num_samples", "3"]) == 0
+    rows = json.loads((tmp_path / "guidance.json").read_text())["rows"]
+    assert [(x["guidance_scale"], x["nfe_per_image"]) for x in rows] == [(1.0, 3), (2.0, 6)]
+    assert rows[0]["ssim"]["mean"] != rows[1]["ssim"]["mean"]
+    assert "| 2 | 6 |" in (tmp_path / "guidance.md").read_text()

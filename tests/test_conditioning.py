@@ -194,10 +194,10 @@ def test_mask_input_encodings_and_dropped_labels():
     assert one_hot.shape == (1, 4, 2, 2)
     for label in range(4):
         assert torch.equal(one_hot[0, label], (mask[0, 0] == label).float())
-    kept = torch.tensor([[True, True, False, True]])  # label 2 unknown: 0 in every channel
-    assert torch.equal(mask_input(mask, 4, "scalar", kept), torch.tensor([[[[0.0, 1 / 3], [0.0, 1.0]]]]))
-    dropped = mask_input(mask, 4, "one_hot", kept)
-    assert dropped[0, :, 1, 0].abs().sum() == 0 and torch.equal(dropped[0, :, 1, 1], one_hot[0, :, 1, 1])
+    kept = torch.tensor([[True, True, False, True]])  # label 2 left out: its pixel is background, as in a file
+    partial = torch.tensor([[[[0, 1], [0, 3]]]], dtype=torch.uint8)
+    for encoding in ("scalar", "one_hot"):
+        assert torch.equal(mask_input(mask, 4, encoding, kept), mask_input(partial, 4, encoding))
     null = torch.zeros(1, 4, dtype=torch.bool)
     for encoding in ("one_hot", "scalar"):
         assert mask_input(mask, 4, encoding, null).abs().sum() == 0

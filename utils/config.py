@@ -138,8 +138,9 @@ class ConditioningConfig:
     cross-attention (a one-hot context of the data's classes, as MOTFM), both, or neither.
     ``mask_input``: what the ControlNet sees, one channel label / (num_classes - 1) (``scalar``, the seed's and
     MOTFM's) or one channel per label (``one_hot``). Each training sample loses its whole mask with probability
-    ``mask_dropout``, each of its labels with ``label_dropout`` (the ControlNet sees those pixels as 0: no label)
-    and its class with ``class_dropout`` (a zero context): what ``sampling_args.guidance_scale`` contrasts with.
+    ``mask_dropout`` (the ControlNet sees all zeros), each of its anatomy labels with ``label_dropout`` (their
+    pixels become background: a partial mask) and its class with ``class_dropout`` (a zero context); guidance
+    (``sampling_args.guidance_scale``) contrasts with the dropped mask and class.
     """
 
     mode: Literal["mask", "class", "mask+class", "unconditional"] = "mask"

@@ -94,18 +94,21 @@ def mask_input(mask: torch.Tensor, num_classes: int, encoding: str,
                labels_kept: torch.Tensor | None = None) -> torch.Tensor:
     """The ControlNet's input for integer ``mask`` (B, 1, H, W), float32.
 
-    ``scalar``: one channel label / (num_classes - 1) in [0, 1]; ``one_hot``: (B, num_classes, H, W). A pixel
-    whose label is not in ``labels_kept`` (B, num_classes) bool is 0 in every channel (no label): dropping
-    every label gives the all-zero null mask.
+    ``scalar``: one channel label / (num_classes - 1) in [0, 1]; ``one_hot``: (B, num_classes, H, W).
+    ``labels_kept`` (B, num_classes) bool: the pixels of a label not kept become background (0), as in a mask
+    file that leaves that anatomy out; a sample with no label kept gets the null mask, all zeros in every
+    channel (in ``one_hot`` unlike any real mask).
     """
     labels = mask.long()
+    if labels_kept is not None:
+        labels_kept = labels_kept.to(labels.device)
+        labels = labels * torch.gather(labels_kept, 1, labels.flatten(1)).view_as(labels)
     if encoding == "one_hot":
         cond = F.one_hot(labels[:, 0], num_classes).permute(0, 3, 1, 2).float()
     else:
         cond = labels.float() / (num_classes - 1)
     if labels_kept is not None:
-        kept = torch.gather(labels_kept.to(labels.device), 1, labels.flatten(1)).view_as(labels)
-        cond = cond * kept.to(cond.dtype)
+        cond = cond * labels_kept.any(1).view(-1, 1, 1, 1)
     return cond
 
 

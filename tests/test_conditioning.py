@@ -22,6 +22,7 @@ from utils.methods.networks import (
     class_context,
     controlnet_parameter_counts,
     mask_input,
+    repeated_blocks,
 )
 from utils.methods.ode_sampler import sample, time_grid
 from utils.seeding import SampleNoise
@@ -178,6 +179,8 @@ def test_unconditional_network_is_the_plain_unet():
     model = network("unconditional")
     x_t, t, mask = inputs()
     assert model.controlnet is None and not model.unet.with_conditioning
+    unet = model.unet  # regional compilation compiles the UNet's blocks alone
+    assert repeated_blocks(model) == [*unet.down_blocks, unet.middle_block, *unet.up_blocks]
     with torch.no_grad():
         assert torch.equal(model(x_t, t, mask), model.unet(x=x_t, timesteps=t * TIME_SCALE))
 

@@ -59,6 +59,9 @@ def test_each_mode_trains_reloads_from_the_checkpoint_alone_and_generates(mode_r
         assert manifest["class_names"] == list(VIEW_PHASE_CLASSES)
         one, _ = _infer(run, tmp_path / "one", "--class", "4CH_ES")
         assert one["classes"].tolist() == [3] * 5
+        assert inferer.main(["--checkpoint", str(run), "--which", "last", "--num_samples", "3", "--class", "2CH_ES",
+                             "--export", str(tmp_path / "synth.npz")]) == 0
+        assert [r["class"] for r in load_dataset(tmp_path / "synth.npz")["train"]] == [1, 1, 1]  # the class asked for
         assert not np.array_equal(one["images"], samples["images"])  # the class changes the images
         guided, manifest = _infer(run, tmp_path / "guided", "--set", "sampling_args.guidance_scale=2")
         assert manifest["nfe_per_image"] == 6 and manifest["guidance_scale"] == 2.0

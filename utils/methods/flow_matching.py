@@ -32,14 +32,19 @@ DROPOUT_STREAM = 1
 
 class FlowMatchingModule(SynthesisMethod):
     """``label_values`` (num_classes,) is enc(label) for the prior; ``class_names`` the data's image classes in
-    index order (class-conditional modes only). Both are saved in the checkpoint with the config."""
+    index order (class-conditional modes only); ``motfm``, only in a checkpoint imported from MOTFM
+    (:mod:`utils.motfm`), ``{"time_floor": bool, "image_range": [lo, hi]}``: the network floors t * 999 as MOTFM
+    did, and its outputs are MOTFM's min-max units, image = lo + x (hi - lo) in [0, 1]. All are saved in the
+    checkpoint with the config."""
 
-    def __init__(self, config: dict, label_values: list[float], class_names: list[str] | None = None):
+    def __init__(self, config: dict, label_values: list[float], class_names: list[str] | None = None,
+                 motfm: dict | None = None):
         super().__init__(config)
         self.save_hyperparameters()
         cond = self.cfg.conditioning_args
         self.model = build_model(self.cfg.model_args, self.cfg.data_args.num_classes, cond,
-                                 len(class_names or ()) if cond.uses_class else 0)
+                                 len(class_names or ()) if cond.uses_class else 0,
+                                 time_floor=bool(motfm and motfm["time_floor"]))
         self.register_buffer("label_values", torch.tensor(label_values, dtype=torch.float32), persistent=False)
         self.path = AffineProbPath(scheduler=CondOTScheduler())
         self.keep_ema()
@@ -168,7 +173,11 @@ class FlowMatchingModule(SynthesisMethod):
                  classes: torch.Tensor | None = None) -> torch.Tensor:
         conditions = self.conditions(mask, classes)
         x_0 = self.prior(mask, noise.initial())
-        return to_unit(sample(self.sampling_adapter(), x_0, mask, num_steps, sampler, conditions.get("classes")))
+        x_1 = sample(self.sampling_adapter(), x_0, mask, num_steps, sampler, conditions.get("classes"))
+        if self.hparams.get("motfm"):  # MOTFM's min-max units mapped back to the dataset's [0, 1]
+            lo, hi = self.hparams["motfm"]["image_range"]
+            return (lo + x_1.float() * (hi - lo)).clamp(0.0, 1.0)
+        return to_unit(x_1)
 
     def nfe(self, num_steps: int, sampler: str) -> int:
         """Network evaluations per image: the sampler's per step, twice with guidance (w != 1)."""

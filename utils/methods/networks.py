@@ -28,8 +28,10 @@ class ConditionalVelocityField(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int = 1,
-                 conditioning: ConditioningConfig = ConditioningConfig(), num_image_classes: int = 0):
+                 conditioning: ConditioningConfig = ConditioningConfig(), num_image_classes: int = 0,
+                 time_floor: bool = False):
         super().__init__()
+        self.time_floor = time_floor  # MOTFM's floor(t * 999), for networks imported from it (utils.motfm)
         if conditioning.uses_class and num_image_classes < 1:
             raise ValueError(f"conditioning mode {conditioning.mode} needs the number of image classes, got "
                              f"{num_image_classes}")
@@ -62,7 +64,8 @@ class ConditionalVelocityField(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor | None = None,
                 labels_kept: torch.Tensor | None = None) -> torch.Tensor:
-        return self.at_timesteps(x_t, t * TIME_SCALE, mask, classes, labels_kept)
+        timesteps = t * TIME_SCALE
+        return self.at_timesteps(x_t, timesteps.floor() if self.time_floor else timesteps, mask, classes, labels_kept)
 
     def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor,
                      classes: torch.Tensor | None = None, labels_kept: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,9 +116,9 @@ def mask_input(mask: torch.Tensor, num_classes: int, encoding: str,
 
 
 def build_model(cfg: ModelConfig, num_classes: int, conditioning: ConditioningConfig = ConditioningConfig(),
-                num_image_classes: int = 0) -> ConditionalVelocityField:
+                num_image_classes: int = 0, time_floor: bool = False) -> ConditionalVelocityField:
     return ConditionalVelocityField(cfg, num_classes, conditioning=conditioning,
-                                    num_image_classes=num_image_classes)
+                                    num_image_classes=num_image_classes, time_floor=time_floor)
 
 
 def count_parameters(model: nn.Module) -> int:

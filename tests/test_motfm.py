@@ -42,7 +42,7 @@ def motfm_yaml(data_path, **model) -> dict:
                        "use_flash_attention": True, "with_conditioning": True, "mask_conditioning": True,
                        "cross_attention_dim": CLASSES, "conditioning_embedding_num_channels": [8], **model},
         "data_args": {"pickle_path": str(data_path), "split_train": "train", "split_val": "valid"},
-        "train_args": {"num_epochs": 1, "batch_size": 2, "lr": 1e-4},
+        "train_args": {"num_epochs": 1, "batch_size": 2, "lr": 1e-4, "val_freq": 5, "num_val_samples": 3},
         "solver_args": {"method": "euler", "step_size": 1 / STEPS, "time_points": 10},
     }
 
@@ -88,6 +88,8 @@ def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data
                        "--output", str(out), "--image_size", "32"]) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["conditioning_args"]["mode"] == "mask+class" and config["model_args"]["channels"] == [8, 8]
+    t = config["train_args"]
+    assert (t["max_epochs"], t["batch_size"], t["sample_every_n_epochs"], t["num_sample_images"]) == (1, 2, 5, 3)
     assert config["sampling_args"] == {"num_steps": STEPS, "method": "euler", "precision": "32-true",
                                        "guidance_scale": 1.0}
     assert inferer.main(["--checkpoint", str(out / "imported.ckpt"), "--num_samples", "3",

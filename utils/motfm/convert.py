@@ -66,7 +66,10 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
         "contrastive_args": {"weight": 0.0, "num_keys": batch},
         "train_args": {"batch_size": batch, "effective_batch_size": batch, "precision": "32-true",
                        "max_epochs": int(train.get("num_epochs", 200)), "lr": float(train.get("lr", 1e-4)),
-                       "seed": int(train.get("seed", 42))},
+                       "seed": int(train.get("seed", 42)),
+                       "sample_every_n_epochs": int(train.get("val_freq", 10)),
+                       "checkpoint_every_n_epochs": int(train.get("val_freq", 10)),
+                       "num_sample_images": int(train.get("num_val_samples", 8))},
         "sampling_args": {"num_steps": max(num_steps, 1), "method": solver.get("method", "euler")},
     }
     return config_to_dict(config_from_dict(values, source))

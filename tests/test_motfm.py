@@ -123,3 +123,13 @@ def test_what_cannot_be_mapped_is_refused_by_name(motfm_run, tiny_data, tmp_path
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "bad.yaml"),
                     "--output", str(tmp_path / "out"), "--image_size", "32"])
     assert not (tmp_path / "out" / "imported.ckpt").exists()
+
+
+def test_a_normalisation_other_than_a_global_min_max_is_refused(motfm_run, tiny_data, tmp_path):
+    tmp, _ = motfm_run
+    config = motfm_yaml(tiny_data)
+    config["data_args"]["image_norm"] = "zscore"
+    (tmp_path / "z.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="data_args.image_norm 'zscore' cannot be imported"):
+        motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "z.yaml"),
+                    "--output", str(tmp_path / "out"), "--image_size", "32"])

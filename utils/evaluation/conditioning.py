@@ -3,7 +3,8 @@
 ``classes``: is the class recognisable? A small CNN classifier (fixed recipe, seeded) is trained on the real
 training images and their classes, scored on the real test images (the ceiling), then on images the model
 generates for each class: ``--per_class`` images of class k, from the masks of test records of class k (a
-class-only model does not read them). Reported: the accuracy over all classes, the confusion matrix, and for
+class-only model does not read them; for a mask + class model the mask shows the view too, so only a class-only
+model measures the class alone). Reported: the accuracy over all classes, the confusion matrix, and for
 view x phase classes (``2CH_ED``...) the view accuracy (2CH vs 4CH, the prediction's view).
 
 ``guidance``: mask adherence against the guidance scale. For each w in ``--scales`` the checkpoint generates the

@@ -25,6 +25,9 @@ _MODEL_KEYS = {"num_channels": "channels", "num_res_blocks": "num_res_blocks",
                "conditioning_embedding_num_channels": "conditioning_embedding_num_channels"}
 _MOTFM_ONLY = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "max_timestep": 1000}
 _CONDITION_KEYS = ("with_conditioning", "mask_conditioning", "cross_attention_dim")
+# MOTFM's normalisation options this import reproduces (the first is MOTFM's default).
+_NORMALISATION = {"image_norm": ("minmax_0_1", "minmax"), "mask_norm": ("minmax_0_1", "minmax"),
+                  "norm_scope": ("global",), "clip_percentiles": (None,)}
 
 
 class MotfmError(ValueError):
@@ -54,6 +57,10 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
     data, train, solver = motfm.get("data_args") or {}, motfm.get("train_args") or {}, motfm.get("solver_args") or {}
     if "pickle_path" not in data:
         raise MotfmError(f"{source}: data_args.pickle_path is missing")
+    for key, supported in _NORMALISATION.items():  # the image range recorded at import is a global min-max's
+        if data.get(key, supported[0]) not in supported:
+            raise MotfmError(f"{source}: data_args.{key} {data[key]!r} cannot be imported (only "
+                             f"{', '.join(map(str, supported))}: a min-max of the whole training split)")
     step_size = solver.get("step_size")
     num_steps = round(1.0 / step_size) if step_size else int(solver.get("time_points", 10)) - 1
     batch = int(train.get("batch_size", 1))

@@ -253,13 +253,24 @@ def run(args) -> int:
         indices = torch.arange(n) % len(records)
         masks = split_masks[indices]
         batch = args.batch_size or (64 if device.startswith("cuda") else 8)
-        result = generate(module, masks, torch.arange(n), seed, steps, method, batch, [device])
+        classes = None
+        if module.class_names:  # a class-conditional model makes each image of its source record's class
+            from utils.data.masks import MaskSource
+            from utils.generation.classes import sample_classes
+
+            source = MaskSource(split_masks, list(range(len(records))), f"split '{split}' of {data_path}",
+                                [r.get("class") for r in records])
+            try:
+                classes = sample_classes(module.class_names, source, indices)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        result = generate(module, masks, torch.arange(n), seed, steps, method, batch, [device], classes=classes)
         images = result.images
         manifest = {"checkpoint": str(ckpt), "num_samples": n, "num_inference_steps": steps, "method": method,
                     "seed": seed, "nfe_per_image": result.nfe, "seconds_per_image": result.seconds / n,
                     "split": split, "config": module.hparams["config"]}
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
-                      module.cfg.data_args.num_classes, split=split)
+                      module.cfg.data_args.num_classes, split=split, classes=classes)
     if indices.min() < 0 or indices.max() >= len(records) or not torch.equal(masks, split_masks[indices]):
         raise SystemExit(f"error: the samples' masks are not those of {data_path} split '{split}' at their "
                          "indices; pass the --data_path and --split they were generated from")

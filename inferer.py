@@ -6,10 +6,12 @@ Examples:
     python inferer.py --checkpoint run.ckpt --masks my_masks/ --resize --png --output_dir outputs/mine
     python inferer.py --checkpoint checkpoints/quickstart --split train --num_samples 480 --export synth.npz
     python inferer.py --checkpoint checkpoints/meddtfm_quickstart --reference data/synthetic_echo_64.npz --t0 0.5
+    python inferer.py --checkpoint checkpoints/class_quickstart --class 4CH_ED --set sampling_args.guidance_scale=2
 
 Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
 or from --masks (a folder of PNG/NPY label maps, or a dataset file). Sample i starts from the prior noise
-of (--seed, i), so the images do not depend on --batch_size or --devices.
+of (--seed, i), so the images do not depend on --batch_size or --devices. A class-conditional model makes each
+image of its mask's record's class, or of --class NAME (all), or of the class --class_file gives its mask.
 
 --reference FILE|DIR (a method with reference-guided generation: med_dt_fm) guides sample i by reference image
 i (cycled; a PNG/NPY file, a folder of them, or the --split of a dataset file): it starts at --t0 on the straight
@@ -62,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_guidance", type=float, default=0.0, metavar="S",
                    help="with --reference: experimental feature guidance scale (default: 0, off; it did not help "
                         "in the design study)")
+    p.add_argument("--class", dest="class_name", metavar="NAME",
+                   help="class-conditional models: make every image of this class (one of the checkpoint's names)")
+    p.add_argument("--class_file", metavar="CSV",
+                   help="class-conditional models: rows 'mask,class' giving each mask's class (mask: its file name "
+                        "in --masks or its index in the split)")
     p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
     p.add_argument("--batch_invariant", action="store_true",
                    help="run the network on one image at a time: bitwise-identical images for any --batch_size "
@@ -133,6 +140,7 @@ def run(args) -> int:
     from utils.config import sampling_overrides
     from utils.data.masks import load_masks
     from utils.generation.checkpoints import load_module
+    from utils.generation.classes import sample_classes
     from utils.generation.generate import generate
 
     ckpt = resolve_checkpoint(args)
@@ -157,6 +165,7 @@ def run(args) -> int:
     n = args.num_samples or len(source.masks)
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
+    classes = sample_classes(module.class_names, source, pick, args.class_name, args.class_file)
     batch = args.batch_size or (64 if devices[0].startswith("cuda") else 8)
     references, reference_record = reference_images(args, module, n)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
@@ -164,7 +173,7 @@ def run(args) -> int:
     result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
                       batch_invariant=args.batch_invariant, references=references,
                       t0=reference_record["t0"] if references is not None else 0.0,
-                      feature_guidance=args.feature_guidance)
+                      feature_guidance=args.feature_guidance, classes=classes)
 
     from utils.evaluation.feature_extractors import sha256_file
 
@@ -176,16 +185,19 @@ def run(args) -> int:
         "batch_invariant": args.batch_invariant, "mask_source": source.description,
         "split": None if args.masks else args.split,
         "ema": module.ema is not None, "generation_method": cfg.method, "reference": reference_record,
+        "guidance_scale": cfg.sampling_args.guidance_scale,
     }
+    if classes is not None:
+        manifest["class_names"] = module.class_names
     ids = [source.ids[i] for i in pick.tolist()]
     if args.export:
-        target = _export(args, result.images, masks, ids, mask_path, manifest)
+        target = _export(args, result.images, masks, ids, mask_path, manifest, classes)
     else:
         from utils.generation.outputs import write_samples
 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_samples(out_dir, result.images, masks, ids, manifest, num_classes=cfg.data_args.num_classes,
-                      png=args.png, pkl=args.format == "pkl", split=args.split)
+                      png=args.png, pkl=args.format == "pkl", split=args.split, classes=classes)
         target = out_dir
     log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, target,
              result.seconds / n, result.nfe)
@@ -215,8 +227,9 @@ def reference_images(args, module, n: int):
     return refs.images[pick] * 2 - 1, record
 
 
-def _export(args, images, masks, ids: list, mask_path, manifest: dict) -> Path:
-    """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file."""
+def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes) -> Path:
+    """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file, and its
+    class the one it was generated with (class-conditional models)."""
     from utils.generation.outputs import export_dataset
 
     if all(isinstance(i, int) for i in ids):  # masks from a dataset split: carry class and patient over
@@ -226,6 +239,8 @@ def _export(args, images, masks, ids: list, mask_path, manifest: dict) -> Path:
         sources = [_source(i, records[i]) for i in ids]
     else:
         sources = [{"source": i} for i in ids]
+    if classes is not None:
+        sources = [{**source, "class": int(c)} for source, c in zip(sources, classes)]
     return export_dataset(args.export, images, masks, sources, manifest, split=args.export_split,
                           overwrite=args.overwrite)
 

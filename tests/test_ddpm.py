@@ -202,7 +202,7 @@ def test_the_shipped_configs_are_comets_with_the_diffusion_model():
         a, b = (config_to_dict(load_config(f"configs/{n}.yaml")) for n in (comet, ddpm))
         assert b["ddpm_args"] == config_to_dict(load_config("configs/ddpm_camus.yaml"))["ddpm_args"]
         for d in (a, b):
-            for key in ("run_name", "method", "prior_args", "contrastive_args", "ddpm_args"):
+            for key in ("run_name", "method", "prior_args", "contrastive_args", "conditioning_args", "ddpm_args"):
                 d.pop(key, None)
             d["sampling_args"].pop("method")
         assert a == b

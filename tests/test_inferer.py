@@ -237,7 +237,8 @@ def test_set_num_steps_keeps_the_checkpoints_method(tiny_run, tmp_path):
     assert inferer.main(["--checkpoint", str(tmp_path / "midpoint.ckpt"), "--num_samples", "1",
                          "--output_dir", str(out), "--set", "sampling_args.num_steps=2"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["sampling_args"] == {"num_steps": 2, "method": "midpoint", "precision": "32-true"}
+    assert manifest["config"]["sampling_args"] == {"num_steps": 2, "method": "midpoint", "precision": "32-true",
+                                                   "guidance_scale": 1.0}
     assert manifest["method"] == "midpoint" and manifest["nfe_per_image"] == 4
 
 

@@ -20,7 +20,7 @@ import yaml
 # Each method (utils.methods.METHODS) and the config sections only it reads; a section of another method
 # in a config is an error. The method's own sections default to their dataclass defaults when left out.
 METHOD_SECTIONS = {
-    "flow_matching": ("prior_args", "contrastive_args"),
+    "flow_matching": ("prior_args", "contrastive_args", "conditioning_args"),
     "ddpm": ("ddpm_args",),
     "spade": ("spade_args",),
     "med_dt_fm": ("med_dt_fm_args", "ukan_args"),
@@ -40,7 +40,8 @@ NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
 # What --set may change at inference: where the masks come from and how the sampler runs. Every other key
 # changes what the trained network means (its shape, classes, prior, normalisation) or only matters to training.
 INFERENCE_OVERRIDES = ("data_args.path", "data_args.num_workers", "sampling_args.num_steps", "sampling_args.method",
-                       "sampling_args.precision", "model_args.use_flash_attention", "output_dir")
+                       "sampling_args.precision", "sampling_args.guidance_scale", "model_args.use_flash_attention",
+                       "output_dir")
 # The perceptual loss's network, from torchvision (ImageNet weights): a file the user provides, never downloaded.
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/" + VGG19_FILE
@@ -129,6 +130,45 @@ class PriorConfig:
         _require(self.kernel_size >= 1 and self.kernel_size % 2 == 1, key("kernel_size"),
                  f"must be a positive odd number, got {self.kernel_size}")
         _require(self.sigma > 0, key("sigma"), f"must be > 0, got {self.sigma}")
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """What the flow-matching network is conditioned on, and which conditions training drops (for guidance).
+
+    ``mode``: the mask through the ControlNet, the image class through the UNet's (and ControlNet's)
+    cross-attention (a one-hot context of the data's classes, as MOTFM), both, or neither.
+    ``mask_input``: what the ControlNet sees, one channel label / (num_classes - 1) (``scalar``, the seed's and
+    MOTFM's) or one channel per label (``one_hot``). Each training sample loses its whole mask with probability
+    ``mask_dropout`` (the ControlNet sees all zeros), each of its anatomy labels with ``label_dropout`` (their
+    pixels become background: a partial mask) and its class with ``class_dropout`` (a zero context); guidance
+    (``sampling_args.guidance_scale``) contrasts with the dropped mask and class.
+    """
+
+    mode: Literal["mask", "class", "mask+class", "unconditional"] = "mask"
+    mask_input: Literal["scalar", "one_hot"] = "scalar"
+    mask_dropout: float = 0.0
+    label_dropout: float = 0.0
+    class_dropout: float = 0.0
+
+    @property
+    def uses_mask(self) -> bool:
+        return "mask" in self.mode
+
+    @property
+    def uses_class(self) -> bool:
+        return "class" in self.mode
+
+    def check(self, key):
+        for name in ("mask_dropout", "label_dropout", "class_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, key(name), f"must be in [0, 1), got {getattr(self, name)}")
+        if not self.uses_mask:
+            for name in ("mask_dropout", "label_dropout"):
+                _require(getattr(self, name) == 0, key(name), f"must be 0 for {key('mode')} {self.mode} (no mask)")
+            _require(self.mask_input == "scalar", key("mask_input"),
+                     f"must be left at scalar for {key('mode')} {self.mode} (no mask)")
+        _require(self.uses_class or self.class_dropout == 0, key("class_dropout"),
+                 f"must be 0 for {key('mode')} {self.mode} (no class)")
 
 
 @dataclass(frozen=True)
@@ -352,9 +392,13 @@ class SamplingConfig:
     method: str | None = None
     # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none.
     precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    # Classifier-free guidance w (flow matching): v = v_uncond + w (v_cond - v_uncond), where v_uncond drops the
+    # conditions training dropped (conditioning_args). 1 = no guidance (one network call per step; 2 otherwise).
+    guidance_scale: float = 1.0
 
     def check(self, key):
         _require(self.num_steps >= 1, key("num_steps"), f"must be >= 1, got {self.num_steps}")
+        _require(self.guidance_scale >= 0, key("guidance_scale"), f"must be >= 0, got {self.guidance_scale}")
 
 
 @dataclass(frozen=True)
@@ -370,6 +414,7 @@ class Config:
     # method sections: set for the configured method (see METHOD_SECTIONS), None for every other
     prior_args: PriorConfig | None = None
     contrastive_args: ContrastiveConfig | None = None
+    conditioning_args: ConditioningConfig | None = None
     ddpm_args: DDPMConfig | None = None
     spade_args: SpadeConfig | None = None
     med_dt_fm_args: MedDTFMConfig | None = None
@@ -393,6 +438,7 @@ class Config:
             _require(self.data_args.image_size % 32 == 0, "data_args.image_size",
                      f"must be divisible by 32 for the U-KAN segmenter of method med_dt_fm, got "
                      f"{self.data_args.image_size}")
+        self.check_conditioning()
         if self.ddpm_args is not None:
             steps, train_steps = self.sampling_args.num_steps, self.ddpm_args.num_train_timesteps
             _require(steps <= train_steps, "sampling_args.num_steps",
@@ -404,6 +450,19 @@ class Config:
             _require(keys % batch == 0, "contrastive_args.num_keys",
                      f"must be a multiple of train_args.batch_size ({batch}), so that a group of whole "
                      f"micro-batches holds the keys, got {keys}")
+
+    def check_conditioning(self) -> None:
+        c, w = self.conditioning_args, self.sampling_args.guidance_scale
+        if c is None:
+            _require(w == 1.0, "sampling_args.guidance_scale",
+                     f"must be 1 for method {self.method} (guidance is flow matching's), got {w}")
+            return
+        _require(c.uses_mask or self.prior_args.alpha == 0, "prior_args.alpha",
+                 f"must be 0 for conditioning_args.mode {c.mode}: the warm-start prior is drawn from the mask, "
+                 f"which this mode does not have (got {self.prior_args.alpha})")
+        _require(w == 1.0 or c.mask_dropout > 0 or c.class_dropout > 0, "sampling_args.guidance_scale",
+                 f"must be 1 unless training dropped a condition (conditioning_args.mask_dropout or "
+                 f"class_dropout > 0): the network never learned the unconditional velocity; got {w}")
 
     @property
     def run_dir(self) -> Path:

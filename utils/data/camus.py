@@ -15,9 +15,10 @@ Releases read (``--root`` may be the release folder or its patients folder):
   maps and is not read.
 
 Every patient gives 4 records (2 views x 2 phases), each
-``{"image": uint8 [1,S,S], "mask": uint8 [1,S,S], "metadata": {...}}`` with labels
-0 background, 1 LV cavity, 2 myocardium, 3 LA cavity and metadata ``patient``,
-``view``, ``phase``, ``image_quality`` (from ``Info_*.cfg``; ``"unknown"`` when the
+``{"image": uint8 [1,S,S], "mask": uint8 [1,S,S], "class": int, "metadata": {...}}`` with labels
+0 background, 1 LV cavity, 2 myocardium, 3 LA cavity, class view x phase (0 2CH_ED, 1 2CH_ES,
+2 4CH_ED, 3 4CH_ES; for class-conditional models) and metadata ``patient``,
+``view``, ``phase``, ``class_name``, ``image_quality`` (from ``Info_*.cfg``; ``"unknown"`` when the
 file has no ``ImageQuality``), ``orig_rows``, ``orig_cols``, ``spacing_row_mm``,
 ``spacing_col_mm`` (size and pixel spacing before resizing).
 
@@ -54,6 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.dataset_io import SPLITS, DatasetError
+from utils.data.layout import view_phase_class
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +232,9 @@ def read_patient(folder: Path, size: int) -> list[dict]:
             records.append({
                 "image": resize_image(_as_uint8(image, image_path), size)[None],
                 "mask": resize_mask(mask, size)[None],
+                "class": view_phase_class(view, phase),
                 "metadata": {
-                    "patient": patient, "view": view, "phase": phase,
+                    "patient": patient, "view": view, "phase": phase, "class_name": f"{view}_{phase}",
                     "image_quality": info.get("ImageQuality", "unknown"),
                     "orig_rows": int(image.shape[0]), "orig_cols": int(image.shape[1]),
                     "spacing_row_mm": spacing[0], "spacing_col_mm": spacing[1],

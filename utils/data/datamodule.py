@@ -53,19 +53,22 @@ def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0) 
 
 class SegmentedImages(Dataset):
     """One split as tensors: ``x_1`` float32 (N, 1, H, W) in [-1, 1], ``mask`` uint8 (N, 1, H, W),
-    ``patient`` int64 (N,) (a code per patient id, -1 when unknown)."""
+    ``patient`` int64 (N,) (a code per patient id, -1 when unknown), ``classes`` int64 (N,) (the record's
+    ``class``, -1 when it has none)."""
 
     def __init__(self, records: list[dict], patient_codes: dict[str, int]):
         self.x_1 = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]) * 2.0 - 1.0)
         self.mask = torch.from_numpy(np.stack([np.asarray(r["mask"]).astype(np.uint8) for r in records]))
         patients = [str(r.get("metadata", {}).get("patient", "")) for r in records]
         self.patient = torch.tensor([patient_codes.get(p, -1) if p else -1 for p in patients])
+        self.classes = torch.tensor([int(r.get("class", -1)) for r in records], dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.x_1)
 
     def __getitem__(self, i: int) -> dict:
-        return {"x_1": self.x_1[i], "mask": self.mask[i], "patient": self.patient[i], "index": i}
+        return {"x_1": self.x_1[i], "mask": self.mask[i], "patient": self.patient[i], "class": self.classes[i],
+                "index": i}
 
 
 def mean_label_intensity(x_1: torch.Tensor, mask: torch.Tensor, num_classes: int) -> list[float]:
@@ -76,6 +79,29 @@ def mean_label_intensity(x_1: torch.Tensor, mask: torch.Tensor, num_classes: int
         if sel.any():
             values[label] = x_1[sel].mean()
     return [round(float(v), 6) for v in values]
+
+
+def class_names(data: dict[str, list[dict]], path) -> list[str]:
+    """See :meth:`EchoDataModule.class_names`; ``path`` names the dataset in errors."""
+    names: dict[int, str] = {}
+    for split, records in data.items():
+        for i, r in enumerate(records):
+            if "class" not in r:
+                if split in ("train", "valid"):
+                    raise DatasetError(f"{path}: {split}[{i}] has no class; a class-conditional model "
+                                       "(conditioning_args.mode class or mask+class) needs one in every train and "
+                                       "valid record (the synthetic echo set has one since view x phase was "
+                                       "added: rebuild an older file with python -m utils.data.synthetic_echo)")
+                continue
+            k, name = int(r["class"]), (r.get("metadata") or {}).get("class_name")
+            if name is not None and names.setdefault(k, str(name)) != str(name):
+                raise DatasetError(f"{path}: {split}[{i}]: class {k} is named {name!r} here and {names[k]!r} "
+                                   "elsewhere")
+    found = sorted({int(r["class"]) for records in data.values() for r in records if "class" in r})
+    if found[0] < 0:
+        raise DatasetError(f"{path}: class {found[0]} is negative; classes are indices 0..K-1")
+    top = found[-1]
+    return [names.get(k, str(k)) for k in range(top + 1)]
 
 
 class EchoDataModule(pl.LightningDataModule):
@@ -101,6 +127,11 @@ class EchoDataModule(pl.LightningDataModule):
         if encoding == "unit_labels":
             values = (values + 1.0) / 2.0
         return [round(float(v), 6) for v in values]
+
+    def class_names(self) -> list[str]:
+        """The image classes, in index order, for a class-conditional model: every train and valid record needs
+        a ``class``; class k is named by its records' ``metadata.class_name`` (one name per class), else "k"."""
+        return class_names(self.data, self.cfg.path)
 
     def train_dataloader(self) -> DataLoader:
         # The order of epoch e is a permutation seeded by (seed, e) on one process or many (the Trainer calls

@@ -21,6 +21,7 @@ class MaskSource:
     masks: torch.Tensor  # (N, 1, H, W) uint8 labels
     ids: list  # per mask: index in the split (int) or file name (str)
     description: str
+    classes: list | None = None  # per mask from a dataset split: its record's class (None where it has none)
 
 
 def _read_label_map(path: Path) -> np.ndarray:
@@ -81,4 +82,5 @@ def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, 
         raise MaskError(f"{path}: split '{split}' is missing or empty (has: {', '.join(sorted(data))})")
     masks = [_check(np.asarray(r["mask"]), f"{path}: {split}[{i}]", num_classes, image_size, resize)
              for i, r in enumerate(data[split])]
-    return MaskSource(torch.stack(masks), list(range(len(masks))), f"split '{split}' of {path}")
+    return MaskSource(torch.stack(masks), list(range(len(masks))), f"split '{split}' of {path}",
+                      [r.get("class") for r in data[split]])

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.data.layout import view_phase_class
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -57,8 +59,9 @@ def build_synthetic_dataset(
 
     Returns:
         ``{"train"|"valid"|"test": [record]}``; ``image`` uint8 ``[1, size, size]``, ``mask`` uint8
-        ``[1, size, size]`` in {0, 1, 2, 3}; ``metadata`` ``{"patient": "synth0001", "view": "2CH"|"4CH",
-        "phase": "ED"|"ES", "split": ...}``.
+        ``[1, size, size]`` in {0, 1, 2, 3}; ``class`` view x phase (0 2CH_ED, 1 2CH_ES, 2 4CH_ED, 3 4CH_ES);
+        ``metadata`` ``{"patient": "synth0001", "view": "2CH"|"4CH", "phase": "ED"|"ES", "split": ...,
+        "class_name": "2CH_ED"|...}``.
     """
     from tqdm import tqdm
 
@@ -75,8 +78,10 @@ def build_synthetic_dataset(
     for k in tqdm(range(len(splits)), desc="synthetic echo", unit="patient", disable=not progress):
         split = splits[k]
         for view, phase, image, mask in render_patient(size, seed, k):
-            meta = {"patient": f"synth{k + 1:04d}", "view": view, "phase": phase, "split": split}
-            data[split].append({"image": image[None], "mask": mask[None], "metadata": meta})
+            meta = {"patient": f"synth{k + 1:04d}", "view": view, "phase": phase, "split": split,
+                    "class_name": f"{view}_{phase}"}
+            data[split].append({"image": image[None], "mask": mask[None], "class": view_phase_class(view, phase),
+                                "metadata": meta})
     return data
 
 

@@ -26,9 +26,11 @@ class Generated:
 
 def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, num_steps: int, sampler: str,
              batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False,
-             references: torch.Tensor | None = None, t0: float = 0.0, feature_guidance: float = 0.0) -> Generated:
+             references: torch.Tensor | None = None, t0: float = 0.0, feature_guidance: float = 0.0,
+             classes: torch.Tensor | None = None) -> Generated:
     """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
 
+    ``classes`` (N,) int64: each sample's image class, for (and only for) a class-conditional module.
     With ``references`` (N, 1, H, W) in [-1, 1] (a method with ``supports_reference``), sample k is guided by
     reference k: it starts at ``t0`` on the path towards it (``generate_from_reference``, with its experimental
     ``feature_guidance`` scale).
@@ -41,6 +43,9 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none).
     """
     n = len(masks)
+    if (classes is not None) != bool(module.class_names):
+        raise ValueError("give classes exactly when the module is class-conditional "
+                         f"(its classes: {module.class_names or 'none'})")
     shape = (1, *masks.shape[-2:])
     out = torch.empty((n, *shape), dtype=torch.float32)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
@@ -50,23 +55,28 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     if references is not None and not module.supports_reference:
         raise ValueError(f"method {module.cfg.method} has no reference-guided generation")
 
-    def solve(m, mask: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor | None) -> torch.Tensor:
+    def solve(m, mask: torch.Tensor, ids: torch.Tensor, ref: torch.Tensor | None,
+              cls: torch.Tensor | None) -> torch.Tensor:
         noise = SampleNoise(ids, seed, shape, m.device)
+        extra = {} if cls is None else {"classes": cls}
         with torch.inference_mode(), autocast(m.cfg.sampling_args.precision, m.device):
             if ref is not None:  # feature guidance takes its gradient outside inference mode
                 return m.generate_from_reference(mask, ref, noise, num_steps, sampler, t0, feature_guidance).float()
-            return m.generate(mask, noise, num_steps, sampler).float()
+            return m.generate(mask, noise, num_steps, sampler, **extra).float()
 
     def work(k: int, chunk: list[int]) -> None:
         m = models[k % len(models)]
         idx = torch.tensor(chunk)
         mask, ids = masks[idx].to(m.device), sample_ids[idx]
-        ref = None if references is None else references[idx].to(m.device)
+        ref, cls = (None if x is None else x[idx].to(m.device) for x in (references, classes))
         if batch_invariant:  # the network sees one image at a time
-            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1], None if ref is None else ref[j:j + 1])
+            def one(x: torch.Tensor | None, j: int) -> torch.Tensor | None:
+                return None if x is None else x[j:j + 1]
+
+            images = torch.cat([solve(m, mask[j:j + 1], ids[j:j + 1], one(ref, j), one(cls, j))
                                 for j in range(len(chunk))])
         else:
-            images = solve(m, mask, ids, ref)
+            images = solve(m, mask, ids, ref, cls)
         out[idx] = images.cpu()
         bar.update(len(chunk))
 

@@ -15,16 +15,19 @@ GRID_COLUMNS = 8
 
 
 def write_samples(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, ids: list, manifest: dict,
-                  num_classes: int, png: bool = False, pkl: bool = False, split: str = "test") -> None:
-    """``images`` (N, 1, H, W) float32 in [0, 1]; ``masks`` (N, 1, H, W) uint8; ``ids`` source of each mask.
+                  num_classes: int, png: bool = False, pkl: bool = False, split: str = "test",
+                  classes: torch.Tensor | None = None) -> None:
+    """``images`` (N, 1, H, W) float32 in [0, 1]; ``masks`` (N, 1, H, W) uint8; ``ids`` source of each mask;
+    ``classes`` (N,) the image class each was made with (class-conditional models).
 
-    Writes ``samples.npz`` (images, masks, indices), ``grid.png`` (masks over generated images),
+    Writes ``samples.npz`` (images, masks, indices, and classes when given), ``grid.png`` (masks over generated images),
     ``manifest.json``, and optionally ``png/NNNNN.png`` and ``samples.pkl`` ({split: [{image, mask, name}]}).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     indices = np.asarray(ids) if all(isinstance(i, int) for i in ids) else np.asarray([str(i) for i in ids])
+    extra = {} if classes is None else {"classes": classes.numpy().astype(np.int64)}
     np.savez_compressed(out_dir / "samples.npz", images=images.numpy().astype(np.float32),
-                        masks=masks.numpy().astype(np.uint8), indices=indices)
+                        masks=masks.numpy().astype(np.uint8), indices=indices, **extra)
     k = min(GRID_COLUMNS * 2, len(images))
     rows = []
     for start in range(0, k, GRID_COLUMNS):
@@ -35,8 +38,8 @@ def write_samples(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, ids:
         for i, img in enumerate(images):
             save_png(np.rint(img[0].numpy() * 255).astype(np.uint8), out_dir / "png" / f"{i:05d}.png")
     if pkl:
-        records = [{"image": images[i].numpy(), "mask": masks[i].numpy(), "name": str(ids[i])}
-                   for i in range(len(images))]
+        records = [{"image": images[i].numpy(), "mask": masks[i].numpy(), "name": str(ids[i]),
+                    **({} if classes is None else {"class": int(classes[i])})} for i in range(len(images))]
         with open(out_dir / "samples.pkl", "wb") as f:
             pickle.dump({split: records}, f, protocol=pickle.HIGHEST_PROTOCOL)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")

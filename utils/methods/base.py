@@ -6,6 +6,7 @@ Trainer, inferer, evaluate and the benchmark call only these:
   checkpoint is chosen by (computed with the weights that make images, deterministic for a given batch);
 - ``generate(mask, noise, num_steps, sampler)``: images in [0, 1] for integer masks, where every random
   number of sample i comes from ``noise`` (:class:`utils.seeding.SampleNoise`), and ``nfe(num_steps, sampler)``;
+  a class-conditional method (non-empty ``class_names``) also takes ``classes=`` (B,) class indices;
 - ``parameter_counts()`` and ``describe()`` for the log.
 
 The base class holds what the methods share: the typed config, the EMA of the generating network
@@ -88,6 +89,12 @@ class SynthesisMethod(pl.LightningModule):
     # A method that can also start from a reference image sets this and implements
     # ``generate_from_reference(mask, reference, noise, num_steps, sampler, t0)`` and ``nfe(..., t0)``.
     supports_reference = False
+
+    @property
+    def class_names(self) -> list[str]:
+        """The image classes the method is conditioned on, in index order; empty when it is not (then
+        :meth:`generate` takes no ``classes``)."""
+        return []
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part, for the log (every trained network, the discriminator included)."""
@@ -188,7 +195,8 @@ class SynthesisMethod(pl.LightningModule):
         mask, s = ds.mask[:n], self.cfg.sampling_args
         # the inferer's path: noise of (seed, i), the method's sampler, under sampling_args.precision
         gen01 = generate(self, mask, torch.arange(n), self.cfg.train_args.seed, s.num_steps, s.method,
-                         batch_size=n, devices=[str(self.device)], progress=False).images
+                         batch_size=n, devices=[str(self.device)], progress=False,
+                         classes=ds.classes[:n] if self.class_names else None).images
         real01 = to_unit(ds.x_1[:n])
         grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01],
                           row_labels=["mask", "real", "generated"])

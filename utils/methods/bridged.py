@@ -86,7 +86,11 @@ class BridgedVelocityField(ConditionalVelocityField):
         self.bridges = nn.ModuleList(Bridge(c, cond_channels, cfg.norm_num_groups)
                                      for c in bridge_channels(cfg.channels))
 
-    def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor,
+                     classes: torch.Tensor | None = None, labels_kept: torch.Tensor | None = None) -> torch.Tensor:
+        if classes is not None or labels_kept is not None:
+            raise ValueError("the bridged velocity field is conditioned on the whole mask alone (no classes, no "
+                             "label dropout)")
         return self._forward(x_t, timesteps, mask)[0]
 
     def velocity_and_features(self, x_t: torch.Tensor, t: torch.Tensor,

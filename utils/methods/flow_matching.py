@@ -1,7 +1,9 @@
 """Flow matching from the warm-start prior to images (COMET; MOTFM is alpha = 0 and no contrastive term).
 
-The velocity field is the UNet + ControlNet of :mod:`utils.methods.networks`; the path and the solver are
-``flow_matching``'s; the optional cosine InfoNCE term on velocities is :mod:`losses.contrastive_flow`.
+The velocity field is the UNet + ControlNet of :mod:`utils.methods.networks`, conditioned on the mask, the image
+class, both or neither (``conditioning_args``); the path and the solver are ``flow_matching``'s; the optional
+cosine InfoNCE term on velocities is :mod:`losses.contrastive_flow`. Training may drop conditions (a null mask,
+a null class), which classifier-free guidance (``sampling_args.guidance_scale``) then contrasts with.
 """
 
 from __future__ import annotations
@@ -21,18 +23,28 @@ from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
 from utils.methods.networks import VelocityAdapter, build_model, compile_blocks, controlnet_parameter_counts
 from utils.methods.ode_sampler import sample
 from utils.methods.prior import warm_start_prior
-from utils.seeding import SampleNoise, fixed_times
+from utils.seeding import SampleNoise, fixed_times, seeded_generator
 
 log = logging.getLogger(__name__)
+# The training stream's extra entropy for condition dropout: its own draws, so t and eps do not change with it.
+DROPOUT_STREAM = 1
 
 
 class FlowMatchingModule(SynthesisMethod):
-    """``label_values`` (num_classes,) is enc(label) for the prior; it is saved in the checkpoint with the config."""
+    """``label_values`` (num_classes,) is enc(label) for the prior; ``class_names`` the data's image classes in
+    index order (class-conditional modes only); ``motfm``, only in a checkpoint imported from MOTFM
+    (:mod:`utils.motfm`), ``{"time_floor": bool, "image_range": [lo, hi]}``: the network floors t * 999 as MOTFM
+    did, and its outputs are MOTFM's min-max units, image = lo + x (hi - lo) in [0, 1]. All are saved in the
+    checkpoint with the config."""
 
-    def __init__(self, config: dict, label_values: list[float]):
+    def __init__(self, config: dict, label_values: list[float], class_names: list[str] | None = None,
+                 motfm: dict | None = None):
         super().__init__(config)
         self.save_hyperparameters()
-        self.model = build_model(self.cfg.model_args, self.cfg.data_args.num_classes)
+        cond = self.cfg.conditioning_args
+        self.model = build_model(self.cfg.model_args, self.cfg.data_args.num_classes, cond,
+                                 len(class_names or ()) if cond.uses_class else 0,
+                                 time_floor=bool(motfm and motfm["time_floor"]))
         self.register_buffer("label_values", torch.tensor(label_values, dtype=torch.float32), persistent=False)
         self.path = AffineProbPath(scheduler=CondOTScheduler())
         self.keep_ema()
@@ -40,13 +52,21 @@ class FlowMatchingModule(SynthesisMethod):
 
     @classmethod
     def for_data(cls, config: dict, datamodule) -> FlowMatchingModule:
-        return cls(config, datamodule.label_values(config["prior_args"]["mask_encoding"]))
+        label_values = datamodule.label_values(config["prior_args"]["mask_encoding"])
+        uses_class = "class" in config.get("conditioning_args", {}).get("mode", "mask")
+        return cls(config, label_values, datamodule.class_names() if uses_class else None)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.get("class_names") or ()) if self.cfg.conditioning_args.uses_class else []
 
     def describe(self) -> str:
-        p, c = self.cfg.prior_args, self.cfg.contrastive_args
-        return (f"flow matching; prior: alpha {p.alpha:.3g}, enc(mask) = {p.mask_encoding} "
-                f"{self.hparams.label_values}; contrastive: weight {c.weight:.3g} from epoch {c.warmup_epochs}, "
-                f"target {c.target}, {c.num_keys} keys")
+        p, c, k = self.cfg.prior_args, self.cfg.contrastive_args, self.cfg.conditioning_args
+        classes = f" {len(self.class_names)} classes {self.class_names}," if self.class_names else ""
+        return (f"flow matching; conditioning: {k.mode},{classes} mask input {k.mask_input}, dropout mask "
+                f"{k.mask_dropout:g} / label {k.label_dropout:g} / class {k.class_dropout:g}; prior: alpha "
+                f"{p.alpha:.3g}, enc(mask) = {p.mask_encoding} {self.hparams.label_values}; contrastive: weight "
+                f"{c.weight:.3g} from epoch {c.warmup_epochs}, target {c.target}, {c.num_keys} keys")
 
     def parameter_counts(self) -> dict[str, int]:
         return controlnet_parameter_counts(self.model)
@@ -60,12 +80,56 @@ class FlowMatchingModule(SynthesisMethod):
         return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values, p.padding)
 
     def sampling_adapter(self) -> VelocityAdapter:
-        return VelocityAdapter(self.sampling_network())
+        return VelocityAdapter(self.sampling_network(), self.cfg.sampling_args.guidance_scale, self.null_conditions)
 
-    def flow_matching_loss(self, network, x_1, mask, eps, t):
+    def conditions(self, mask: torch.Tensor, classes: torch.Tensor | None) -> dict:
+        """The network's condition keywords: the mask (the prior needs it whatever the mode) and, for a
+        class-conditional network, ``classes`` (B,) int64."""
+        if not self.class_names:
+            return {"mask": mask}
+        if classes is None or bool((classes < 0).any()) or bool((classes >= len(self.class_names)).any()):
+            raise ValueError(f"this model is conditioned on the image class: every sample needs a class in "
+                             f"0..{len(self.class_names) - 1} ({', '.join(self.class_names)})")
+        return {"mask": mask, "classes": classes}
+
+    def null_conditions(self, conditions: dict) -> dict:
+        """``conditions`` without what training dropped (guidance's v_u): the all-zero null mask when
+        ``mask_dropout`` > 0, the null class (-1, a zero context) when ``class_dropout`` > 0."""
+        c, out, mask = self.cfg.conditioning_args, dict(conditions), conditions["mask"]
+        if c.mask_dropout > 0:
+            out["labels_kept"] = torch.zeros(len(mask), self.cfg.data_args.num_classes, dtype=torch.bool,
+                                             device=mask.device)
+        if c.class_dropout > 0:
+            out["classes"] = torch.full_like(conditions["classes"], -1)
+        return out
+
+    def dropped_conditions(self, conditions: dict, batch_idx: int) -> dict:
+        """``conditions`` after training's condition dropout, drawn from this (seed, rank, epoch, batch)'s own
+        stream: per sample, the whole mask with probability ``mask_dropout``, each label but the background
+        with ``label_dropout``, the class with ``class_dropout``."""
+        c = self.cfg.conditioning_args
+        if not (c.mask_dropout or c.label_dropout or c.class_dropout):
+            return conditions
+        out, mask = dict(conditions), conditions["mask"]
+        t = self.cfg.train_args
+        g = seeded_generator([t.seed, self.global_rank, self.current_epoch, batch_idx, DROPOUT_STREAM], mask.device)
+        b, labels = len(mask), self.cfg.data_args.num_classes
+        keep_label = torch.rand(b, labels, generator=g, device=mask.device) >= c.label_dropout
+        keep_label[:, 0] = True  # the background is not an anatomy
+        keep_mask = torch.rand(b, 1, generator=g, device=mask.device) >= c.mask_dropout
+        drop_class = torch.rand(b, generator=g, device=mask.device) < c.class_dropout
+        if c.mask_dropout or c.label_dropout:
+            out["labels_kept"] = keep_label & keep_mask
+        if c.class_dropout:
+            out["classes"] = torch.where(drop_class, -1, conditions["classes"])
+        return out
+
+    def flow_matching_loss(self, network, x_1, mask, eps, t, conditions: dict | None = None):
+        """MSE of ``network``'s velocity at x_t; ``conditions`` (default: the mask alone) go to the network, the
+        prior is always drawn from ``mask``."""
         x_0 = self.prior(mask, eps)
         ps = self.path.sample(x_0=x_0, x_1=x_1, t=t)
-        v = network(ps.x_t, t, mask)
+        v = network(ps.x_t, t, **(conditions or {"mask": mask}))
         return F.mse_loss(v.float(), ps.dx_t.float()), v, x_0, ps
 
     def training_draws(self, x_1: torch.Tensor, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +141,8 @@ class FlowMatchingModule(SynthesisMethod):
     def training_step(self, batch, batch_idx):
         x_1, mask = batch["x_1"], batch["mask"]
         t, eps = self.training_draws(x_1, batch_idx)
-        fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, eps, t)
+        conditions = self.dropped_conditions(self.conditions(mask, batch.get("class")), batch_idx)
+        fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, eps, t, conditions)
         c = self.cfg.contrastive_args
         weight = contrastive_weight(c.weight, c.warmup_epochs, self.current_epoch)
         loss = fm
@@ -100,15 +165,23 @@ class FlowMatchingModule(SynthesisMethod):
         """The flow-matching MSE at fixed (t, eps) per validation image, with the weights that make images."""
         x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
         eps = self.validation_noise(batch)
-        fm, *_ = self.flow_matching_loss(self.sampling_network(), x_1, mask, eps, fixed_times(index).to(x_1.device))
+        fm, *_ = self.flow_matching_loss(self.sampling_network(), x_1, mask, eps, fixed_times(index).to(x_1.device),
+                                         self.conditions(mask, batch.get("class")))
         return fm
 
-    def generate(self, mask: torch.Tensor, noise: SampleNoise, num_steps: int, sampler: str) -> torch.Tensor:
+    def generate(self, mask: torch.Tensor, noise: SampleNoise, num_steps: int, sampler: str,
+                 classes: torch.Tensor | None = None) -> torch.Tensor:
+        conditions = self.conditions(mask, classes)
         x_0 = self.prior(mask, noise.initial())
-        return to_unit(sample(self.sampling_adapter(), x_0, mask, num_steps, sampler))
+        x_1 = sample(self.sampling_adapter(), x_0, mask, num_steps, sampler, classes=conditions.get("classes"))
+        if self.hparams.get("motfm"):  # MOTFM's min-max units mapped back to the dataset's [0, 1]
+            lo, hi = self.hparams["motfm"]["image_range"]
+            return (lo + x_1.float() * (hi - lo)).clamp(0.0, 1.0)
+        return to_unit(x_1)
 
     def nfe(self, num_steps: int, sampler: str) -> int:
-        return num_steps * NFE_PER_STEP[sampler]
+        """Network evaluations per image: the sampler's per step, twice with guidance (w != 1)."""
+        return num_steps * NFE_PER_STEP[sampler] * (1 if self.cfg.sampling_args.guidance_scale == 1.0 else 2)
 
     # --- training state beyond the weights ----------------------------------------------------------
     def on_train_start(self):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from flow_matching.utils import ModelWrapper
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 from torch import nn
 
-from utils.config import ModelConfig
+from utils.config import ConditioningConfig, ModelConfig
 
 # The UNet's sinusoidal time embedding was designed for integer diffusion steps 0..999; continuous t in
 # [0, 1] is scaled to that range as a float (MOTFM floored it, which quantises time).
@@ -15,14 +18,25 @@ TIME_SCALE = 999.0
 
 
 class ConditionalVelocityField(nn.Module):
-    """v_theta(x_t, t, mask): a UNet whose residuals are steered by a ControlNet that sees the mask.
+    """v_theta(x_t, t, mask, classes): a UNet, steered by a ControlNet that sees the mask and/or attending to the
+    image class through cross-attention (``conditioning.mode``; MOTFM's four settings).
 
-    ``x_t`` (B, 1, H, W) in image units; ``t`` (B,) in [0, 1]; ``mask`` (B, 1, H, W) integer labels,
-    fed to the ControlNet as one channel ``mask / (num_classes - 1)`` in [0, 1]. Returns (B, 1, H, W).
+    ``x_t`` (B, 1, H, W) in image units; ``t`` (B,) in [0, 1]; ``mask`` (B, 1, H, W) integer labels, fed to the
+    ControlNet by :func:`mask_input` (unused without a ControlNet); ``classes`` (B,) int64 class indices,
+    -1 for the null class (a zero context), required with class conditioning; ``labels_kept`` (B, num_classes)
+    bool, the mask labels the ControlNet sees (None: all; none kept: the null mask). Returns (B, 1, H, W).
     """
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int = 1):
+    def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int = 1,
+                 conditioning: ConditioningConfig = ConditioningConfig(), num_image_classes: int = 0,
+                 time_floor: bool = False):
         super().__init__()
+        self.time_floor = time_floor  # MOTFM's floor(t * 999), for networks imported from it (utils.motfm)
+        if conditioning.uses_class and num_image_classes < 1:
+            raise ValueError(f"conditioning mode {conditioning.mode} needs the number of image classes, got "
+                             f"{num_image_classes}")
+        self.num_classes, self.mask_encoding = num_classes, conditioning.mask_input
+        self.num_image_classes = num_image_classes if conditioning.uses_class else 0
         common = dict(
             spatial_dims=2,
             in_channels=in_channels,
@@ -34,32 +48,77 @@ class ConditionalVelocityField(nn.Module):
             num_head_channels=cfg.num_head_channels,
             transformer_num_layers=cfg.transformer_num_layers,
             use_flash_attention=cfg.use_flash_attention,
+            with_conditioning=self.num_image_classes > 0,
+            cross_attention_dim=self.num_image_classes or None,
         )
         self.unet = DiffusionModelUNet(out_channels=in_channels, **common)
-        self.controlnet = ControlNet(
-            conditioning_embedding_in_channels=1,
-            conditioning_embedding_num_channels=cfg.conditioning_embedding_num_channels,
-            **common,
-        )
-        # The ControlNet starts as a copy of the UNet's encoder; its zero convolutions make it a no-op.
-        self.controlnet.load_state_dict(self.unet.state_dict(), strict=False)
-        self.num_classes = num_classes
+        self.controlnet = None
+        if conditioning.uses_mask:
+            self.controlnet = ControlNet(
+                conditioning_embedding_in_channels=num_classes if self.mask_encoding == "one_hot" else 1,
+                conditioning_embedding_num_channels=cfg.conditioning_embedding_num_channels,
+                **common,
+            )
+            # The ControlNet starts as a copy of the UNet's encoder; its zero convolutions make it a no-op.
+            self.controlnet.load_state_dict(self.unet.state_dict(), strict=False)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.at_timesteps(x_t, t * TIME_SCALE, mask)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor | None = None,
+                labels_kept: torch.Tensor | None = None) -> torch.Tensor:
+        timesteps = t * TIME_SCALE
+        return self.at_timesteps(x_t, timesteps.floor() if self.time_floor else timesteps, mask, classes, labels_kept)
 
-    def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor,
+                     classes: torch.Tensor | None = None, labels_kept: torch.Tensor | None = None) -> torch.Tensor:
         """The same network given the UNet's own ``timesteps`` (B,) in [0, TIME_SCALE], e.g. a diffusion
         model's integer steps, instead of t in [0, 1]."""
-        cond = mask.to(x_t.dtype) / (self.num_classes - 1)
-        down, mid = self.controlnet(x=x_t, timesteps=timesteps, controlnet_cond=cond)
+        context = None
+        if self.num_image_classes:
+            if classes is None:
+                raise ValueError("this network is class-conditional: give classes (B,), -1 for the null class")
+            context = class_context(classes, self.num_image_classes).to(x_t.dtype)
+        if self.controlnet is None:
+            return self.unet(x=x_t, timesteps=timesteps, context=context)
+        cond = mask_input(mask, self.num_classes, self.mask_encoding, labels_kept).to(x_t.dtype)
+        down, mid = self.controlnet(x=x_t, timesteps=timesteps, controlnet_cond=cond, context=context)
         return self.unet(
-            x=x_t, timesteps=timesteps, down_block_additional_residuals=down, mid_block_additional_residual=mid
+            x=x_t, timesteps=timesteps, context=context, down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
         )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> ConditionalVelocityField:
-    return ConditionalVelocityField(cfg, num_classes)
+def class_context(classes: torch.Tensor, num_image_classes: int) -> torch.Tensor:
+    """The cross-attention context (B, 1, K) of class indices (B,): one-hot (MOTFM's), zeros for -1 (null)."""
+    classes = classes.long()
+    onehot = F.one_hot(classes.clamp(min=0), num_image_classes).float()
+    return (onehot * (classes >= 0).unsqueeze(1)).unsqueeze(1)
+
+
+def mask_input(mask: torch.Tensor, num_classes: int, encoding: str,
+               labels_kept: torch.Tensor | None = None) -> torch.Tensor:
+    """The ControlNet's input for integer ``mask`` (B, 1, H, W), float32.
+
+    ``scalar``: one channel label / (num_classes - 1) in [0, 1]; ``one_hot``: (B, num_classes, H, W).
+    ``labels_kept`` (B, num_classes) bool: the pixels of a label not kept become background (0), as in a mask
+    file that leaves that anatomy out; a sample with no label kept gets the null mask, all zeros in every
+    channel (in ``one_hot`` unlike any real mask).
+    """
+    labels = mask.long()
+    if labels_kept is not None:
+        labels_kept = labels_kept.to(labels.device)
+        labels = labels * torch.gather(labels_kept, 1, labels.flatten(1)).view_as(labels)
+    if encoding == "one_hot":
+        cond = F.one_hot(labels[:, 0], num_classes).permute(0, 3, 1, 2).float()
+    else:
+        cond = labels.float() / (num_classes - 1)
+    if labels_kept is not None:
+        cond = cond * labels_kept.any(1).view(-1, 1, 1, 1)
+    return cond
+
+
+def build_model(cfg: ModelConfig, num_classes: int, conditioning: ConditioningConfig = ConditioningConfig(),
+                num_image_classes: int = 0, time_floor: bool = False) -> ConditionalVelocityField:
+    return ConditionalVelocityField(cfg, num_classes, conditioning=conditioning,
+                                    num_image_classes=num_image_classes, time_floor=time_floor)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -67,14 +126,16 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def controlnet_parameter_counts(model: ConditionalVelocityField) -> dict[str, int]:
-    """Parameters of the UNet and of the ControlNet, for the log."""
-    return {"UNet": count_parameters(model.unet), "ControlNet": count_parameters(model.controlnet)}
+    """Parameters of the UNet and of the ControlNet (when there is one), for the log."""
+    counts = {"UNet": count_parameters(model.unet)}
+    return counts if model.controlnet is None else {**counts, "ControlNet": count_parameters(model.controlnet)}
 
 
 def repeated_blocks(model: ConditionalVelocityField) -> list[nn.Module]:
     """The UNet's and the ControlNet's down, mid and up blocks (17 in the seed network)."""
     unet, control = model.unet, model.controlnet
-    return [*unet.down_blocks, unet.middle_block, *unet.up_blocks, *control.down_blocks, control.middle_block]
+    blocks = [*unet.down_blocks, unet.middle_block, *unet.up_blocks]
+    return blocks if control is None else [*blocks, *control.down_blocks, control.middle_block]
 
 
 def compile_blocks(model: ConditionalVelocityField, **compile_kwargs) -> int:
@@ -95,15 +156,23 @@ def compile_blocks(model: ConditionalVelocityField, **compile_kwargs) -> int:
 class VelocityAdapter(ModelWrapper):
     """The only adapter between the network and ``flow_matching``'s ODESolver.
 
-    The solver calls ``forward(x, t, mask=...)`` with a scalar ``t``; this broadcasts it to (B,) and
-    counts network evaluations in ``nfe`` (reset it before a solve).
+    The solver calls ``forward(x, t, mask=..., [classes=...])`` with a scalar ``t``; this broadcasts it to (B,),
+    applies classifier-free guidance, v = v_u + w (v_c - v_u) with v_u the network given ``null(conditions)``
+    (two calls; w = 1 makes the one conditional call), and counts network evaluations in ``nfe`` (reset it
+    before a solve).
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null: Callable[[dict], dict] | None = None):
         super().__init__(model)
+        self.guidance_scale, self.null = guidance_scale, null
         self.nfe = 0
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **extras) -> torch.Tensor:
-        self.nfe += 1
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **conditions) -> torch.Tensor:
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        return self.model(x, t, extras["mask"])
+        self.nfe += 1
+        v_c = self.model(x, t, **conditions)
+        if self.guidance_scale == 1.0:
+            return v_c
+        self.nfe += 1
+        v_u = self.model(x, t, **self.null(conditions))
+        return v_u + self.guidance_scale * (v_c - v_u)

@@ -1,4 +1,5 @@
-"""The one sampler: integrate dx/dt = v_theta(x, t, mask) from t = t0 (0: the prior) to t = 1 (an image)."""
+"""The one sampler: integrate dx/dt = v_theta(x, t, mask[, classes]) from t = t0 (0: the prior) to t = 1 (an
+image)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,18 @@ def time_grid(num_steps: int, device=None, t0: float = 0.0) -> torch.Tensor:
 @torch.no_grad()
 def sample(
     adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler",
-    t0: float = 0.0,
+    t0: float = 0.0, classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Solve the ODE from ``x_0`` at time ``t0`` with the fixed-grid ``method``; returns x_1 (B, 1, H, W).
 
     ``num_steps`` steps from t0 = 0 (the prior); from a later t0 (a state on the path, e.g. towards a reference
     image) the steps of the same size that remain, :func:`reference_steps`; at t0 = 1 ``x_0`` itself.
-    ``adapter.nfe`` counts the network evaluations made (the steps for Euler, twice that for midpoint).
+    ``classes`` (B,) go to a class-conditional network. ``adapter.nfe`` counts the network evaluations made
+    (the steps for Euler, twice that for midpoint, twice again with guidance).
     """
     grid = time_grid(num_steps, x_0.device, t0)
     if len(grid) == 1:
         return x_0
     solver = ODESolver(velocity_model=adapter)
-    return solver.sample(x_init=x_0, step_size=None, method=method, time_grid=grid, mask=mask)
+    conditions = {"mask": mask} if classes is None else {"mask": mask, "classes": classes}
+    return solver.sample(x_init=x_0, step_size=None, method=method, time_grid=grid, **conditions)

@@ -1,0 +1,135 @@
+"""MOTFM import: a tiny MOTFM-format checkpoint (monai-generative 0.2.3 key names, built here) imports, and the
+imported model makes through inferer.py the images MOTFM's own forward pass and Euler loop make."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import inferer
+from utils.config import ConditioningConfig, load_config
+from utils.data.dataset_io import load_dataset, normalise_image
+from utils.methods.networks import build_model
+from utils.motfm.__main__ import main as motfm_main
+from utils.seeding import noise_for_indices
+
+LABELS, CLASSES, STEPS = 4, 4, 4
+GROUPS = 2  # not the tiny config's 8: one channel per group would normalise the time embedding away
+
+
+def old_names(state: dict) -> dict:
+    """Our (MONAI core) names -> monai-generative 0.2.3's: transformer ``out_proj`` was ``to_out.0``, a
+    self-attention block's ``attn.to_q``/``attn.out_proj`` were ``to_q``/``proj_attn``, ``postconv`` was ``conv``."""
+    out = {}
+    for key, value in state.items():
+        if "transformer_blocks" in key and ".out_proj." in key:
+            key = key.replace(".out_proj.", ".to_out.0.")
+        elif ".attn.to_" in key:
+            key = key.replace(".attn.to_", ".to_")
+        elif ".attn.out_proj." in key:
+            key = key.replace(".attn.out_proj.", ".proj_attn.")
+        out[key.replace("postconv", "conv")] = value
+    return out
+
+
+def motfm_yaml(data_path, **model) -> dict:
+    return {
+        "model_args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "num_res_blocks": [1, 1],
+                       "num_channels": [8, 8], "attention_levels": [False, True], "norm_num_groups": GROUPS,
+                       "resblock_updown": False, "num_head_channels": [8, 8], "transformer_num_layers": 1,
+                       "use_flash_attention": True, "with_conditioning": True, "mask_conditioning": True,
+                       "cross_attention_dim": CLASSES, "conditioning_embedding_num_channels": [8], **model},
+        "data_args": {"pickle_path": str(data_path), "split_train": "train", "split_val": "valid"},
+        "train_args": {"num_epochs": 1, "batch_size": 2, "lr": 1e-4, "val_freq": 5, "num_val_samples": 3},
+        "solver_args": {"method": "euler", "step_size": 1 / STEPS, "time_points": 10},
+    }
+
+
+@pytest.fixture(scope="module")
+def motfm_run(tmp_path_factory, tiny_data):
+    """MOTFM's network (random weights) saved as MOTFM's Lightning checkpoint with the old key names."""
+    torch.manual_seed(0)
+    model_args = dataclasses.replace(load_config("configs/tiny.yaml").model_args, norm_num_groups=GROUPS)
+    net = build_model(model_args, LABELS, ConditioningConfig(mode="mask+class"), CLASSES).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    state = {f"model.unet.{k}": v for k, v in old_names(net.unet.state_dict()).items()}
+    state |= {f"model.controlnet.{k}": v for k, v in old_names(net.controlnet.state_dict()).items()}
+    assert any(".to_out.0." in k for k in state) and any(".conv.conv." in k for k in state)  # old names in use
+    tmp = tmp_path_factory.mktemp("motfm")
+    config = motfm_yaml(tiny_data)
+    torch.save({"state_dict": state, "hyper_parameters": config, "epoch": 7, "global_step": 70}, tmp / "motfm.ckpt")
+    (tmp / "motfm.yaml").write_text(yaml.safe_dump(config))
+    return tmp, net
+
+
+def motfm_images(net, masks, classes, lo, hi):
+    """What MOTFM makes: its MergedModel forward (floor(t * 999), mask / max label, one-hot context), Euler with
+    step_size 1 / STEPS from N(0, I), then its min-max units mapped back with the training split's extremes."""
+    x = noise_for_indices(torch.arange(len(masks)), (1, 32, 32), 0)
+    cond = torch.nn.functional.one_hot(classes, CLASSES).float().unsqueeze(1)
+    with torch.no_grad():
+        for k in range(STEPS):
+            t = torch.full((len(x),), k / STEPS).mul(999).floor().long()
+            down, mid = net.controlnet(x=x, timesteps=t, controlnet_cond=masks.float() / (LABELS - 1), context=cond)
+            v = net.unet(x=x, timesteps=t, context=cond, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid)
+            x = x + v / STEPS
+    return (lo + x * (hi - lo)).clamp(0, 1)
+
+
+def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data, tmp_path):
+    tmp, net = motfm_run
+    out = tmp_path / "imported"
+    assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
+                       "--output", str(out), "--image_size", "32"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["conditioning_args"]["mode"] == "mask+class" and config["model_args"]["channels"] == [8, 8]
+    t = config["train_args"]
+    assert (t["max_epochs"], t["batch_size"], t["sample_every_n_epochs"], t["num_sample_images"]) == (1, 2, 5, 3)
+    assert config["sampling_args"] == {"num_steps": STEPS, "method": "euler", "precision": "32-true",
+                                       "guidance_scale": 1.0}
+    assert inferer.main(["--checkpoint", str(out / "imported.ckpt"), "--num_samples", "3",
+                         "--output_dir", str(tmp_path / "samples")]) == 0
+    got = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
+    data = load_dataset(tiny_data)
+    train = [normalise_image(r["image"]) for r in data["train"]]
+    lo, hi = float(min(x.min() for x in train)), float(max(x.max() for x in train))
+    test = data["test"][:3]
+    masks = torch.from_numpy(np.stack([r["mask"] for r in test]))
+    classes = torch.tensor([r["class"] for r in test])
+    torch.testing.assert_close(got, motfm_images(net, masks, classes, lo, hi), atol=1e-5, rtol=1e-5)
+    assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
+                       "--output", str(tmp_path / "continuous"), "--image_size", "32", "--continuous_time"]) == 0
+    assert inferer.main(["--checkpoint", str(tmp_path / "continuous" / "imported.ckpt"), "--num_samples", "3",
+                         "--output_dir", str(tmp_path / "continuous_samples")]) == 0
+    continuous = torch.from_numpy(np.load(tmp_path / "continuous_samples" / "samples.npz")["images"])
+    assert (continuous - got).abs().max() > 1e-4  # the floored time is what MOTFM's images need
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"spatial_dims": 3}, "model_args.spatial_dims is 3; only 2 can be imported"),
+    ({"num_channels": [16, 16], "num_head_channels": [16, 16]}, "weights do not map onto the translated network"),
+    ({"mask_conditioning": False}, "has ControlNet weights but .* has no mask_conditioning"),
+    ({"upcast_attention": True}, "model_args.upcast_attention has no counterpart here"),
+])
+def test_what_cannot_be_mapped_is_refused_by_name(motfm_run, tiny_data, tmp_path, change, message):
+    tmp, _ = motfm_run
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(motfm_yaml(tiny_data, **change)))
+    with pytest.raises(SystemExit, match=message):
+        motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "bad.yaml"),
+                    "--output", str(tmp_path / "out"), "--image_size", "32"])
+    assert not (tmp_path / "out" / "imported.ckpt").exists()
+
+
+def test_a_normalisation_other_than_a_global_min_max_is_refused(motfm_run, tiny_data, tmp_path):
+    tmp, _ = motfm_run
+    config = motfm_yaml(tiny_data)
+    config["data_args"]["image_norm"] = "zscore"
+    (tmp_path / "z.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match="data_args.image_norm 'zscore' cannot be imported"):
+        motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "z.yaml"),
+                    "--output", str(tmp_path / "out"), "--image_size", "32"])

@@ -1,0 +1,106 @@
+"""Import a MOTFM run: its Lightning checkpoint and YAML become a COMET checkpoint and config.
+
+Example:
+    python -m utils.motfm import --checkpoint MOTFM.ckpt --config MOTFM.yaml --output checkpoints/motfm_camus
+    python inferer.py --checkpoint checkpoints/motfm_camus/imported.ckpt --num_samples 64
+
+Writes ``OUTPUT/imported.ckpt`` (read it with ``--checkpoint``: ``trainer.py`` never resumes from it) and
+``OUTPUT/config.yaml`` (the translated config, which also trains a new model). The imported network samples as
+MOTFM trained it: time floored to floor(t * 999) (``--continuous_time`` to drop that) and images min-max
+normalised by the training split's extremes, read from the data (``data_args.pickle_path``) or given as
+``--image_range LO HI`` in [0, 1] (uint8 / 255). Class names: ``--class_names``, else MOTFM's
+``data_args.class_values``, else the data's, else 0..K-1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("comet.motfm")
+CHECKPOINT = "imported.ckpt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m utils.motfm", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    i = sub.add_parser("import", help="convert a MOTFM checkpoint and YAML")
+    i.add_argument("--checkpoint", required=True, help="MOTFM's .ckpt (Lightning)")
+    i.add_argument("--config", required=True, help="the MOTFM YAML it was trained with")
+    i.add_argument("--output", required=True, help="run directory to write imported.ckpt and config.yaml into")
+    i.add_argument("--num_labels", type=int, default=4, help="mask labels incl. background (default: %(default)s)")
+    i.add_argument("--image_size", type=int, default=256, help="H = W of the images (default: %(default)s)")
+    i.add_argument("--image_range", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="the training split's min and max in [0, 1] (default: read from the data)")
+    i.add_argument("--class_names", nargs="+", help="class names in index order (default: see above)")
+    i.add_argument("--continuous_time", action="store_true", help="t * 999 as a float instead of MOTFM's floor")
+    i.add_argument("--overwrite", action="store_true", help="replace an existing imported.ckpt")
+    return p
+
+
+def data_facts(config: dict, image_range, class_names) -> tuple[tuple[float, float], list[str] | None]:
+    """The image range and class names, from the flags, MOTFM's YAML or its training split."""
+    data = config.get("data_args") or {}
+    class_names = class_names or ([str(c) for c in data["class_values"]] if data.get("class_values") else None)
+    if image_range is not None and (class_names or not config.get("model_args", {}).get("with_conditioning")):
+        return tuple(image_range), class_names
+    import numpy as np
+
+    from utils.data.datamodule import class_names as data_class_names
+    from utils.data.dataset_io import load_dataset, normalise_image
+    from utils.motfm.convert import MotfmError
+
+    path, split = Path(str(data.get("pickle_path", ""))), data.get("split_train", "train")
+    if not path.exists():
+        raise MotfmError(f"{path}: MOTFM's data_args.pickle_path is not here; give --image_range LO HI (and "
+                         "--class_names for a class-conditional model)")
+    dataset = load_dataset(path)
+    records = dataset.get(split) or []
+    if not records:
+        raise MotfmError(f"{path}: has no '{split}' split (MOTFM's data_args.split_train)")
+    if image_range is None:
+        values = [normalise_image(r["image"]) for r in records]
+        image_range = (float(min(v.min() for v in values)), float(max(v.max() for v in values)))
+        image_range = tuple(float(np.float32(x)) for x in image_range)
+    if class_names is None and all("class" in r for r in records):
+        class_names = data_class_names({split: records}, path)
+    return tuple(image_range), class_names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from utils.config import ConfigError, config_from_dict, dump_config, read_yaml_mapping
+    from utils.data.layout import DatasetError
+    from utils.motfm.convert import MotfmError, import_run
+
+    out = Path(args.output)
+    if (out / CHECKPOINT).exists() and not args.overwrite:
+        raise SystemExit(f"error: {out / CHECKPOINT} exists; pass --overwrite")
+    try:
+        motfm = read_yaml_mapping(args.config)
+        image_range, class_names = data_facts(motfm, args.image_range, args.class_names)
+        if not 0.0 <= image_range[0] < image_range[1] <= 1.0:
+            raise MotfmError(f"--image_range must satisfy 0 <= LO < HI <= 1, got {list(image_range)}")
+        ckpt, values = import_run(args.checkpoint, motfm, out, args.num_labels, args.image_size, image_range,
+                                  class_names, not args.continuous_time, args.config)
+    except (ConfigError, DatasetError, MotfmError) as e:
+        raise SystemExit(f"error: {e}") from None
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, out / CHECKPOINT)
+    dump_config(config_from_dict(values, args.config), out / "config.yaml")
+    log.info("imported %s (%s, %s) -> %s; image range %s, time %s", args.checkpoint,
+             values["conditioning_args"]["mode"], ", ".join(class_names or []) or "no classes", out / CHECKPOINT,
+             list(image_range),
+             "continuous" if args.continuous_time else "floored")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

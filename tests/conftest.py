@@ -91,3 +91,12 @@ def tiny_clip_dir(tmp_path_factory):
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture
+def no_metric_weights(tmp_path, monkeypatch):
+    """evaluate.py as on a machine with no feature-extractor weights: caches under tmp_path, weight paths unset."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
+    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR"):
+        monkeypatch.delenv(k, raising=False)

@@ -139,13 +139,9 @@ def test_reference_closer_than_noise(run, tiny_data):
     assert error(0.0) == noise_based
 
 
-def test_evaluate_runs_on_a_meddtfm_checkpoint(run, tmp_path, monkeypatch):
+def test_evaluate_runs_on_a_meddtfm_checkpoint(run, tmp_path, no_metric_weights):
     import evaluate
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
-    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR"):
-        monkeypatch.delenv(k, raising=False)
     run_dir, _ = run
     out = tmp_path / "eval"
     assert evaluate.main(["--checkpoint", str(run_dir), "--skip_missing_metrics", "--num_samples", "8",

@@ -303,13 +303,9 @@ def test_checkpoint_alone_rebuilds_it_and_the_inferer_generates_one_pass(spade_r
 
 
 @pytest.mark.slow
-def test_evaluate_runs_on_a_spade_checkpoint(spade_run, tmp_path, monkeypatch):
+def test_evaluate_runs_on_a_spade_checkpoint(spade_run, tmp_path, no_metric_weights):
     import evaluate
 
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
-    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR"):
-        monkeypatch.delenv(k, raising=False)
     run, _ = spade_run
     out = tmp_path / "eval"
     assert evaluate.main(["--checkpoint", str(run), "--skip_missing_metrics", "--num_samples", "16",

@@ -24,21 +24,26 @@ class MaskSource:
     classes: list | None = None  # per mask from a dataset split: its record's class (None where it has none)
 
 
-def _read_label_map(path: Path) -> np.ndarray:
+def read_single_channel(path: Path, modes: tuple[str, ...], what: str) -> tuple[np.ndarray, str | None]:
+    """A ``.npy`` array (no pickles) or a PNG in one of ``modes``, and the PNG's mode (None for ``.npy``);
+    anything unreadable is a :class:`MaskError` naming the file and ``what`` it should be."""
     try:
         if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            from PIL import Image
+            return np.load(path, allow_pickle=False), None
+        from PIL import Image
 
-            with Image.open(path) as im:
-                if im.mode not in ("L", "P", "I", "I;16"):
-                    raise MaskError(f"{path}: a label map must be a single-channel PNG, got mode {im.mode}")
-                arr = np.asarray(im)
+        with Image.open(path) as im:
+            if im.mode not in modes:
+                raise MaskError(f"{path}: a {what} must be a single-channel PNG, got mode {im.mode}")
+            return np.asarray(im), im.mode
     except MaskError:
         raise
     except Exception as e:
-        raise MaskError(f"{path}: cannot read label map ({type(e).__name__}: {e})") from e
+        raise MaskError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from e
+
+
+def _read_label_map(path: Path) -> np.ndarray:
+    arr, _ = read_single_channel(path, ("L", "P", "I", "I;16"), "label map")
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.data.masks import MaskError
+from utils.data.masks import MaskError, read_single_channel
 
 IMAGE_SUFFIXES = (".png", ".npy")
 
@@ -27,23 +27,9 @@ class ReferenceSource:
 def _read_image(path: Path) -> np.ndarray:
     from utils.data.dataset_io import normalise_image
 
-    try:
-        if path.suffix.lower() == ".npy":
-            arr = np.load(path, allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                if im.mode not in ("L", "I", "I;16"):
-                    raise MaskError(f"{path}: a reference image must be a single-channel (grey) PNG, got mode "
-                                    f"{im.mode}")
-                arr = np.asarray(im)
-                if im.mode != "L":  # 16-bit PNG: to [0, 1] by its own range
-                    arr = arr.astype(np.float32) / 65535.0
-    except MaskError:
-        raise
-    except Exception as e:
-        raise MaskError(f"{path}: cannot read reference image ({type(e).__name__}: {e})") from e
+    arr, mode = read_single_channel(path, ("L", "I", "I;16"), "reference image")
+    if mode not in (None, "L"):  # 16-bit PNG: to [0, 1] by its own range
+        arr = arr.astype(np.float32) / 65535.0
     arr = np.squeeze(arr)
     if arr.ndim != 2:
         raise MaskError(f"{path}: expected a 2-D grey image, got shape {arr.shape}")

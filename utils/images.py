@@ -74,3 +74,8 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+def mid_slice(x: torch.Tensor) -> torch.Tensor:
+    """Images ``[N,C,H,W]`` as they are; volumes ``[N,C,D,H,W]`` as their middle depth slice ``[N,C,H,W]``."""
+    return x[:, :, x.shape[2] // 2] if x.ndim == 5 else x

@@ -98,11 +98,11 @@ def resolve_inception_weights(flag_value: str | Path | None) -> Path:
     if path.is_file():
         return path
     raise MissingWeightsError(
-        f"Inception-v3 weights for FID/KID not found: tried {path} (from {source}). They are "
+        f"Inception-v3 weights for FID/KID (2.5-D FID of volumes) not found: tried {path} (from {source}). They are "
         f"torch-fidelity's converted TF Inception weights, normally downloaded from {INCEPTION_URL}. "
         f"On a machine with internet, download that file and copy it to {inception_hub_path()}, or pass "
         f"--inception_weights FILE, or set {INCEPTION_ENV}=FILE. "
-        "Use --skip_missing_metrics to evaluate without FID/KID."
+        "Use --skip_missing_metrics to evaluate without them."
     )
 
 

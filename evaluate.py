@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=ALL_SAMPLERS,
                      help="sampler, one of the checkpoint's method's (default: the checkpoint's, e.g. euler)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU)")
+    gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU; volumes 1)")
     audit = p.add_argument_group("is the synthetic data useful and safe?")
     audit.add_argument("--segmenter", metavar="DIR_OR_PT|auto",
                        help="mask fidelity with this segmenter (a segmenter.pt or its directory), or `auto`: "
@@ -275,7 +275,7 @@ def run(args) -> int:
         n = args.num_samples
         indices = torch.arange(n) % len(records)
         masks = split_masks[indices]
-        batch = args.batch_size or (64 if device.startswith("cuda") else 8)
+        batch = args.batch_size or (1 if volumes else 64 if device.startswith("cuda") else 8)
         classes = None
         if module.class_names:  # a class-conditional model makes each image of its source record's class
             from utils.data.masks import MaskSource

@@ -114,14 +114,13 @@ def _extractors(args, device: str, volumes: bool) -> tuple[dict, dict]:
         resolve_r3d_weights,
     )
 
+    inception = (resolve_inception_weights, args.inception_weights, InceptionExtractor)
+    specs = {"r3d": (resolve_r3d_weights, args.r3d_weights, R3DExtractor, ("fid_3d",)),
+             "inception_planes": (*inception, ("fid_2p5d",))} if volumes else {
+             "inception": (*inception, ("fid", "kid")),
+             "clip": (resolve_clip_dir, args.clip_dir, ClipExtractor, ("cmmd",))}
     found, skipped = {}, {}
-    for key, resolve, flag, build, metrics in ((
-        ("r3d", resolve_r3d_weights, args.r3d_weights, R3DExtractor, ("fid_3d",)),
-        ("inception_planes", resolve_inception_weights, args.inception_weights, InceptionExtractor, ("fid_2p5d",)),
-    ) if volumes else (
-        ("inception", resolve_inception_weights, args.inception_weights, InceptionExtractor, ("fid", "kid")),
-        ("clip", resolve_clip_dir, args.clip_dir, ClipExtractor, ("cmmd",)),
-    )):
+    for key, (resolve, flag, build, metrics) in specs.items():
         try:
             found[key] = (build, resolve(flag))
         except MissingWeightsError as e:

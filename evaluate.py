@@ -415,10 +415,10 @@ def _cache_dir(args) -> Path:
 def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks,
                   num_classes: int) -> None:
     """metrics.json, per_image.csv (a row per volume for volumes), report.md and best_worst.png (by SSIM;
-    volumes by their middle depth slice) in ``out_dir``."""
+    volumes by their three mid-slices) in ``out_dir``."""
     import numpy as np
 
-    from utils.images import grid_image, mask_to_unit, mid_slice, save_png
+    from utils.images import display_tiles, grid_image, mask_to_unit, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
@@ -433,7 +433,7 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
     rows = []
     for pick in (order[::-1][:k], order[:k]):  # best, then worst
         pick = list(pick)
-        rows += [mask_to_unit(mid_slice(masks[pick]), num_classes), mid_slice(real[pick]), mid_slice(images[pick])]
+        rows += [display_tiles(x) for x in (mask_to_unit(masks[pick], num_classes), real[pick], images[pick])]
     labels = [f"{which} SSIM: mask" for which in ("best", "worst") for _ in range(3)]
     labels[1::3], labels[2::3] = ["real"] * 2, ["generated"] * 2
     save_png(grid_image(rows, row_labels=labels), out_dir / "best_worst.png")

@@ -15,7 +15,7 @@ real patients come to the training set:
 Outputs (:func:`write_audit`): ``memorisation.json`` (summary and the flagged images with their nearest
 training image and its patient), ``memorisation.csv`` (every generated image), ``memorisation_hist.png``
 (histograms of both distance sets and the threshold) and ``memorisation_pairs.png`` (the 8 closest generated
-images over their nearest training images, volumes by their middle depth slice; the flagged ones are among
+images over their nearest training images, volumes by their three mid-slices; the flagged ones are among
 them when any). Volumes ``[N, 1, D, H, W]`` are audited as images are: voxel RMSE.
 
 Example (a synthetic set before sharing it):
@@ -92,7 +92,7 @@ def summary(result: dict, train_patients: list | None) -> dict:
 def write_audit(out_dir: Path, result: dict, generated01: torch.Tensor, train01: torch.Tensor,
                 train_patients: list | None) -> dict:
     """memorisation.json/.csv/_hist.png/_pairs.png in ``out_dir``; returns the summary."""
-    from utils.images import grid_image, mid_slice, save_png
+    from utils.images import display_tiles, grid_image, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     s = summary(result, train_patients)
@@ -107,7 +107,7 @@ def write_audit(out_dir: Path, result: dict, generated01: torch.Tensor, train01:
                   result["threshold"], out_dir / "memorisation_hist.png")
     closest = list(np.argsort(result["distance"], kind="stable")[:PAIRS_SHOWN])
     nearest_train = [int(result["index"][i]) for i in closest]
-    save_png(grid_image([mid_slice(generated01[closest]), mid_slice(train01[nearest_train])],
+    save_png(grid_image([display_tiles(generated01[closest]), display_tiles(train01[nearest_train])],
                         row_labels=["generated", "nearest train"]), out_dir / "memorisation_pairs.png")
     return s
 

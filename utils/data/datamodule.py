@@ -27,6 +27,7 @@ def missing_dataset_message(path: Path) -> str:
     return (
         f"dataset file {path} does not exist. Make it with one of:\n"
         f"  python -m utils.data.synthetic_echo --output {path}            (the built-in synthetic echo set)\n"
+        f"  python -m utils.data.synthetic_echo --dims 3 --output {path}   (the synthetic 3-D brain set)\n"
         f"  python -m utils.data.camus --root CAMUS_DIR --output {path}    (from a CAMUS download)\n"
         "or point data_args.path at an existing .npz/.pkl file or image folder (--set data_args.path=...)."
     )

@@ -409,10 +409,16 @@ def main(argv: list[str] | None = None) -> None:
     _save(args.output, data, nifti, args.overwrite)
     logger.info("wrote %s (%s records)", args.output, " / ".join(str(len(data[s])) for s in SPLITS))
     if args.examples is not None:
-        write_png = save_examples_png
-        if args.dims == 3:
-            from utils.data.synthetic_brain import save_brain_examples_png as write_png
-        logger.info("wrote %s", write_png(data, args.examples))
+        logger.info("wrote %s", _save_examples(data, args.examples, args.dims))
+
+
+def _save_examples(data: dict[str, list[dict]], path: Path, dims: int) -> Path:
+    """The examples PNG of the echo phantom (``dims`` 2) or the brain phantom (3: orthogonal slices)."""
+    if dims == 2:
+        return save_examples_png(data, path)
+    from utils.data.synthetic_brain import save_brain_examples_png
+
+    return save_brain_examples_png(data, path)
 
 
 def _save(output: Path, data: dict[str, list[dict]], nifti: bool, overwrite: bool) -> None:

@@ -98,6 +98,8 @@ class ModelConfig:
     # Attention through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels) instead of
     # MONAI's einsum softmax (MOTFM's). Same parameters and state dict; outputs agree to float rounding.
     use_flash_attention: bool = True
+    # 2: images [B, 1, H, W]; 3: volumes [B, 1, D, H, W] (data_args.image_size N means N^3). Only method
+    # flow_matching (COMET, MOTFM) builds a 3-D network.
     spatial_dims: int = 2
 
     def check(self, key):

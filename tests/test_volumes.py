@@ -268,7 +268,7 @@ def test_resampling_keeps_every_voxel_at_its_world_position():
 
 
 def test_resampled_masks_stay_labels_at_the_same_world_place():
-    from utils.data.resample import fit_volume
+    from utils.data.resample import fit_mask, fit_volume
 
     shape = (10, 24, 6)  # with spacing (1.5, 0.8, 2.0) mm: 15 x 19.2 x 12 mm, padded to a 19.2 mm cube
     mask = np.zeros((1, *shape), np.uint8)
@@ -284,6 +284,9 @@ def test_resampled_masks_stay_labels_at_the_same_world_place():
     assert np.linalg.norm(after - before) < 0.6  # well under one output voxel (1.2 mm)
     # padded to 13, 24 and 10 voxels (19.5, 19.2, 20 mm: isotropic up to the rounding), each resized to 16
     np.testing.assert_allclose(np.linalg.norm(new_affine[:3, :3], axis=0), np.array([19.5, 19.2, 20.0]) / 16)
+    mask_only, mask_affine = fit_mask(mask, oblique_affine(), 16)  # a mask alone fits the same way
+    np.testing.assert_array_equal(mask_only, out_mask)
+    np.testing.assert_array_equal(mask_affine, new_affine)
 
 
 def test_a_volume_of_the_configured_size_is_untouched():

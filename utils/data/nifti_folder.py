@@ -32,14 +32,20 @@ PERCENTILES = (0.5, 99.5)  # per-volume intensity window of a non-uint8 image
 def read_volume_pair(image_path: Path, mask_path: Path, name: str) -> dict:
     """The checked record of one image/mask pair (see the module docstring)."""
     image, image_affine = read_volume(image_path)
-    mask, mask_affine = read_volume(mask_path)
+    mask, mask_affine = read_mask_volume(mask_path)
     if mask.shape != image.shape:
         raise DatasetError(f"{mask_path}: mask has shape {list(mask.shape)} but its image {image_path} has "
                            f"{list(image.shape)}")
     _check_same_geometry(image_path, image_affine, mask_path, mask_affine)
-    labels = _labels(mask, mask_path)
-    return {"image": volume_to_uint8(image, image_path)[None], "mask": labels[None], "affine": image_affine,
+    return {"image": volume_to_uint8(image, image_path)[None], "mask": mask[None], "affine": image_affine,
             "metadata": {"name": name}}
+
+
+def read_mask_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels uint8 [D, H, W], affine float64 [4, 4])`` of a NIfTI label map; non-integer, negative or
+    > 255 values are a :class:`DatasetError` naming ``path``."""
+    mask, affine = read_volume(path)
+    return _labels(mask, path), affine
 
 
 def _check_same_geometry(image_path: Path, image_affine, mask_path: Path, mask_affine) -> None:

@@ -58,21 +58,28 @@ def fit_volume(image: np.ndarray, mask: np.ndarray, affine, size: int):
     image ``float32``; the mask keeps its dtype; ``affine`` ``[4, 4]`` (None: 1 mm voxels, and the returned
     affine then maps the new voxels into that voxel frame).
     """
-    shape = tuple(image.shape[1:])
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    if shape == (size,) * 3:
+    if image.shape[1:] == (size,) * 3:
         return image, mask, affine
-    pads = cube_padding(shape, voxel_spacing(affine))
-    image = np.pad(image, [(0, 0), *pads])
-    mask = np.pad(mask, [(0, 0), *pads])
-    new_affine = resampled_affine(affine, pads, image.shape[1:], size)
-    x = F.interpolate(torch.from_numpy(image.astype(np.float32))[None], size=(size,) * 3, mode="trilinear",
+    padded = np.pad(image, [(0, 0), *cube_padding(image.shape[1:], voxel_spacing(affine))])
+    x = F.interpolate(torch.from_numpy(padded.astype(np.float32))[None], size=(size,) * 3, mode="trilinear",
                       align_corners=False)[0].numpy()
     if np.issubdtype(image.dtype, np.integer):
         x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-    labels = F.interpolate(torch.from_numpy(mask.astype(np.float32))[None], size=(size,) * 3,
+    return (x, *fit_mask(mask, affine, size))
+
+
+def fit_mask(mask: np.ndarray, affine, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, affine)`` of a label map ``[1, D, H, W]`` on the ``size^3`` grid (nearest neighbour; the same
+    padding, resize and affine as :func:`fit_volume`), e.g. a mask to generate from; its dtype is kept."""
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if mask.shape[1:] == (size,) * 3:
+        return mask, affine
+    pads = cube_padding(mask.shape[1:], voxel_spacing(affine))
+    padded = np.pad(mask, [(0, 0), *pads])
+    labels = F.interpolate(torch.from_numpy(padded.astype(np.float32))[None], size=(size,) * 3,
                            mode="nearest-exact")[0].numpy()
-    return x, labels.astype(mask.dtype), new_affine
+    return labels.astype(mask.dtype), resampled_affine(affine, pads, padded.shape[1:], size)
 
 
 def fit_records(records: list[dict], size: int) -> tuple[list[dict], int]:

@@ -255,7 +255,9 @@ def run(args) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
-    dataset = load_dataset(data_path)
+    config = module.hparams["config"] if module is not None else manifest.get("config", {})
+    num_classes = config.get("data_args", {}).get("num_classes", 4)
+    dataset = _fitted(load_dataset(data_path), config)
     records = dataset.get(split)
     if not records:
         raise SystemExit(f"error: {data_path} has no '{split}' split")
@@ -263,8 +265,6 @@ def run(args) -> int:
     split_masks = torch.from_numpy(np.stack([np.asarray(r["mask"], dtype=np.uint8) for r in records]))
     volumes = real.ndim == 5  # records [1, D, H, W]
     extractors, skipped = _extractors(args, device, volumes)  # fail on missing weights before generating anything
-    config = module.hparams["config"] if module is not None else manifest.get("config", {})
-    num_classes = config.get("data_args", {}).get("num_classes", 4)
     skipped_2d_only = {k: v for k, v in NOT_FOR_VOLUMES.items() if volumes and (k != "mask_fidelity" or args.segmenter)}
     for part, reason in skipped_2d_only.items():
         log.warning("skipping %s: %s", part, reason)
@@ -342,6 +342,18 @@ def run(args) -> int:
     print(report(results))
     log.info("wrote %s", out_dir)
     return 0
+
+
+def _fitted(dataset: dict, config: dict) -> dict:
+    """``dataset`` as the model saw it: for a 3-D model (``model_args.spatial_dims`` 3 in the checkpoint's or
+    the samples' config), every volume fitted to ``data_args.image_size``^3 as training does
+    (:func:`utils.data.resample.fit_records`); otherwise unchanged."""
+    size = config.get("data_args", {}).get("image_size")
+    if config.get("model_args", {}).get("spatial_dims") != 3 or not size:
+        return dataset
+    from utils.data.resample import fit_records
+
+    return {split: fit_records(records, size)[0] for split, records in dataset.items()}
 
 
 def _feature_metrics(extractors: dict, cache, split: str, real, images, metrics: dict) -> dict:

@@ -299,6 +299,30 @@ def test_evaluate_real_volumes_against_themselves(tmp_path, no_metric_weights, r
     assert again["value"] == m["fid_3d"]["value"]
 
 
+def test_evaluate_fits_the_real_volumes_to_the_models_grid_as_training_does(tmp_path, no_metric_weights):
+    """Samples of a 3-D model at image_size^3 are paired with the dataset's volumes fitted to that grid; without
+    the config that says so, the masks do not match and the samples are refused."""
+    from utils.data.dataset_io import load_dataset
+    from utils.data.resample import fit_records
+
+    data, _ = write_volume_data(tmp_path)  # 20 x 24 x 22 volumes
+    fitted, changed = fit_records(load_dataset(data)["test"], 16)
+    assert changed == 3
+    samples = tmp_path / "fit" / "samples.npz"
+    samples.parent.mkdir()
+    np.savez(samples, images=np.stack([r["image"] for r in fitted]).astype(np.float32) / 255,
+             masks=np.stack([r["mask"] for r in fitted]), indices=np.arange(3))
+    args = ["--samples", str(samples), "--data_path", str(data), "--skip_missing_metrics", "--n_boot", "10",
+            "--no-memorisation"]
+    with pytest.raises(SystemExit, match="not those of"):
+        evaluate.main([*args, "--output_dir", str(tmp_path / "refused")])
+    config = {"data_args": {"image_size": 16}, "model_args": {"spatial_dims": 3}}
+    (samples.parent / "manifest.json").write_text(json.dumps({"config": config}))
+    assert evaluate.main([*args, "--output_dir", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
+    assert m["ssim"]["value"] == pytest.approx(1.0) and "16x16x16" in m["ms_ssim"]["skipped"]
+
+
 def test_evaluate_volumes_without_r3d_weights_fails_naming_the_file(tmp_path, no_metric_weights):
     data, samples = write_volume_data(tmp_path)
     with pytest.raises(SystemExit, match=r"r3d_18-b3b3357e.pth.*--skip_missing_metrics"):

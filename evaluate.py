@@ -5,6 +5,8 @@ Examples:
         --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
     python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
     python evaluate.py --checkpoint checkpoints/quickstart --num_samples 160 --skip_missing_metrics --segmenter auto
+    python evaluate.py --checkpoint checkpoints/quickstart_3d --num_samples 20 \
+        --r3d_weights weights/r3d_18-b3b3357e.pth --inception_weights weights/pt_inception-2015-12-05-6726825d.pth
 
 Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, surface Dice
 (NSD at --surface_dice_tolerance px, beside the pixel-exact B-Dice) and HD95 of their edge maps);
@@ -17,6 +19,12 @@ trains it once and caches it by data hash) segments every generated image; per-l
 Dice against the mask that conditioned it, next to the same segmenter on the real images (the ceiling).
 Memorisation audit (on by default, --no-memorisation to skip): each generated image's nearest training image
 by pixel RMSE, against the real test images' nearest distances (utils.evaluation.memorisation).
+
+Volumes (samples and data [N, 1, D, H, W]; utils.evaluation.volume_metrics): 3D-FID on R3D-18 features
+(--r3d_weights, $COMET_R3D_WEIGHTS or torch hub's cache), 2.5-D FID (the Inception FID per orthogonal plane
+and their mean), MMD, and per volume SSIM, MS-SSIM, PSNR and the edge-map B-Dice, NSD and HD95 in voxels.
+KID, CMMD and the segmenter are 2-D only and are skipped with the reason recorded; the memorisation audit
+compares voxels.
 """
 
 from __future__ import annotations
@@ -35,9 +43,15 @@ from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
 log = logging.getLogger("comet.evaluate")
 
 METRICS = ("fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice")  # the paper's order, then ours
-PER_IMAGE = ("ssim", "psnr", "b_dice", "surface_dice", "hd95")
+METRICS_3D = ("fid_3d", "fid_2p5d", "mmd", "ms_ssim", "ssim", "psnr", "b_dice", "hd95", "surface_dice")
 HIGHER_IS_BETTER = {"fid": False, "ssim": True, "kid": False, "cmmd": False, "psnr": True, "b_dice": True,
-                    "hd95": False, "surface_dice": True}
+                    "hd95": False, "surface_dice": True, "fid_3d": False, "fid_2p5d": False, "mmd": False,
+                    "ms_ssim": True}
+NOT_FOR_VOLUMES = {  # 2-D-only parts, recorded as skipped when the data are volumes
+    "kid": "2-D only: KID is defined on the Inception features of images (volumes get 3D-FID and 2.5-D FID)",
+    "cmmd": "2-D only: CMMD's CLIP ViT embeds 2-D images",
+    "mask_fidelity": "2-D only: the segmenter (utils.evaluation.segmenter) segments 2-D images",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--method", choices=ALL_SAMPLERS,
                      help="sampler, one of the checkpoint's method's (default: the checkpoint's, e.g. euler)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU)")
+    gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU; volumes 1)")
     audit = p.add_argument_group("is the synthetic data useful and safe?")
     audit.add_argument("--segmenter", metavar="DIR_OR_PT|auto",
                        help="mask fidelity with this segmenter (a segmenter.pt or its directory), or `auto`: "
@@ -70,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = p.add_argument_group("feature-extractor weights (never downloaded)")
     w.add_argument("--inception_weights", help="torch-fidelity Inception-v3 state dict (.pth)")
     w.add_argument("--clip_dir", help="local transformers directory of CLIP ViT-L/14@336")
+    w.add_argument("--r3d_weights", help="torchvision R3D-18 Kinetics-400 state dict (r3d_18-b3b3357e.pth), "
+                                         "for the 3D-FID of volumes")
     w.add_argument("--skip_missing_metrics", action="store_true",
-                   help="record FID/KID or CMMD as skipped when their weights are missing, evaluate the rest")
+                   help="record FID/KID, CMMD or 3D-FID as skipped when their weights are missing, evaluate the "
+                        "rest")
     w.add_argument("--cache_dir", help="real-set feature cache (default: $COMET_CACHE_DIR or ~/.cache/comet)")
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", help="where to write (default: next to the checkpoint or samples)")
@@ -83,21 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _extractors(args, device: str) -> tuple[dict, dict]:
-    """Feature extractors whose weights are present, and {metric: reason} for those skipped."""
+def _extractors(args, device: str, volumes: bool) -> tuple[dict, dict]:
+    """Feature extractors whose weights are present, and {metric: reason} for those skipped.
+
+    Keys: ``inception`` (FID, KID) and ``clip`` (CMMD) for images; ``r3d`` (3D-FID) and ``inception_planes``
+    (2.5-D FID) for volumes.
+    """
     from utils.evaluation.feature_extractors import (
         ClipExtractor,
         InceptionExtractor,
         MissingWeightsError,
+        R3DExtractor,
         resolve_clip_dir,
         resolve_inception_weights,
+        resolve_r3d_weights,
     )
 
+    inception = (resolve_inception_weights, args.inception_weights, InceptionExtractor)
+    specs = {"r3d": (resolve_r3d_weights, args.r3d_weights, R3DExtractor, ("fid_3d",)),
+             "inception_planes": (*inception, ("fid_2p5d",))} if volumes else {
+             "inception": (*inception, ("fid", "kid")),
+             "clip": (resolve_clip_dir, args.clip_dir, ClipExtractor, ("cmmd",))}
     found, skipped = {}, {}
-    for key, resolve, flag, build, metrics in (
-        ("inception", resolve_inception_weights, args.inception_weights, InceptionExtractor, ("fid", "kid")),
-        ("clip", resolve_clip_dir, args.clip_dir, ClipExtractor, ("cmmd",)),
-    ):
+    for key, (resolve, flag, build, metrics) in specs.items():
         try:
             found[key] = (build, resolve(flag))
         except MissingWeightsError as e:
@@ -113,16 +138,16 @@ SAMPLE_ARRAYS = ("images", "masks", "indices")
 
 
 def _load_samples(path: Path):
-    """images (N, 1, H, W) float in [0, 1], masks (N, 1, H, W) integer, indices (N,) of an inferer.py
-    samples.npz, and the manifest.json beside it; anything else stops with the file named."""
+    """images (N, 1, H, W) or volumes (N, 1, D, H, W) float in [0, 1], masks of their shape (integer), indices
+    (N,) of an inferer.py samples.npz, and the manifest.json beside it; anything else stops with the file named."""
     import numpy as np
     import torch
 
     images, masks, indices = _read_npz(path)
     expected = "expected an inferer.py samples.npz"
     for ok, problem in (
-        (images.ndim == 4 and images.shape[0] >= 1 and images.shape[1] == 1,
-         f"images have shape {list(images.shape)}, expected [N, 1, H, W] with N >= 1"),
+        (images.ndim in (4, 5) and images.shape[0] >= 1 and images.shape[1] == 1,
+         f"images have shape {list(images.shape)}, expected [N, 1, H, W] or [N, 1, D, H, W] with N >= 1"),
         (masks.shape == images.shape, f"masks have shape {list(masks.shape)}, images {list(images.shape)}"),
         (indices.shape == images.shape[:1], f"indices have shape {list(indices.shape)}, expected [{len(images)}]"),
         (images.dtype.kind == "f", f"images are {images.dtype}, expected float"),
@@ -201,13 +226,8 @@ def run(args) -> int:
     from utils.config import sampling_overrides
     from utils.data.dataset_io import load_dataset, normalise_image
     from utils.evaluation.feature_extractors import FeatureCache
-    from utils.evaluation.metrics import (
-        cmmd,
-        frechet_distance,
-        kernel_inception_distance,
-        paired_metrics,
-        summarise,
-    )
+    from utils.evaluation.metrics import paired_metrics, summarise
+    from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
     from utils.generation.checkpoints import load_module
     from utils.generation.generate import generate
     from utils.generation.outputs import write_samples
@@ -237,22 +257,26 @@ def run(args) -> int:
     if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
         raise SystemExit(f"error: {out_dir} is not empty; pass --overwrite or choose another --output_dir")
 
-    extractors, skipped = _extractors(args, device)  # fail on missing weights before generating anything
-    dataset = load_dataset(data_path)
+    config = module.hparams["config"] if module is not None else manifest.get("config", {})
+    num_classes = config.get("data_args", {}).get("num_classes", 4)
+    dataset = _fitted(load_dataset(data_path), config)
     records = dataset.get(split)
     if not records:
         raise SystemExit(f"error: {data_path} has no '{split}' split")
-    config = module.hparams["config"] if module is not None else manifest.get("config", {})
-    num_classes = config.get("data_args", {}).get("num_classes", 4)
-    segmenter = _segmenter(args, data_path, num_classes)  # trained (auto) or loaded before generating
     real = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]))
     split_masks = torch.from_numpy(np.stack([np.asarray(r["mask"], dtype=np.uint8) for r in records]))
+    volumes = real.ndim == 5  # records [1, D, H, W]
+    extractors, skipped = _extractors(args, device, volumes)  # fail on missing weights before generating anything
+    skipped_2d_only = {k: v for k, v in NOT_FOR_VOLUMES.items() if volumes and (k != "mask_fidelity" or args.segmenter)}
+    for part, reason in skipped_2d_only.items():
+        log.warning("skipping %s: %s", part, reason)
+    segmenter = None if volumes else _segmenter(args, data_path, num_classes)  # trained or loaded before generating
 
     if module is not None:
         n = args.num_samples
         indices = torch.arange(n) % len(records)
         masks = split_masks[indices]
-        batch = args.batch_size or (64 if device.startswith("cuda") else 8)
+        batch = args.batch_size or (1 if volumes else 64 if device.startswith("cuda") else 8)
         classes = None
         if module.class_names:  # a class-conditional model makes each image of its source record's class
             from utils.data.masks import MaskSource
@@ -271,35 +295,33 @@ def run(args) -> int:
                     "split": split, "config": module.hparams["config"]}
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
                       module.cfg.data_args.num_classes, split=split, classes=classes)
+    if images.ndim != real.ndim:
+        raise SystemExit(f"error: the samples are {'volumes' if images.ndim == 5 else 'images'} "
+                         f"{list(images.shape[1:])}, the real data of {data_path} {list(real.shape[1:])}; pass the "
+                         "--data_path they were generated from")
     if indices.min() < 0 or indices.max() >= len(records) or not torch.equal(masks, split_masks[indices]):
         raise SystemExit(f"error: the samples' masks are not those of {data_path} split '{split}' at their "
                          "indices; pass the --data_path and --split they were generated from")
     paired = real[indices]
 
-    log.info("per-image metrics on %d pairs", len(images))
-    per_image = paired_metrics(images, paired, masks, tolerance=args.surface_dice_tolerance)
+    log.info("per-%s metrics on %d pairs", "volume" if volumes else "image", len(images))
+    if volumes:
+        per_image = paired_volume_metrics(images, paired, masks, tolerance=args.surface_dice_tolerance)
+    else:
+        per_image = paired_metrics(images, paired, masks, tolerance=args.surface_dice_tolerance)
     metrics: dict[str, dict] = {m: {"skipped": reason} for m, reason in skipped.items()}
-    for name in PER_IMAGE:  # resampled by source image: samples sharing a mask are not independent
+    for name in per_image:  # resampled by source image: samples sharing a mask are not independent
         s = summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0)
         metrics[name] = {"value": _finite(s["mean"]), "n": s["n"], "n_masks": s["n_clusters"],
                          "ci95": [_finite(s["ci95_lo"]), _finite(s["ci95_hi"])]}
-    cache = FeatureCache(_cache_dir(args))
-    weights = {}
-    for key, ext in extractors.items():
-        real_feats = cache.features(split, ext, real)
-        gen_feats = ext(images)
-        weights[ext.name] = ext.weights_files
-        counts = {"n": len(gen_feats), "n_real": len(real_feats)}
-        if key == "inception":
-            metrics["fid"] = {"value": frechet_distance(real_feats, gen_feats), **counts}
-            size = min(1000, len(real_feats), len(gen_feats))
-            mean, std = kernel_inception_distance(real_feats, gen_feats, subset_size=size)
-            metrics["kid"] = {"value": mean, "std": std, "subset_size": size, **counts}
-        else:
-            metrics["cmmd"] = {"value": cmmd(real_feats, gen_feats), **counts}
+    if volumes:
+        metrics.setdefault("ms_ssim", {"skipped": ms_ssim_problem(images.shape)})
+        metrics["mmd"] = ({"value": mmd(paired, images), "n": len(images)} if len(images) > 1 else
+                          {"skipped": "MMD needs at least 2 generated volumes"})
+    weights = _feature_metrics(extractors, FeatureCache(_cache_dir(args)), split, real, images, metrics)
 
     results = {
-        "metrics": {m: metrics[m] for m in METRICS},
+        "metrics": {m: metrics[m] for m in (METRICS_3D if volumes else METRICS)},
         "num_samples": len(images), "num_masks": len(set(indices.tolist())),
         "num_steps": steps, "method": method, "seed": seed,
         "checkpoint": str(ckpt) if ckpt else None, "dataset": str(data_path), "split": split,
@@ -307,6 +329,8 @@ def run(args) -> int:
         "weights_sha256": weights, "device": device,
         "samples": str(args.samples) if args.samples else str(out_dir / "samples" / "samples.npz"),
     }
+    if skipped_2d_only:
+        results["skipped_2d_only"] = skipped_2d_only
     if args.memorisation:
         results["memorisation"] = _memorisation(dataset, images, out_dir)
     if segmenter is not None:
@@ -320,6 +344,46 @@ def run(args) -> int:
     print(report(results))
     log.info("wrote %s", out_dir)
     return 0
+
+
+def _fitted(dataset: dict, config: dict) -> dict:
+    """``dataset`` as the model saw it: for a 3-D model (``model_args.spatial_dims`` 3 in the checkpoint's or
+    the samples' config), every volume fitted to ``data_args.image_size``^3 as training does
+    (:func:`utils.data.resample.fit_records`); otherwise unchanged."""
+    size = config.get("data_args", {}).get("image_size")
+    if config.get("model_args", {}).get("spatial_dims") != 3 or not size:
+        return dataset
+    from utils.data.resample import fit_records
+
+    return {split: fit_records(records, size)[0] for split, records in dataset.items()}
+
+
+def _feature_metrics(extractors: dict, cache, split: str, real, images, metrics: dict) -> dict:
+    """Add each extractor's set-level metrics (generated ``images`` against the split's ``real`` ones) to
+    ``metrics``; returns ``{extractor name: its weights files' sha256}``."""
+    from utils.evaluation.metrics import cmmd, frechet_distance, kernel_inception_distance
+    from utils.evaluation.volume_metrics import PLANES, fid_2p5d, plane_slices
+
+    weights = {}
+    for key, ext in extractors.items():
+        weights[ext.name] = ext.weights_files
+        counts = {"n": len(images), "n_real": len(real)}
+        if key == "inception_planes":  # cached per plane: the split name carries the plane
+            real_feats = {p: cache.features(f"{split}-{p}", ext, plane_slices(real, p)) for p in PLANES}
+            fids = fid_2p5d(real_feats, {p: ext(plane_slices(images, p)) for p in PLANES})
+            metrics["fid_2p5d"] = {"value": fids.pop("mean"), "planes": fids, **counts}
+            continue
+        real_feats, gen_feats = cache.features(split, ext, real), ext(images)
+        if key == "inception":
+            metrics["fid"] = {"value": frechet_distance(real_feats, gen_feats), **counts}
+            size = min(1000, len(real_feats), len(gen_feats))
+            mean, std = kernel_inception_distance(real_feats, gen_feats, subset_size=size)
+            metrics["kid"] = {"value": mean, "std": std, "subset_size": size, **counts}
+        elif key == "clip":
+            metrics["cmmd"] = {"value": cmmd(real_feats, gen_feats), **counts}
+        else:
+            metrics["fid_3d"] = {"value": frechet_distance(real_feats, gen_feats), **counts}
+    return weights
 
 
 def _segmenter(args, data_path, num_classes: int):
@@ -364,25 +428,26 @@ def _cache_dir(args) -> Path:
 
 def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks,
                   num_classes: int) -> None:
-    """metrics.json, per_image.csv, report.md and best_worst.png (by SSIM) in ``out_dir``."""
+    """metrics.json, per_image.csv (a row per volume for volumes), report.md and best_worst.png (by SSIM;
+    volumes by their three mid-slices) in ``out_dir``."""
     import numpy as np
 
-    from utils.images import grid_image, mask_to_unit, save_png
+    from utils.images import display_tiles, grid_image, mask_to_unit, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     with open(out_dir / "per_image.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["sample", "source_index", *PER_IMAGE])
+        w.writerow(["sample", "source_index", *per_image])
         for i in range(len(indices)):
-            w.writerow([i, int(indices[i]), *(f"{per_image[m][i]:.6g}" for m in PER_IMAGE)])
+            w.writerow([i, int(indices[i]), *(f"{values[i]:.6g}" for values in per_image.values())])
     (out_dir / "report.md").write_text(report(results) + "\n")
     order = np.argsort(per_image["ssim"])
     k = min(8, len(order))
     rows = []
     for pick in (order[::-1][:k], order[:k]):  # best, then worst
         pick = list(pick)
-        rows += [mask_to_unit(masks[pick], num_classes), real[pick], images[pick]]
+        rows += [display_tiles(x) for x in (mask_to_unit(masks[pick], num_classes), real[pick], images[pick])]
     labels = [f"{which} SSIM: mask" for which in ("best", "worst") for _ in range(3)]
     labels[1::3], labels[2::3] = ["real"] * 2, ["generated"] * 2
     save_png(grid_image(rows, row_labels=labels), out_dir / "best_worst.png")
@@ -391,6 +456,8 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
 def report(results: dict) -> str:
     """The metrics table, then the mask fidelity and memorisation sections when they were computed."""
     parts = [report_table(results)]
+    if "skipped_2d_only" in results:
+        parts += ["", "Skipped on volumes: " + "; ".join(f"{k} ({v})" for k, v in results["skipped_2d_only"].items())]
     if "mask_fidelity" in results:
         from utils.evaluation.segmenter import fidelity_table
 
@@ -409,11 +476,14 @@ def report(results: dict) -> str:
 
 
 def report_table(results: dict) -> str:
-    """The paper's results table (markdown), with N samples, the number of masks and the 95% intervals."""
-    names = {"b_dice": "B-Dice", "surface_dice": f"NSD@{results['surface_dice_tolerance_px']:g}px"}
-    head = "| " + " | ".join(f"{names.get(m, m.upper())}{'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in METRICS) + " |"
+    """The paper's results table (markdown; the metrics of ``results["metrics"]`` in their order), with N samples,
+    the number of masks and the 95% intervals."""
+    names = {"b_dice": "B-Dice", "surface_dice": f"NSD@{results['surface_dice_tolerance_px']:g}px",
+             "fid_3d": "3D-FID", "fid_2p5d": "2.5D-FID", "ms_ssim": "MS-SSIM"}
+    shown = list(results["metrics"])
+    head = "| " + " | ".join(f"{names.get(m, m.upper())}{'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in shown) + " |"
     cells, notes = [], []
-    for m in METRICS:
+    for m in shown:
         r = results["metrics"][m]
         if "skipped" in r:
             cells.append("skipped")
@@ -426,10 +496,11 @@ def report_table(results: dict) -> str:
                 "ci95"] else ""
             real = f" vs {r['n_real']} real" if "n_real" in r else ""
             masks = f" of {r['n_masks']} masks" if "n_masks" in r else ""
-            notes.append(f"- {names.get(m, m.upper())}: N = {r['n']}{masks}{real}{extra}")
+            planes = ", planes " + ", ".join(f"{p} {v:.4g}" for p, v in r["planes"].items()) if "planes" in r else ""
+            notes.append(f"- {names.get(m, m.upper())}: N = {r['n']}{masks}{real}{extra}{planes}")
     lines = [f"Evaluation of {results['checkpoint']} on split '{results['split']}' of {results['dataset']}: "
              f"{results['num_samples']} samples of {results['num_masks']} distinct masks, {results['num_steps']} "
-             f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(METRICS),
+             f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(shown),
              "| " + " | ".join(cells) + " |", "", *notes,
              f"- CI: 95% cluster-bootstrap interval over the {results['num_masks']} source images; "
              "noise and masks only, not training seeds"]

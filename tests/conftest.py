@@ -98,5 +98,5 @@ def no_metric_weights(tmp_path, monkeypatch):
     """evaluate.py as on a machine with no feature-extractor weights: caches under tmp_path, weight paths unset."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
-    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR"):
+    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR", "COMET_R3D_WEIGHTS"):
         monkeypatch.delenv(k, raising=False)

@@ -1,13 +1,14 @@
-"""Feature extractors for FID / KID (Inception-v3) and CMMD (CLIP), from local weights only.
+"""Feature extractors for FID / KID (Inception-v3), CMMD (CLIP) and 3D-FID (R3D-18), from local weights only.
 
 Nothing here downloads anything. Weights are found by :func:`resolve_inception_weights` (flag, then
-``$COMET_INCEPTION_WEIGHTS``, then the torch hub cache file torch-fidelity itself would use) and
-:func:`resolve_clip_dir` (flag, then ``$COMET_CLIP_DIR``); a missing file raises
+``$COMET_INCEPTION_WEIGHTS``, then the torch hub cache file torch-fidelity itself would use),
+:func:`resolve_r3d_weights` (flag, then ``$COMET_R3D_WEIGHTS``, then the torch hub cache file torchvision
+would use) and :func:`resolve_clip_dir` (flag, then ``$COMET_CLIP_DIR``); a missing file raises
 :class:`MissingWeightsError` naming what was tried, where the weights come from and where to put them.
 
 Preprocessing is identical for real and generated images (:func:`to_uint8_rgb`): images ``[N,1,H,W]``
-in [0, 1] become ``uint8 [N,3,H,W]`` by ``round(clamp(x, 0, 1) * 255)`` (never wrapping), grey
-repeated to RGB. No per-image rescaling. Then:
+(or volumes ``[N,1,D,H,W]``) in [0, 1] become ``uint8 [N,3,...]`` by ``round(clamp(x, 0, 1) * 255)``
+(never wrapping), grey repeated to RGB. No per-image rescaling. Then:
 
 - Inception (``inception-v3-compat``, 2048-d pool features): torch-fidelity's
   ``FeatureExtractorInceptionV3``, which resizes to 299 with its TF-1.x-compatible bilinear
@@ -15,10 +16,16 @@ repeated to RGB. No per-image rescaling. Then:
 - CLIP (ViT-L/14@336 for CMMD): as the CMMD reference (google-research ``cmmd``): centre crop to a
   square, PIL-compatible antialiased bicubic resize of the uint8 image to the processor's crop size
   (336), x / 255, normalised with the processor's mean/std; the embedding is ``image_embeds``.
+- R3D-18 (torchvision ``r3d_18``, Kinetics-400 weights ``r3d_18-b3b3357e.pth``, 512-d features after
+  the global average pool, ``fc`` removed; MOTFM's 3D-FID network): a volume ``[1,D,H,W]`` is a clip
+  whose D slices are the frames; x / 255 normalised with the Kinetics mean (0.43216, 0.394666, 0.37645)
+  and std (0.22803, 0.22145, 0.216989) per RGB channel, as the weights' ``VideoClassification``
+  transform. Unlike that transform, nothing is resized or cropped (MOTFM's 3D-FID neither): the network
+  ends in an adaptive pool, so any D, H, W >= 8 works.
 
 An extractor has ``name``, ``weights_sha256`` (one fingerprint of everything loaded),
 ``weights_files`` (``{file name: sha256}`` of each weights file) and
-``__call__(images01 [N,1,H,W] float in [0,1]) -> np.ndarray float64 [N, D]``.
+``__call__(images01 [N,1,H,W] (R3D: [N,1,D,H,W]) float in [0,1]) -> np.ndarray float64 [N, F]``.
 :class:`FeatureCache` stores real-set features as ``.npy`` keyed by split, extractor, weights and data.
 """
 
@@ -42,6 +49,11 @@ CLIP_ENV = "COMET_CLIP_DIR"
 INCEPTION_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE_NAME}"
 CLIP_MODEL_ID = "openai/clip-vit-large-patch14-336"
+R3D_ENV = "COMET_R3D_WEIGHTS"
+R3D_FILE_NAME = "r3d_18-b3b3357e.pth"
+R3D_URL = f"https://download.pytorch.org/models/{R3D_FILE_NAME}"
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)  # torchvision's R3D_18_Weights.KINETICS400_V1 transform
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -62,26 +74,48 @@ def inception_hub_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE_NAME
 
 
-def resolve_inception_weights(flag_value: str | Path | None) -> Path:
-    """The Inception state-dict file: ``flag_value``, else ``$COMET_INCEPTION_WEIGHTS``, else the hub cache.
+def r3d_hub_path() -> Path:
+    """Where ``torchvision.models.video.r3d_18(weights=...)`` caches the Kinetics-400 weights."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / R3D_FILE_NAME
+
+
+def _resolve_file(flag_value, flag: str, env: str, hub_path: Path) -> tuple[Path, str]:
+    """``(path, where it came from)``: the flag, else ``$env``, else the hub cache file.
 
     The first source that is set is the one used: a flag or variable naming a missing file is an
     error, not a reason to look elsewhere.
     """
     if flag_value:
-        source, path = "--inception_weights", Path(flag_value)
-    elif os.environ.get(INCEPTION_ENV):
-        source, path = f"${INCEPTION_ENV}", Path(os.environ[INCEPTION_ENV])
-    else:
-        source, path = "the torch hub cache", inception_hub_path()
+        return Path(flag_value), flag
+    if os.environ.get(env):
+        return Path(os.environ[env]), f"${env}"
+    return hub_path, "the torch hub cache"
+
+
+def resolve_inception_weights(flag_value: str | Path | None) -> Path:
+    """The Inception state-dict file: ``flag_value``, else ``$COMET_INCEPTION_WEIGHTS``, else the hub cache."""
+    path, source = _resolve_file(flag_value, "--inception_weights", INCEPTION_ENV, inception_hub_path())
     if path.is_file():
         return path
     raise MissingWeightsError(
-        f"Inception-v3 weights for FID/KID not found: tried {path} (from {source}). They are "
+        f"Inception-v3 weights for FID/KID (2.5-D FID of volumes) not found: tried {path} (from {source}). They are "
         f"torch-fidelity's converted TF Inception weights, normally downloaded from {INCEPTION_URL}. "
         f"On a machine with internet, download that file and copy it to {inception_hub_path()}, or pass "
         f"--inception_weights FILE, or set {INCEPTION_ENV}=FILE. "
-        "Use --skip_missing_metrics to evaluate without FID/KID."
+        "Use --skip_missing_metrics to evaluate without them."
+    )
+
+
+def resolve_r3d_weights(flag_value: str | Path | None) -> Path:
+    """The R3D-18 state-dict file: ``flag_value``, else ``$COMET_R3D_WEIGHTS``, else the hub cache."""
+    path, source = _resolve_file(flag_value, "--r3d_weights", R3D_ENV, r3d_hub_path())
+    if path.is_file():
+        return path
+    raise MissingWeightsError(
+        f"R3D-18 weights for 3D-FID not found: tried {path} (from {source}). They are torchvision's "
+        f"Kinetics-400 video ResNet weights, normally downloaded from {R3D_URL}. On a machine with "
+        f"internet, download that file and copy it to {r3d_hub_path()}, or pass --r3d_weights FILE, or set "
+        f"{R3D_ENV}=FILE. Use --skip_missing_metrics to evaluate without 3D-FID."
     )
 
 
@@ -117,16 +151,18 @@ def _clip_weight_files(directory: Path) -> list[Path]:
 
 
 def to_uint8_rgb(images01: torch.Tensor) -> torch.Tensor:
-    """``[N,1,H,W]`` float in [0, 1] -> ``uint8 [N,3,H,W]``: ``round(clamp(x, 0, 1) * 255)``, grey repeated.
+    """``[N,1,H,W]`` (or ``[N,1,D,H,W]``) float in [0, 1] -> ``uint8 [N,3,...]``: ``round(clamp(x, 0, 1) *
+    255)``, grey repeated.
 
     Rounding is half-to-even (``torch.round``, as ``np.rint``); out-of-range values saturate, never wrap.
     """
-    if images01.ndim != 4 or images01.shape[1] != 1:
-        raise ValueError(f"expected grey images [N,1,H,W], got shape {tuple(images01.shape)}")
+    if images01.ndim not in (4, 5) or images01.shape[1] != 1:
+        raise ValueError(f"expected grey images [N,1,H,W] or volumes [N,1,D,H,W], got shape "
+                         f"{tuple(images01.shape)}")
     if not images01.is_floating_point():
         raise ValueError(f"expected float images in [0, 1], got dtype {images01.dtype}")
     u8 = torch.round(images01.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-    return u8.expand(-1, 3, -1, -1).contiguous()
+    return u8.expand(-1, 3, *images01.shape[2:]).contiguous()
 
 
 def data_fingerprint(images01: torch.Tensor) -> str:
@@ -138,7 +174,7 @@ def data_fingerprint(images01: torch.Tensor) -> str:
 
 
 class _BatchedExtractor:
-    """Shared batching: ``__call__`` runs ``_features(uint8 [B,3,H,W] on device)`` over batches."""
+    """Shared batching: ``__call__`` runs ``_features(uint8 [B,3,H,W] or [B,3,D,H,W] on device)`` over batches."""
 
     name: str
     weights_sha256: str
@@ -155,7 +191,7 @@ class _BatchedExtractor:
 
     @torch.inference_mode()
     def __call__(self, images01: torch.Tensor) -> np.ndarray:
-        """``[N,1,H,W]`` float in [0, 1] -> features ``float64 [N, D]`` (preprocessed per batch)."""
+        """``[N,1,H,W]`` (R3D: ``[N,1,D,H,W]``) float in [0, 1] -> features ``float64 [N, F]`` (per batch)."""
         out = []
         starts = range(0, len(images01), self.batch_size)
         for start in tqdm(starts, desc=f"{self.name} features", unit="batch", leave=False):
@@ -191,6 +227,36 @@ class InceptionExtractor(_BatchedExtractor):
 
     def _features(self, u8: torch.Tensor) -> torch.Tensor:
         return self.model(u8)[0]
+
+
+class R3DExtractor(_BatchedExtractor):
+    """torchvision R3D-18 (Kinetics-400), 512-d pooled features of volumes, from a local state-dict file."""
+
+    name = "r3d-18-kinetics400"
+
+    def __init__(self, weights_path: str | Path, device: str | torch.device = "cpu", batch_size: int = 4):
+        from torchvision.models.video import r3d_18
+
+        super().__init__(device, batch_size)
+        weights_path = Path(weights_path)
+        self.weights_sha256 = sha256_file(weights_path)
+        self.weights_files = {weights_path.name: self.weights_sha256}
+        self.model = r3d_18()  # architecture only: weights=None downloads nothing
+        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        try:
+            self.model.load_state_dict(state_dict)
+        except RuntimeError as e:  # missing/unexpected keys or shapes
+            raise ValueError(f"{weights_path} is not torchvision's R3D-18 state dict: {e}") from e
+        self.model.fc = torch.nn.Identity()
+        self.model.eval().requires_grad_(False).to(self.device)
+        self.mean = torch.tensor(KINETICS_MEAN, device=self.device).view(1, 3, 1, 1, 1)
+        self.std = torch.tensor(KINETICS_STD, device=self.device).view(1, 3, 1, 1, 1)
+        logger.info("R3D-18 weights %s (sha256 %s)", weights_path, self.weights_sha256)
+
+    def _features(self, u8: torch.Tensor) -> torch.Tensor:
+        if u8.ndim != 5:
+            raise ValueError(f"R3D-18 takes volumes [N,1,D,H,W], got images of shape {tuple(u8.shape)}")
+        return self.model((u8.float() / 255.0 - self.mean) / self.std)
 
 
 class ClipExtractor(_BatchedExtractor):

@@ -15,7 +15,8 @@ real patients come to the training set:
 Outputs (:func:`write_audit`): ``memorisation.json`` (summary and the flagged images with their nearest
 training image and its patient), ``memorisation.csv`` (every generated image), ``memorisation_hist.png``
 (histograms of both distance sets and the threshold) and ``memorisation_pairs.png`` (the 8 closest generated
-images over their nearest training images; the flagged ones are among them when any).
+images over their nearest training images, volumes by their three mid-slices; the flagged ones are among
+them when any). Volumes ``[N, 1, D, H, W]`` are audited as images are: voxel RMSE.
 
 Example (a synthetic set before sharing it):
     python -m utils.evaluation.memorisation --generated synth.npz --data data/synthetic_echo_64.npz --output audit
@@ -40,8 +41,9 @@ PAIRS_SHOWN = 8
 
 def nearest(queries01: torch.Tensor, reference01: torch.Tensor, chunk: int = 256,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """For each query ``(N, 1, H, W)`` the nearest reference ``(M, 1, H, W)`` image: RMSE ``float64 [N]`` and
-    index ``int64 [N]``. ``||q - r||^2 = ||q||^2 + ||r||^2 - 2 q.r`` per chunk of ``chunk`` queries."""
+    """For each query ``(N, 1, H, W)`` (or volume ``(N, 1, D, H, W)``) the nearest reference ``(M, 1, ...)``: RMSE
+    ``float64 [N]`` and index ``int64 [N]``. ``||q - r||^2 = ||q||^2 + ||r||^2 - 2 q.r`` per chunk of ``chunk``
+    queries."""
     if queries01.shape[1:] != reference01.shape[1:]:
         raise ValueError(f"images of {tuple(queries01.shape[1:])} cannot be compared with training images of "
                          f"{tuple(reference01.shape[1:])}")
@@ -90,7 +92,7 @@ def summary(result: dict, train_patients: list | None) -> dict:
 def write_audit(out_dir: Path, result: dict, generated01: torch.Tensor, train01: torch.Tensor,
                 train_patients: list | None) -> dict:
     """memorisation.json/.csv/_hist.png/_pairs.png in ``out_dir``; returns the summary."""
-    from utils.images import grid_image, save_png
+    from utils.images import display_tiles, grid_image, save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     s = summary(result, train_patients)
@@ -105,8 +107,8 @@ def write_audit(out_dir: Path, result: dict, generated01: torch.Tensor, train01:
                   result["threshold"], out_dir / "memorisation_hist.png")
     closest = list(np.argsort(result["distance"], kind="stable")[:PAIRS_SHOWN])
     nearest_train = [int(result["index"][i]) for i in closest]
-    save_png(grid_image([generated01[closest], train01[nearest_train]], row_labels=["generated", "nearest train"]),
-             out_dir / "memorisation_pairs.png")
+    save_png(grid_image([display_tiles(generated01[closest]), display_tiles(train01[nearest_train])],
+                        row_labels=["generated", "nearest train"]), out_dir / "memorisation_pairs.png")
     return s
 
 

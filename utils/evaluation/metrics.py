@@ -2,8 +2,11 @@
 
 Inputs: generated and real images ``float [N,1,H,W]`` in [0, 1], paired by index (generated image i
 was conditioned on the mask of real image i), and masks ``uint8 [N,1,H,W]`` with labels 0..3
-(0 = background). Nothing is rescaled per image. Set-level metrics take features computed by an
-extractor from :mod:`utils.evaluation.feature_extractors`, so tests can inject small random-weight networks.
+(0 = background). Nothing is rescaled per image. PSNR and the edge-map metrics also take volumes
+``[N,1,D,H,W]`` (same definitions with a third axis: voxels for pixels, a ball for the disk); the
+volume-only metrics (SSIM/MS-SSIM of volumes, MMD, 2.5-D FID) are in :mod:`utils.evaluation.volume_metrics`.
+Set-level metrics take features computed by an extractor from :mod:`utils.evaluation.feature_extractors`, so
+tests can inject small random-weight networks.
 
 Set-level:
 
@@ -23,10 +26,11 @@ Per image (each generated image against its paired real image):
   gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1)`` to within 1e-5.
 - PSNR: ``10 log10(1 / MSE)`` per image (data_range 1); ``inf`` for identical images.
 - Edge map E(x, mask), the same for both images of a pair (constants: ``EDGE_SMOOTH_SIGMA`` = 2.0 px,
-  ``EDGE_REGION_RADIUS`` = 5 px, ``EDGE_TOP_FRACTION`` = 0.10; pixel units at the evaluated size):
+  ``EDGE_REGION_RADIUS`` = 5 px, ``EDGE_TOP_FRACTION`` = 0.10; pixel (voxel) units at the evaluated size):
   1. ``g = gaussian_filter(x, EDGE_SMOOTH_SIGMA)`` (``mode="nearest"``);
-  2. ``m = sqrt(sobel_rows(g)^2 + sobel_cols(g)^2)`` (scipy.ndimage.sobel, ``mode="nearest"``);
-  3. region ``R`` = (mask > 0) dilated by a disk of radius ``EDGE_REGION_RADIUS`` px;
+  2. ``m = sqrt(sum over axes a of sobel_a(g)^2)`` (scipy.ndimage.sobel, ``mode="nearest"``; in 3-D each
+     derivative is smoothed [1, 2, 1] along both other axes);
+  3. region ``R`` = (mask > 0) dilated by a disk (3-D: ball) of radius ``EDGE_REGION_RADIUS`` px;
   4. ``E = R & (m >= t) & (m > 0)`` with ``t`` the ``1 - EDGE_TOP_FRACTION`` quantile of ``m`` over
      ``R`` (numpy's linear quantile): the strongest ``EDGE_TOP_FRACTION`` of the region's pixels.
      ``E`` is empty when ``R`` is empty or the image is constant on ``R``.
@@ -38,11 +42,11 @@ Per image (each generated image against its paired real image):
   B-Dice it is monotone in misalignment: on edge maps of the synthetic test set shifted by 0/1/3/6 px
   B-Dice is 1.00/0.58/0.10/0.26 and NSD@2px 1.00/1.00/0.67/0.41.
 - HD95: MONAI ``compute_hausdorff_distance(percentile=95)`` between ``E_gen`` and ``E_real``: the
-  boundary pixels of each map (the map minus its binary erosion with the 4-connected cross),
-  Euclidean distance (pixels) from each boundary pixel of one map to the nearest of the other,
-  95th percentile (``torch.quantile``, linear) in each direction, the larger of the two.
-  Both maps empty: 0. Exactly one empty: the image diagonal ``sqrt(H^2 + W^2)`` (the largest
-  distance possible), so that means stay finite.
+  boundary pixels of each map (the map minus its binary erosion with the 4-connected cross; 3-D: the
+  6-connected one), Euclidean distance (pixels, voxel units in 3-D) from each boundary pixel of one map
+  to the nearest of the other, 95th percentile (``torch.quantile``, linear) in each direction, the larger
+  of the two. Both maps empty: 0. Exactly one empty: the image diagonal ``sqrt(H^2 + W^2)`` (3-D:
+  ``sqrt(D^2 + H^2 + W^2)``; the largest distance possible), so that means stay finite.
 
 Summaries: :func:`bootstrap_ci` gives the mean and a 95% percentile-bootstrap interval that resamples
 clusters (the source images whose masks conditioned the samples) rather than samples;
@@ -158,9 +162,11 @@ def cmmd(emb_a, emb_b, sigma: float = CMMD_SIGMA, scale: float = CMMD_SCALE) -> 
     return scale * (mean_kernel(a, a) + mean_kernel(b, b) - 2.0 * mean_kernel(a, b))
 
 
-def _check_images(generated: torch.Tensor, real: torch.Tensor) -> None:
-    if generated.shape != real.shape or generated.ndim != 4 or generated.shape[1] != 1:
-        raise ValueError(f"expected paired images [N,1,H,W] of equal shape, got {tuple(generated.shape)} "
+def check_images(generated: torch.Tensor, real: torch.Tensor, ndim: tuple[int, ...] = (4, 5)) -> None:
+    """ValueError unless ``generated`` and ``real`` are one-channel tensors of one shape with ``ndim`` axes."""
+    if generated.shape != real.shape or generated.ndim not in ndim or generated.shape[1] != 1:
+        expected = " or ".join({4: "images [N,1,H,W]", 5: "volumes [N,1,D,H,W]"}[n] for n in ndim)
+        raise ValueError(f"expected paired {expected} of equal shape, got {tuple(generated.shape)} "
                          f"and {tuple(real.shape)}")
 
 
@@ -174,7 +180,7 @@ def ssim_per_image(generated: torch.Tensor, real: torch.Tensor) -> np.ndarray:
     """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    _check_images(generated, real)
+    check_images(generated, real, ndim=(4,))
     b = SSIM_BORDER
     if min(real.shape[-2:]) <= 2 * b:
         raise ValueError(f"SSIM needs images over {2 * b} pixels per side, got {tuple(real.shape[-2:])}")
@@ -186,26 +192,28 @@ def ssim_per_image(generated: torch.Tensor, real: torch.Tensor) -> np.ndarray:
 
 
 def psnr_per_image(generated: torch.Tensor, real: torch.Tensor) -> np.ndarray:
-    """PSNR in dB of each pair ``[N,1,H,W]`` in [0, 1] -> ``float64 [N]`` (not pooled over the batch)."""
+    """PSNR in dB of each pair ``[N,1,H,W]`` or ``[N,1,D,H,W]`` in [0, 1] -> ``float64 [N]`` (not pooled
+    over the batch)."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    _check_images(generated, real)
+    check_images(generated, real)
     values = peak_signal_noise_ratio(generated.double(), real.double(), data_range=1.0, reduction="none",
-                                     dim=(1, 2, 3))
+                                     dim=tuple(range(1, real.ndim)))
     return values.cpu().numpy()
 
 
-def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return xx**2 + yy**2 <= radius**2
+def _disk(radius: int, ndim: int = 2) -> np.ndarray:
+    """The integer offsets within Euclidean distance ``radius``: a disk (ndim 2) or a ball (ndim 3)."""
+    grid = np.mgrid[(slice(-radius, radius + 1),) * ndim]
+    return (grid**2).sum(0) <= radius**2
 
 
 def edge_map(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Binary edge map ``bool [H, W]`` of one image ``[H, W]`` in [0, 1] within its dilated heart region."""
+    """Binary edge map ``bool [H, W]`` (``[D, H, W]``) of one image ``[H, W]`` (volume ``[D, H, W]``) in
+    [0, 1] within its dilated mask region."""
     smooth = ndimage.gaussian_filter(np.asarray(image, dtype=np.float64), EDGE_SMOOTH_SIGMA, mode="nearest")
-    magnitude = np.hypot(ndimage.sobel(smooth, axis=0, mode="nearest"),
-                         ndimage.sobel(smooth, axis=1, mode="nearest"))
-    region = ndimage.binary_dilation(np.asarray(mask) > 0, structure=_disk(EDGE_REGION_RADIUS))
+    magnitude = np.hypot.reduce([ndimage.sobel(smooth, axis=a, mode="nearest") for a in range(smooth.ndim)])
+    region = ndimage.binary_dilation(np.asarray(mask) > 0, structure=_disk(EDGE_REGION_RADIUS, smooth.ndim))
     if not region.any():
         return np.zeros_like(region)
     threshold = np.quantile(magnitude[region], 1.0 - EDGE_TOP_FRACTION)
@@ -219,9 +227,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def hd95(a: np.ndarray, b: np.ndarray) -> float:
-    """Symmetric 95th-percentile Hausdorff distance (pixels) between boolean maps ``[H, W]`` (MONAI's).
+    """Symmetric 95th-percentile Hausdorff distance (pixels) between boolean maps ``[H, W]`` or ``[D, H, W]``
+    (MONAI's).
 
-    Both empty: 0; exactly one empty: the diagonal ``sqrt(H^2 + W^2)``.
+    Both empty: 0; exactly one empty: the diagonal ``sqrt(H^2 + W^2)`` (``sqrt(D^2 + H^2 + W^2)``).
     """
     from monai.metrics import compute_hausdorff_distance
 
@@ -238,7 +247,8 @@ def hd95(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def surface_dice(a: np.ndarray, b: np.ndarray, tolerance: float = SURFACE_DICE_TOLERANCE) -> float:
-    """Normalised surface Dice of boolean maps ``[H, W]`` at ``tolerance`` pixels (MONAI's); see module docstring."""
+    """Normalised surface Dice of boolean maps ``[H, W]`` or ``[D, H, W]`` at ``tolerance`` pixels (MONAI's); see
+    module docstring."""
     from monai.metrics import compute_surface_dice
 
     a_any, b_any = bool(a.any()), bool(b.any())
@@ -258,30 +268,43 @@ def _edge_maps(images: torch.Tensor, masks: torch.Tensor) -> list[np.ndarray]:
     return [edge_map(images[i, 0], masks[i, 0]) for i in range(len(images))]
 
 
-def _check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
+def boundary_metrics(generated: torch.Tensor, real: torch.Tensor, masks: torch.Tensor,
+                     tolerance: float = SURFACE_DICE_TOLERANCE) -> dict[str, np.ndarray]:
+    """``{"b_dice", "surface_dice", "hd95"}`` -> ``float64 [N]`` each, of the edge maps of each pair
+    ``[N,1,H,W]`` or ``[N,1,D,H,W]`` (each map computed once); ``tolerance`` (px) is the surface Dice's."""
+    check_images(generated, real)
+    check_masks(real, masks)
+    pairs = list(zip(_edge_maps(generated, masks), _edge_maps(real, masks)))
+    return {"b_dice": np.array([dice(g, r) for g, r in pairs]),
+            "surface_dice": np.array([surface_dice(g, r, tolerance) for g, r in pairs]),
+            "hd95": np.array([hd95(g, r) for g, r in pairs])}
+
+
+def check_masks(images: torch.Tensor, masks: torch.Tensor) -> None:
+    """ValueError unless ``masks`` have the shape of ``images``."""
     if masks.shape != images.shape:
         raise ValueError(f"masks shape {tuple(masks.shape)} does not match images {tuple(images.shape)}")
 
 
 def boundary_dice_per_image(generated: torch.Tensor, real: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """B-Dice of each pair (edge maps of generated vs real within the pair's heart region) -> ``[N]``."""
-    _check_images(generated, real)
-    _check_masks(real, masks)
+    check_images(generated, real)
+    check_masks(real, masks)
     return np.array([dice(g, r) for g, r in zip(_edge_maps(generated, masks), _edge_maps(real, masks))])
 
 
 def hd95_per_image(generated: torch.Tensor, real: torch.Tensor, masks: torch.Tensor) -> np.ndarray:
     """HD95 in pixels of each pair's edge maps (generated vs real) -> ``[N]``."""
-    _check_images(generated, real)
-    _check_masks(real, masks)
+    check_images(generated, real)
+    check_masks(real, masks)
     return np.array([hd95(g, r) for g, r in zip(_edge_maps(generated, masks), _edge_maps(real, masks))])
 
 
 def surface_dice_per_image(generated: torch.Tensor, real: torch.Tensor, masks: torch.Tensor,
                            tolerance: float = SURFACE_DICE_TOLERANCE) -> np.ndarray:
     """Surface Dice at ``tolerance`` px of each pair's edge maps (generated vs real) -> ``[N]``."""
-    _check_images(generated, real)
-    _check_masks(real, masks)
+    check_images(generated, real)
+    check_masks(real, masks)
     return np.array([surface_dice(g, r, tolerance) for g, r in zip(_edge_maps(generated, masks),
                                                                    _edge_maps(real, masks))])
 
@@ -293,17 +316,15 @@ def paired_metrics(generated: torch.Tensor, real: torch.Tensor, masks: torch.Ten
 
     Same values as the single-metric functions; edge maps are computed once per image.
     """
-    _check_images(generated, real)
-    _check_masks(real, masks)
+    check_images(generated, real)
+    check_masks(real, masks)
     out: dict[str, list[np.ndarray]] = {"ssim": [], "psnr": [], "b_dice": [], "surface_dice": [], "hd95": []}
     for start in tqdm(range(0, len(real), batch_size), desc="per-image metrics", unit="batch", leave=False):
         gen, ref, msk = (t[start : start + batch_size] for t in (generated, real, masks))
         out["ssim"].append(ssim_per_image(gen, ref))
         out["psnr"].append(psnr_per_image(gen, ref))
-        pairs = list(zip(_edge_maps(gen, msk), _edge_maps(ref, msk)))
-        out["b_dice"].append(np.array([dice(g, r) for g, r in pairs]))
-        out["surface_dice"].append(np.array([surface_dice(g, r, tolerance) for g, r in pairs]))
-        out["hd95"].append(np.array([hd95(g, r) for g, r in pairs]))
+        for name, values in boundary_metrics(gen, ref, msk, tolerance).items():
+            out[name].append(values)
     return {name: np.concatenate(parts) for name, parts in out.items()}
 
 

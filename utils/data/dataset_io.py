@@ -3,10 +3,13 @@
 A dataset is ``{split: [record, ...]}`` with splits ``train``, ``valid``,
 ``test``. A record is a dict:
 
-- ``image``: array ``[1, H, W]``, grayscale; ``uint8`` in [0, 255] or a float
-  array in [0, 1] (see :func:`normalise_image`);
-- ``mask``: integer array ``[1, H, W]`` of labels (CAMUS: 0 background,
+- ``image``: array ``[1, H, W]`` (2-D) or ``[1, D, H, W]`` (3-D), grayscale;
+  ``uint8`` in [0, 255] or a float array in [0, 1] (see :func:`normalise_image`);
+- ``mask``: integer array of labels, the image's shape (CAMUS: 0 background,
   1 LV cavity, 2 myocardium, 3 LA cavity);
+- ``affine`` (optional, 3-D): ``float64 [4, 4]``, voxel index ``(d, h, w)`` ->
+  world mm, as nibabel gives it for the volume's voxel axes (see
+  :mod:`utils.data.nifti`);
 - ``class`` (optional): an int;
 - ``metadata`` (optional): a flat dict of str/int/float values, e.g.
   ``patient``, ``view``, ``phase``.
@@ -22,8 +25,9 @@ On disk:
 
 - ``.npz`` (the native format, read with ``allow_pickle=False``): per split,
   ``{split}_images`` ``uint8 [N,1,H,W]``, ``{split}_masks`` ``uint8 [N,1,H,W]``,
-  and ``{split}_meta_{field}`` arrays of length N (strings or numbers);
-  ``{split}_class`` when records carry a class.
+  (3-D: ``[N,1,D,H,W]``), ``{split}_meta_{field}`` arrays of length N (strings
+  or numbers); ``{split}_class`` when records carry a class; ``{split}_affine``
+  ``float64 [N,4,4]`` when they carry an affine.
 - ``.pkl`` (the seed's/MOTFM's layout): the dict above pickled; read only
   through a restricted unpickler that admits plain containers, numbers,
   strings, numpy arrays and torch tensors and refuses any other global
@@ -61,7 +65,7 @@ _SAFE_GLOBALS = {
     ("torch.storage", "_load_from_bytes"),
 }
 _NUMPY_DTYPE_MODULES = ("numpy.dtypes", "numpy")
-_RECORD_KEYS = ("image", "mask", "class", "metadata")
+_RECORD_KEYS = ("image", "mask", "affine", "class", "metadata")
 
 
 def _latin1_encode(obj, encoding="utf-8", errors="strict"):
@@ -179,6 +183,8 @@ def _normalise_record(record, path: Path, split: str, i: int, class_index: dict[
     image, mask = _to_numpy(record["image"]), _to_numpy(record["mask"])
     out = {"image": image[None] if image.ndim == 2 else image,
            "mask": _as_labels(mask[None] if mask.ndim == 2 else mask, where)}
+    if record.get("affine") is not None:
+        out["affine"] = _affine(record["affine"], where)
     meta = record.get("metadata") or {}
     if not isinstance(meta, dict):
         raise DatasetError(f"{where}.metadata is a {type(meta).__name__}, expected a dict")
@@ -197,6 +203,15 @@ def _normalise_record(record, path: Path, split: str, i: int, class_index: dict[
             meta.setdefault(key, _scalar(value))
     out["metadata"] = meta
     return out
+
+
+def _affine(value, where: str) -> np.ndarray:
+    """A record's ``affine`` as a finite ``float64 [4, 4]`` array."""
+    affine = _to_numpy(value)
+    if affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.all(np.isfinite(affine)):
+        raise DatasetError(f"{where}: affine has shape {list(affine.shape)} and dtype {affine.dtype}, expected "
+                           "finite numbers [4, 4] (voxel index -> world mm)")
+    return affine.astype(np.float64)
 
 
 def _as_labels(mask: np.ndarray, where: str) -> np.ndarray:
@@ -234,6 +249,7 @@ def _load_npz(path: Path) -> dict[str, list[dict]]:
             prefix = f"{split}_meta_"
             meta = {k[len(prefix):]: z[k] for k in keys if k.startswith(prefix)}
             classes = z[f"{split}_class"] if f"{split}_class" in keys else None
+            affines = z[f"{split}_affine"] if f"{split}_affine" in keys else None
             records = []
             for i in range(len(images)):
                 rec = {
@@ -243,6 +259,8 @@ def _load_npz(path: Path) -> dict[str, list[dict]]:
                 }
                 if classes is not None:
                     rec["class"] = int(classes[i])
+                if affines is not None:
+                    rec["affine"] = affines[i].astype(np.float64)
                 records.append(rec)
             data[split] = records
     return data
@@ -251,7 +269,7 @@ def _load_npz(path: Path) -> dict[str, list[dict]]:
 def save_dataset(path: str | Path, data: dict[str, list[dict]], overwrite: bool = False) -> Path:
     """Write ``data`` (record layout) to ``.npz`` or ``.pkl`` by the suffix of ``path``.
 
-    Images are stored as uint8 (float images in [0, 1] are rounded), masks as uint8.
+    Images are stored as uint8 (float images in [0, 1] are rounded), masks as uint8, 2-D or 3-D alike.
     Refuses to replace an existing file unless ``overwrite``.
     """
     path = Path(path)
@@ -271,6 +289,12 @@ def save_dataset(path: str | Path, data: dict[str, list[dict]], overwrite: bool 
                 arrays[f"{split}_meta_{f}"] = np.asarray([r["metadata"].get(f, "") for r in records])
             if records and all("class" in r for r in records):
                 arrays[f"{split}_class"] = np.asarray([r["class"] for r in records], dtype=np.int64)
+            with_affine = sum(r.get("affine") is not None for r in records)
+            if with_affine == len(records):
+                arrays[f"{split}_affine"] = np.stack([np.asarray(r["affine"], np.float64) for r in records])
+            elif with_affine:
+                raise DatasetError(f"{path}: {with_affine} of {len(records)} '{split}' records have an affine; "
+                                   "a .npz split stores an affine for every record or for none")
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, **arrays)
         tmp.replace(path)
@@ -311,14 +335,17 @@ def validate_dataset(
     data: dict[str, list[dict]],
     path: str | Path,
     num_classes: int = 4,
-    image_size: int | tuple[int, int] | None = None,
+    image_size: int | tuple[int, ...] | None = None,
     splits: tuple[str, ...] = SPLITS,
+    spatial_dims: int | None = None,
 ) -> None:
     """Check a dataset in the record layout; raise :class:`DatasetError` at the first problem.
 
     Every split in ``splits`` must be present and non-empty; every record of every split must
-    have ``image`` and ``mask`` of one shape ``[1, H, W]`` (one ``H, W`` per split, and equal to
-    ``image_size`` when given), finite image values in the range of :func:`normalise_image`
+    have ``image`` and ``mask`` of one shape ``[1, H, W]`` or ``[1, D, H, W]`` (one shape per
+    split; ``spatial_dims`` spatial axes when given; equal to ``image_size`` when given, an int
+    meaning a square or a cube), an ``affine`` (if any) of finite numbers ``[4, 4]``,
+    finite image values in the range of :func:`normalise_image`
     (integers in [0, 255], floats in [0, 1]), integer mask labels in ``[0, num_classes)``, an
     int ``class`` when present and a dict ``metadata``; a ``metadata["patient"]`` may appear in
     one split only. Messages name ``path``, the split and the record index.
@@ -330,14 +357,12 @@ def validate_dataset(
             raise DatasetError(f"{path}: missing split '{split}' (has: {sorted(data)})")
         if len(data[split]) == 0:
             raise DatasetError(f"{path}: split '{split}' is empty")
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
     patient_splits: dict[str, set[str]] = {}
     for split, records in data.items():
         shape = None
         for i, record in enumerate(records):
             where = f"{path}: {split}[{i}]"
-            shape = _check_record(record, where, num_classes, shape, image_size)
+            shape = _check_record(record, where, num_classes, shape, image_size, spatial_dims)
             patient = (record.get("metadata") or {}).get("patient")
             if patient is not None:
                 patient_splits.setdefault(str(patient), set()).add(split)
@@ -350,20 +375,14 @@ def validate_dataset(
         )
 
 
-def _check_record(record, where: str, num_classes: int, shape, image_size) -> tuple[int, ...]:
+def _check_record(record, where: str, num_classes: int, shape, image_size, spatial_dims) -> tuple[int, ...]:
     """Check one record (see :func:`validate_dataset`); returns the image shape."""
     if not isinstance(record, dict) or "image" not in record or "mask" not in record:
         raise DatasetError(f"{where}: expected a dict with 'image' and 'mask'")
     image, mask = _to_numpy(record["image"]), _to_numpy(record["mask"])
-    if image.ndim != 3 or image.shape[0] != 1:
-        raise DatasetError(f"{where}: image has shape {list(image.shape)}, expected [1, H, W]")
-    if mask.shape != image.shape:
-        raise DatasetError(f"{where}: mask has shape {list(mask.shape)} but image has {list(image.shape)}")
-    if shape is not None and image.shape != shape:
-        raise DatasetError(f"{where}: image has shape {list(image.shape)}, earlier records {list(shape)}")
-    if image_size is not None and image.shape[1:] != tuple(image_size):
-        raise DatasetError(f"{where}: image is {image.shape[1]}x{image.shape[2]}, expected "
-                           f"{image_size[0]}x{image_size[1]}")
+    _check_shape(image, mask, where, shape, image_size, spatial_dims)
+    if record.get("affine") is not None:
+        _affine(record["affine"], where)
     if image.dtype.kind == "f":
         if not np.all(np.isfinite(image)):
             raise DatasetError(f"{where}: image holds NaN or inf values")
@@ -392,3 +411,23 @@ def _check_record(record, where: str, num_classes: int, shape, image_size) -> tu
     if not isinstance(record.get("metadata", {}), dict):
         raise DatasetError(f"{where}: metadata is a {type(record['metadata']).__name__}, expected a dict")
     return image.shape
+
+
+def _check_shape(image: np.ndarray, mask: np.ndarray, where: str, shape, image_size, spatial_dims) -> None:
+    """Image and mask ``[1, *spatial]`` alike, as earlier records, ``spatial_dims`` and ``image_size`` ask."""
+    if image.ndim not in (3, 4) or image.shape[0] != 1:
+        raise DatasetError(f"{where}: image has shape {list(image.shape)}, expected [1, H, W] or [1, D, H, W]")
+    dims = image.ndim - 1
+    if spatial_dims is not None and dims != spatial_dims:
+        expected = "[1, H, W]" if spatial_dims == 2 else "[1, D, H, W]"
+        raise DatasetError(f"{where}: image has shape {list(image.shape)} ({dims}-D), but the model is "
+                           f"{spatial_dims}-D (model_args.spatial_dims) and expects {expected}")
+    if mask.shape != image.shape:
+        raise DatasetError(f"{where}: mask has shape {list(mask.shape)} but image has {list(image.shape)}")
+    if shape is not None and image.shape != shape:
+        raise DatasetError(f"{where}: image has shape {list(image.shape)}, earlier records {list(shape)}")
+    if image_size is not None:
+        expected = (image_size,) * dims if isinstance(image_size, int) else tuple(image_size)
+        if image.shape[1:] != expected:
+            raise DatasetError(f"{where}: image is {'x'.join(map(str, image.shape[1:]))}, expected "
+                               f"{'x'.join(map(str, expected))}")

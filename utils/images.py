@@ -74,3 +74,29 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return path
+
+
+PLANES = ("axial", "coronal", "sagittal")  # the mid-slices across D, H and W of a volume [D, H, W]
+
+
+def mid_slices(volumes: torch.Tensor) -> torch.Tensor:
+    """The three orthogonal mid-slices of ``volumes`` (N, 1, D, H, W), each zero-padded (centred) to S x S with
+    S = max(D, H, W): (N, 3, S, S), planes in :data:`PLANES` order (the middle D slice [H, W], the middle H
+    slice [D, W], the middle W slice [D, H])."""
+    d, h, w = volumes.shape[-3:]
+    planes = (volumes[:, 0, d // 2], volumes[:, 0, :, h // 2], volumes[:, 0, :, :, w // 2])
+    size = max(d, h, w)
+
+    def centred(p: torch.Tensor) -> torch.Tensor:
+        dy, dx = size - p.shape[-2], size - p.shape[-1]
+        return torch.nn.functional.pad(p, (dx // 2, dx - dx // 2, dy // 2, dy - dy // 2))
+
+    return torch.stack([centred(p) for p in planes], dim=1)
+
+
+def display_tiles(images: torch.Tensor) -> torch.Tensor:
+    """Tiles for :func:`grid_image`: images (N, 1, H, W) as they are; volumes (N, 1, D, H, W) as their three
+    mid-slices side by side, (3N, 1, S, S) (sample-major)."""
+    if images.ndim == 4:
+        return images
+    return mid_slices(images).flatten(0, 1).unsqueeze(1)

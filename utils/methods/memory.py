@@ -6,8 +6,14 @@ data, no arithmetic) and run forward once at the configured batch and volume siz
 saves for the backward pass is counted once (by storage). Total:
 
     weights + gradients + Adam's two moments (+ the EMA copy) = (16 or 20 bytes) x parameters
-    + the saved activations (float32: an upper bound under 16-/bf16-mixed precision)
-    x ACTIVATION_MARGIN, for the backward pass's transient gradients and the allocator's fragmentation.
+    + the saved activations x ACTIVATION_MARGIN, for the backward pass's transient gradients and the
+      allocator's fragmentation.
+
+The saved activations are an upper bound in two ways: they are float32 (16-/bf16-mixed precision saves many
+in half the bytes), and attention runs PyTorch's math path on ``meta``, which saves the (tokens x tokens)
+weights that the flash and memory-efficient kernels of a real device recompute instead. With attention only
+at the coarsest level and in the middle block (MONAI's middle block always attends; MOTFM's 3-D setting: 12^3
+tokens at 96^3) that term is small.
 
 The meta run takes well under a second even for MOTFM's 96^3 network (tests/test_3d.py).
 """

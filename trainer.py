@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         config_dict = config_to_dict(cfg)
         t = cfg.train_args
         pl.seed_everything(t.seed, workers=True)
-        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank)
+        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
         module = method_class(cfg.method).for_data(config_dict, dm)
         if cfg.model_args.spatial_dims == 3:  # a volume too large fails here, not inside the first step
             check_training_memory(module, resolve_devices(t, torch.cuda.device_count())[0])

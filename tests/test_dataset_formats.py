@@ -137,7 +137,7 @@ def test_float_image_outside_unit_range_is_refused(tmp_path):
     path = tmp_path / "scaled.pkl"
     path.write_bytes(pickle.dumps(raw))
     data = load_dataset(path)
-    with pytest.raises(DatasetError, match=r"scaled.pkl: valid\[1\]: float image values span .* divide"):
+    with pytest.raises(DatasetError, match=r"scaled.pkl: valid\[1\] \(\w+\): float image values span .* divide"):
         validate_dataset(data, path)
 
 

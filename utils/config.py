@@ -53,14 +53,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """How to build the built-in synthetic echo set when the dataset file is missing."""
+    """How to build the built-in synthetic set when the dataset file is missing: the echo phantom (2-D) or
+    the brain phantom (3-D), as ``model_args.spatial_dims`` says."""
 
     size: int = 256
     patients: tuple[int, ...] = (350, 50, 50)
     seed: int = 0
 
     def check(self, key):
-        _require(self.size >= 32, key("size"), f"must be >= 32 (utils.data.synthetic_echo.MIN_SIZE), got {self.size}")
+        _require(self.size >= 16, key("size"), f"must be >= 16 (utils.data.synthetic_brain.MIN_SIZE), got {self.size}")
         _require(len(self.patients) == 3 and min(self.patients) >= 1, key("patients"),
                  f"must be three positive patient counts (train, valid, test), got {list(self.patients)}")
 
@@ -436,6 +437,11 @@ class Config:
     def check(self, key):
         _require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),
                  f"must be a non-empty name without '/', got {self.run_name!r}")
+        synthetic = self.data_args.synthetic
+        if synthetic is not None and self.model_args.spatial_dims == 2:
+            _require(synthetic.size >= 32, "data_args.synthetic.size",
+                     f"must be >= 32 for the 2-D echo phantom (utils.data.synthetic_echo.MIN_SIZE), "
+                     f"got {synthetic.size}")
         samplers = SAMPLERS[self.method]
         _require(self.sampling_args.method in samplers, "sampling_args.method",
                  f"must be one of {list(samplers)} for method {self.method}, got {self.sampling_args.method!r}")

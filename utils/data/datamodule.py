@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import DataConfig
 from utils.data.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
+from utils.data.resample import fit_records
 from utils.distributed import wait_for
 
 log = logging.getLogger(__name__)
@@ -26,15 +27,21 @@ def missing_dataset_message(path: Path) -> str:
     return (
         f"dataset file {path} does not exist. Make it with one of:\n"
         f"  python -m utils.data.synthetic_echo --output {path}            (the built-in synthetic echo set)\n"
+        f"  python -m utils.data.synthetic_echo --dims 3 --output {path}   (the synthetic 3-D brain set)\n"
         f"  python -m utils.data.camus --root CAMUS_DIR --output {path}    (from a CAMUS download)\n"
         "or point data_args.path at an existing .npz/.pkl file or image folder (--set data_args.path=...)."
     )
 
 
-def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0) -> dict[str, list[dict]]:
+def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0,
+                       spatial_dims: int = 2) -> dict[str, list[dict]]:
     """Load (building the synthetic set first when configured and missing) and validate the dataset.
 
     Only rank 0 builds the synthetic set; other ranks wait for the file (written atomically).
+    ``spatial_dims`` (``model_args.spatial_dims``): 2 wants images ``[1, H, W]`` of exactly
+    ``image_size``; 3 wants volumes ``[1, D, H, W]``, and fits each to ``image_size^3`` by the rule of
+    :mod:`utils.data.resample` (pad to a physical cube, then resize). A dataset of the other
+    dimensionality is an error naming the file and both shapes.
     """
     path = Path(cfg.path)
     if not path.exists():
@@ -45,14 +52,30 @@ def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0) 
         else:
             from utils.data.synthetic_echo import ensure_synthetic_dataset
 
-            ensure_synthetic_dataset(path, cfg.synthetic.size, tuple(cfg.synthetic.patients), cfg.synthetic.seed)
+            ensure_synthetic_dataset(path, cfg.synthetic.size, tuple(cfg.synthetic.patients), cfg.synthetic.seed,
+                                     dims=spatial_dims)
     data = load_dataset(path)
-    validate_dataset(data, path, num_classes=cfg.num_classes, image_size=cfg.image_size)
+    if spatial_dims == 3:
+        data = _fit_volumes(data, path, cfg.image_size)
+    validate_dataset(data, path, num_classes=cfg.num_classes, image_size=cfg.image_size,
+                     spatial_dims=spatial_dims)
     return data
 
 
+def _fit_volumes(data: dict[str, list[dict]], path: Path, size: int) -> dict[str, list[dict]]:
+    """Every split's volumes fitted to ``size^3`` (:func:`utils.data.resample.fit_records`), logged."""
+    out = {}
+    for split, records in data.items():
+        out[split], changed = fit_records(records, size)
+        if changed:
+            log.info("%s: %d of %d '%s' volumes padded to a cube and resized to %d^3 (utils.data.resample)",
+                     path, changed, len(records), split, size)
+    return out
+
+
 class SegmentedImages(Dataset):
-    """One split as tensors: ``x_1`` float32 (N, 1, H, W) in [-1, 1], ``mask`` uint8 (N, 1, H, W),
+    """One split as tensors: ``x_1`` float32 (N, 1, H, W) in [-1, 1], ``mask`` uint8 (N, 1, H, W) (volumes:
+    (N, 1, D, H, W) both),
     ``patient`` int64 (N,) (a code per patient id, -1 when unknown), ``classes`` int64 (N,) (the record's
     ``class``, -1 when it has none)."""
 
@@ -105,10 +128,10 @@ def class_names(data: dict[str, list[dict]], path) -> list[str]:
 
 
 class EchoDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int = 0):
+    def __init__(self, cfg: DataConfig, batch_size: int, seed: int, rank: int = 0, spatial_dims: int = 2):
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
-        self.data = load_training_data(cfg, rank)
+        self.data = load_training_data(cfg, rank, spatial_dims=spatial_dims)
         for split in ("train", "valid"):
             if not self.data.get(split):
                 raise DatasetError(f"{cfg.path}: the '{split}' split is missing or empty; training needs it")
@@ -116,8 +139,8 @@ class EchoDataModule(pl.LightningDataModule):
         codes = {p: i for i, p in enumerate(ids)}
         self.train_set = SegmentedImages(self.data["train"], codes)
         self.val_set = SegmentedImages(self.data["valid"], codes)
-        log.info("dataset %s: %d train, %d valid images of %dx%d", cfg.path, len(self.train_set),
-                 len(self.val_set), *self.train_set.x_1.shape[-2:])
+        log.info("dataset %s: %d train, %d valid images of %s", cfg.path, len(self.train_set),
+                 len(self.val_set), "x".join(map(str, self.train_set.x_1.shape[2:])))
 
     def label_values(self, encoding: str) -> list[float]:
         """enc(label) per label for the prior's ``mask_encoding`` (see utils.config.PriorConfig)."""

@@ -86,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="python -m utils.data.dataset_info",
-        description="Print what a dataset file (.pkl, .npz or PNG folder) holds and validate it.",
+        description="Print what a dataset file (.pkl, .npz, PNG or NIfTI folder) holds and validate it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: python -m utils.data.dataset_info data/camus_dataset.pkl --image_size 256",
     )
     parser.add_argument("path", type=Path, help="dataset file (.pkl, .npz) or folder (images/ + masks/)")
     parser.add_argument("--num_classes", type=int, default=4, help="number of mask labels (default 4, CAMUS)")
-    parser.add_argument("--image_size", type=int, default=None, help="required height and width, if any")
+    parser.add_argument("--image_size", type=int, default=None, help="required side, if any: H = W of images, D = H = W of volumes")
     parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
                         help="splits that must be present and non-empty (default: all three)")
     return parser

@@ -348,7 +348,8 @@ def validate_dataset(
     finite image values in the range of :func:`normalise_image`
     (integers in [0, 255], floats in [0, 1]), integer mask labels in ``[0, num_classes)``, an
     int ``class`` when present and a dict ``metadata``; a ``metadata["patient"]`` may appear in
-    one split only. Messages name ``path``, the split and the record index.
+    one split only. Messages name ``path``, the split, the record index and its ``metadata["name"]``
+    (a folder dataset's file name) when it has one.
     """
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a dict of splits, got {type(data).__name__}")
@@ -361,7 +362,7 @@ def validate_dataset(
     for split, records in data.items():
         shape = None
         for i, record in enumerate(records):
-            where = f"{path}: {split}[{i}]"
+            where = f"{path}: {split}[{i}]{_named(record)}"
             shape = _check_record(record, where, num_classes, shape, image_size, spatial_dims)
             patient = (record.get("metadata") or {}).get("patient")
             if patient is not None:
@@ -373,6 +374,12 @@ def validate_dataset(
             f"{path}: patient '{patient}' appears in splits {sorted(in_splits)} ({len(shared)} patients "
             "are shared between splits); split by patient so no patient is in two splits"
         )
+
+
+def _named(record) -> str:
+    """`` (NAME)`` for a record whose metadata has a ``name`` (a folder dataset's file stem), else ``""``."""
+    meta = record.get("metadata") if isinstance(record, dict) else None
+    return f" ({meta['name']})" if isinstance(meta, dict) and "name" in meta else ""
 
 
 def _check_record(record, where: str, num_classes: int, shape, image_size, spatial_dims) -> tuple[int, ...]:
@@ -419,7 +426,8 @@ def _check_shape(image: np.ndarray, mask: np.ndarray, where: str, shape, image_s
         raise DatasetError(f"{where}: image has shape {list(image.shape)}, expected [1, H, W] or [1, D, H, W]")
     dims = image.ndim - 1
     if spatial_dims is not None and dims != spatial_dims:
-        expected = "[1, H, W]" if spatial_dims == 2 else "[1, D, H, W]"
+        expected = ([1, *(image_size,) * spatial_dims] if isinstance(image_size, int)
+                    else "[1, H, W]" if spatial_dims == 2 else "[1, D, H, W]")
         raise DatasetError(f"{where}: image has shape {list(image.shape)} ({dims}-D), but the model is "
                            f"{spatial_dims}-D (model_args.spatial_dims) and expects {expected}")
     if mask.shape != image.shape:

@@ -44,7 +44,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     path = Path(path)
     try:
-        img = nib.load(path)
+        img = nib.load(path, mmap=False)  # read into memory: no open memory map of the file outlives the call
         array = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as e:  # nibabel raises several types for a damaged or non-NIfTI file

@@ -22,6 +22,10 @@ sector. Image formation, per pixel, in [0, 1] before the uint8 conversion::
 Example::
 
     python -m utils.data.synthetic_echo --output data/synthetic_echo.npz --size 256 --seed 0
+
+The same command builds the 3-D brain phantom of :mod:`utils.data.synthetic_brain` with ``--dims 3``
+(as a ``.npz``/``.pkl`` file, or a NIfTI folder when ``--output`` has no suffix), and
+:func:`ensure_synthetic_dataset` builds it when asked for ``dims=3``.
 """
 
 from __future__ import annotations
@@ -290,33 +294,48 @@ def _draw_right_heart(grid, p, v, es, apex, lv_len, half_width, wall, left_heart
 
 
 def ensure_synthetic_dataset(
-    path: str | Path, size: int = 256, patients: tuple[int, int, int] = (350, 50, 50), seed: int = 0
+    path: str | Path, size: int = 256, patients: tuple[int, int, int] = (350, 50, 50), seed: int = 0,
+    dims: int = 2,
 ) -> Path:
     """Build the phantom and save it to ``path`` (.npz or .pkl) unless ``path`` already exists.
 
-    An existing file is reused after checking its image size and split sizes against ``size`` and
-    ``patients`` (a :class:`utils.data.dataset_io.DatasetError` names the mismatch); its seed is not checked.
+    ``dims`` 2: the echo phantom (4 images ``[1, size, size]`` per patient); 3: the brain phantom of
+    :mod:`utils.data.synthetic_brain` (one volume ``[1, size, size, size]`` per patient).
+    An existing file is reused after checking its image shape and split sizes against ``size``, ``dims``
+    and ``patients`` (a :class:`utils.data.dataset_io.DatasetError` names the mismatch); its seed is not checked.
     """
     from utils.data.dataset_io import DatasetError, load_dataset, save_dataset
 
     path = Path(path)
+    name, per_patient = ("echo", 4) if dims == 2 else ("brain", 1)
     if path.exists():
         data = load_dataset(path)
         found = {split: len(data.get(split, [])) for split in SPLITS}
-        expected = {split: 4 * int(n) for split, n in zip(SPLITS, patients)}
+        expected = {split: per_patient * int(n) for split, n in zip(SPLITS, patients)}
         shape = tuple(data["train"][0]["image"].shape) if found["train"] else None
-        if found != expected or shape != (1, size, size):
+        if found != expected or shape != (1, *(size,) * dims):
             raise DatasetError(
                 f"{path}: existing synthetic dataset has images {shape} and split sizes {found}, expected "
-                f"(1, {size}, {size}) and {expected}; delete it or choose another path"
+                f"{(1, *(size,) * dims)} and {expected}; delete it or choose another path"
             )
-        logger.info("using the existing synthetic echo dataset %s", path)
+        logger.info("using the existing synthetic %s dataset %s", name, path)
         return path
-    logger.info("building the synthetic echo dataset (size %d, patients %s, seed %d) -> %s",
-                size, tuple(patients), seed, path)
-    save_dataset(path, build_synthetic_dataset(size, tuple(patients), seed))
+    logger.info("building the synthetic %s dataset (size %d, patients %s, seed %d) -> %s",
+                name, size, tuple(patients), seed, path)
+    save_dataset(path, _builder(dims)(size, tuple(patients), seed))
     logger.info("wrote %s", path)
     return path
+
+
+def _builder(dims: int):
+    """The phantom builder ``(size, patients, seed) -> dataset`` of ``dims`` (2 echo, 3 brain)."""
+    if dims == 2:
+        return build_synthetic_dataset
+    if dims == 3:
+        from utils.data.synthetic_brain import build_brain_dataset
+
+        return build_brain_dataset
+    raise ValueError(f"synthetic dataset: dims must be 2 or 3, got {dims}")
 
 
 def save_examples_png(data: dict[str, list[dict]], path: str | Path, n: int = 2) -> Path:
@@ -346,16 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utils.data.synthetic_echo",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build the synthetic apical echo phantom (CAMUS labels and layout) and save it.",
-        epilog="example:\n  python -m utils.data.synthetic_echo --output data/synthetic_echo.npz --size 256 "
-        "--patients 350 50 50 --seed 0 \\\n      --examples docs/synthetic_examples.png",
+        description="Build the synthetic apical echo phantom (CAMUS labels and layout), or with --dims 3 the "
+        "synthetic brain tumour phantom (BraTS labels), and save it.",
+        epilog="examples:\n  python -m utils.data.synthetic_echo --output data/synthetic_echo.npz --size 256 "
+        "--patients 350 50 50 --seed 0 \\\n      --examples docs/synthetic_examples.png\n"
+        "  python -m utils.data.synthetic_echo --dims 3 --output data/synthetic_brain_nifti --size 32 "
+        "--patients 8 2 2",
     )
-    parser.add_argument("--output", required=True, type=Path, help="dataset file to write (.npz or .pkl)")
-    parser.add_argument("--size", type=int, default=256, help=f"image side in pixels (>= {MIN_SIZE})")
+    parser.add_argument("--output", required=True, type=Path,
+                        help="dataset file to write (.npz or .pkl); with --dims 3 also a folder (no suffix), "
+                        "written as NIfTI files {split}/images|masks/NAME.nii.gz")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2,
+                        help="2: the echo phantom (images); 3: the brain phantom (volumes)")
+    parser.add_argument("--size", type=int, help=f"image side in pixels (default 256, >= {MIN_SIZE}); with "
+                        "--dims 3 the volume side in voxels (default 32, >= 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--patients", type=int, nargs=3, default=[350, 50, 50],
-                        metavar=("TRAIN", "VALID", "TEST"), help="patients per split; 4 images each")
-    parser.add_argument("--examples", type=Path, help="also write a PNG of the first 2 training patients")
+    parser.add_argument("--patients", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                        help="patients per split (default 350 50 50 with 4 images each; with --dims 3 "
+                        "48 8 8 with one volume each)")
+    parser.add_argument("--examples", type=Path, help="also write a PNG of the first 2 training patients "
+                        "(3-D: three orthogonal slices through the tumour)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
@@ -364,21 +393,45 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.output.suffix.lower() not in (".npz", ".pkl", ".pickle"):
-        parser.error(f"--output {args.output}: expected a .npz or .pkl file")
+    nifti = args.dims == 3 and args.output.suffix == ""
+    if not nifti and args.output.suffix.lower() not in (".npz", ".pkl", ".pickle"):
+        parser.error(f"--output {args.output}: expected a .npz or .pkl file"
+                     + (" or a folder name without a suffix (NIfTI)" if args.dims == 3 else ""))
     for out in (args.output, args.examples):
         if out is not None and out.exists() and not args.overwrite:
             parser.error(f"{out} exists; pass --overwrite to replace it")
-    from utils.data.dataset_io import save_dataset
-
+    size = args.size or (256 if args.dims == 2 else 32)
+    patients = tuple(args.patients or ((350, 50, 50) if args.dims == 2 else (48, 8, 8)))
     try:
-        data = build_synthetic_dataset(args.size, tuple(args.patients), args.seed)
+        data = _builder(args.dims)(size, patients, args.seed)
     except ValueError as e:
         parser.error(str(e))
-    save_dataset(args.output, data, overwrite=args.overwrite)
-    logger.info("wrote %s (%s images)", args.output, " / ".join(str(len(data[s])) for s in SPLITS))
+    _save(args.output, data, nifti, args.overwrite)
+    logger.info("wrote %s (%s records)", args.output, " / ".join(str(len(data[s])) for s in SPLITS))
     if args.examples is not None:
-        logger.info("wrote %s", save_examples_png(data, args.examples))
+        logger.info("wrote %s", _save_examples(data, args.examples, args.dims))
+
+
+def _save_examples(data: dict[str, list[dict]], path: Path, dims: int) -> Path:
+    """The examples PNG of the echo phantom (``dims`` 2) or the brain phantom (3: orthogonal slices)."""
+    if dims == 2:
+        return save_examples_png(data, path)
+    from utils.data.synthetic_brain import save_brain_examples_png
+
+    return save_brain_examples_png(data, path)
+
+
+def _save(output: Path, data: dict[str, list[dict]], nifti: bool, overwrite: bool) -> None:
+    """``data`` to a .npz/.pkl file, or (``nifti``) to a NIfTI folder (files of the same names are replaced;
+    nothing else in the folder is deleted)."""
+    if nifti:
+        from utils.data.nifti_folder import save_nifti_folder
+
+        save_nifti_folder(output, data)
+    else:
+        from utils.data.dataset_io import save_dataset
+
+        save_dataset(output, data, overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Masks to generate from: a split of a dataset file, or a folder of label maps (PNG/NPY images, NIfTI volumes).
 Every mask is checked.
 
-Volumes (``spatial_dims`` 3) of another size than the model's N^3 are resampled onto it (nearest neighbour,
-voxel centres aligned: ``nearest-exact``) and keep their own grid (:class:`VolumeGrid`), so the outputs can
-be written back onto it; images of another size need ``resize``.
+Volumes (``spatial_dims`` 3) of another size than the model's N^3 are fitted to it as training volumes are
+(:func:`utils.data.resample.fit_mask`: padded to a physical cube, nearest neighbour) and keep their own grid
+(:class:`VolumeGrid`), so the outputs can be written back onto it; images of another size need ``resize``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class MaskError(ValueError):
 @dataclass(frozen=True)
 class VolumeGrid:
     """Where a volume mask came from: its ``affine`` (voxel -> world mm; identity when unknown) and, when it was
-    resampled onto the model's grid, the ``mask`` (1, D', H', W') uint8 on its own grid."""
+    fitted to the model's grid, the ``mask`` (1, D', H', W') uint8 on its own grid."""
 
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     mask: torch.Tensor | None = None
@@ -90,31 +90,31 @@ def _check(mask: np.ndarray, where: str, num_classes: int, image_size: int, resi
 def _check_volume(mask: np.ndarray, where: str, num_classes: int, image_size: int,
                   affine: np.ndarray | None) -> tuple[torch.Tensor, VolumeGrid]:
     """A volume mask [D, H, W] or [1, D, H, W] as (1, N, N, N) uint8 on the model's grid, and its own grid."""
+    from utils.data.resample import fit_mask
+
     if mask.ndim == 4 and mask.shape[0] == 1:
         mask = mask[0]
     if mask.ndim != 3:
         raise MaskError(f"{where}: expected a volume mask [D, H, W] or [1, D, H, W], got shape {list(mask.shape)}")
     _check_labels(mask, where, num_classes)
-    t = torch.from_numpy(np.asarray(mask, dtype=np.uint8))[None]
+    source = np.asarray(mask, dtype=np.uint8)[None]
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    if t.shape[1:] == (image_size,) * 3:
-        return t, VolumeGrid(affine)
-    resampled = F.interpolate(t[None].float(), size=(image_size,) * 3, mode="nearest-exact")[0]
-    return resampled.to(torch.uint8), VolumeGrid(affine, t)
+    fitted, _ = fit_mask(source, affine, image_size)
+    own = None if fitted.shape == source.shape else torch.from_numpy(source)
+    return torch.from_numpy(np.ascontiguousarray(fitted)), VolumeGrid(affine, own)
 
 
 def _load_nifti_masks(files: list[Path], num_classes: int, image_size: int) -> MaskSource:
     from utils.data.layout import DatasetError
-    from utils.data.nifti import nifti_stem, read_volume
+    from utils.data.nifti import nifti_stem
+    from utils.data.nifti_folder import read_mask_volume
 
     masks, grids = [], []
     for f in files:
         try:
-            array, affine = read_volume(f)
+            array, affine = read_mask_volume(f)
         except DatasetError as e:
             raise MaskError(str(e)) from e
-        if not np.issubdtype(array.dtype, np.integer) and not np.all(array == np.round(array)):
-            raise MaskError(f"{f}: label volume holds non-integer values")
         mask, grid = _check_volume(array, str(f), num_classes, image_size, affine)
         masks.append(mask)
         grids.append(grid)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from utils.data.masks import VolumeGrid
 from utils.images import PLANES, display_tiles, grid_image, mask_to_unit, save_png
@@ -81,15 +80,16 @@ def _write_volumes(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, num
 def write_nifti_pair(stem: Path, image: torch.Tensor, mask: torch.Tensor, grid: VolumeGrid) -> tuple[Path, Path]:
     """``<stem>_image.nii.gz`` (float32 in [0, 1]) and ``<stem>_mask.nii.gz`` (uint8) with ``grid.affine``.
 
-    ``image`` (1, D, H, W) and ``mask`` (1, D, H, W) are on the model's grid. When the source mask was
-    resampled onto it (``grid.mask``, its own grid), the image is resampled back (trilinear, voxel centres
-    aligned) onto that grid and written with the source mask itself: both files are on the mask's own grid.
+    ``image`` (1, N, N, N) and ``mask`` (1, N, N, N) are on the model's grid. When the source mask was fitted
+    to it (``grid.mask``, on its own grid), the image is taken back onto that grid
+    (:func:`utils.data.resample.unfit_image`: trilinear, voxel centres aligned, padding cropped) and written
+    with the source mask itself: both files lie on the mask's own grid.
     """
     from utils.data.nifti import write_volume
+    from utils.data.resample import unfit_image
 
-    if grid.mask is not None and tuple(grid.mask.shape[1:]) != tuple(image.shape[1:]):
-        image = F.interpolate(image[None].float(), size=tuple(grid.mask.shape[1:]), mode="trilinear",
-                              align_corners=False)[0].clamp(0.0, 1.0)
+    if grid.mask is not None:
+        image = unfit_image(image, tuple(grid.mask.shape[1:]), grid.affine).clamp(0.0, 1.0)
     source_mask = mask if grid.mask is None else grid.mask
     paths = (stem.with_name(f"{stem.name}_image.nii.gz"), stem.with_name(f"{stem.name}_mask.nii.gz"))
     write_volume(paths[0], image[0].numpy().astype(np.float32), grid.affine)

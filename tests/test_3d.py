@@ -87,18 +87,31 @@ def test_3d_mask_is_nearest_resized_to_the_noise_grid():
 
 
 # --- network, contrastive term, config ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mask_input", ["scalar", "one_hot"])
-def test_tiny_3d_network_maps_volumes_to_volumes(mask_input):
+@pytest.mark.parametrize("mode,mask_input", [("mask", "scalar"), ("mask", "one_hot"), ("mask+class", "one_hot")])
+def test_tiny_3d_network_maps_volumes_to_volumes(mode, mask_input):
     from utils.config import ConditioningConfig
     from utils.methods.networks import build_model
 
     cfg = load_config(TINY_3D)
     torch.manual_seed(0)
-    model = build_model(cfg.model_args, 4, ConditioningConfig(mask_input=mask_input, mask_dropout=0.1))
+    classes = {"classes": torch.tensor([1, -1])} if "class" in mode else {}
+    model = build_model(cfg.model_args, 4, ConditioningConfig(mode=mode, mask_input=mask_input, mask_dropout=0.1),
+                        num_image_classes=2 if classes else 0)
     x, mask = torch.randn(2, 1, N, N, N), torch.randint(0, 4, (2, 1, N, N, N))
     kept = torch.tensor([[True] * 4, [False] * 4])
-    v = model(x, torch.tensor([0.2, 0.7]), mask, labels_kept=kept)
+    v = model(x, torch.tensor([0.2, 0.7]), mask, labels_kept=kept, **classes)
     assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_one_hot_mask_input_of_a_volume_has_one_channel_per_label_and_drops_labels_not_kept():
+    from utils.methods.networks import mask_input
+
+    mask = torch.randint(0, 4, (2, 1, 3, 4, 5))
+    cond = mask_input(mask, 4, "one_hot", torch.tensor([[True, True, False, True], [False] * 4]))
+    assert cond.shape == (2, 4, 3, 4, 5)
+    for c in (0, 1, 3):
+        assert torch.equal(cond[0, c], (mask[0, 0] == c).float() + (c == 0) * (mask[0, 0] == 2).float())
+    assert cond[0, 2].abs().max() == 0 and cond[1].abs().max() == 0  # label 2 -> background; none kept -> null
 
 
 def time_effect(overrides: list[str]) -> float:

@@ -9,7 +9,10 @@ Examples:
     python inferer.py --checkpoint checkpoints/class_quickstart --class 4CH_ED --set sampling_args.guidance_scale=2
 
 Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
-or from --masks (a folder of PNG/NPY label maps, or a dataset file). Sample i starts from the prior noise
+or from --masks (a folder of PNG/NPY label maps, or a dataset file; for a 3-D model a folder of NIfTI masks
+or a 3-D dataset file). A 3-D model generates at its N^3 grid: a mask of another size is resampled onto it
+(nearest neighbour) and the volume back onto the mask's grid (trilinear), so each nifti/NNNNN_image.nii.gz
+lies on its mask's grid with its mask's affine (identity when the mask has none). Sample i starts from the prior noise
 of (--seed, i), so the images do not depend on --batch_size or --devices. A class-conditional model makes each
 image of its mask's record's class, or of --class NAME (all), or of the class --class_file gives its mask.
 
@@ -54,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(f"{m}: {', '.join(s)}" for m, s in SAMPLERS.items()) + "; default: the config's)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
-    p.add_argument("--masks", help="folder of PNG/NPY label maps, or a dataset file, instead of the split")
+    p.add_argument("--masks", help="folder of PNG/NPY label maps (3-D: NIfTI masks), or a dataset file, instead of "
+                                   "the split")
     p.add_argument("--resize", action="store_true",
                    help="resize masks (nearest neighbour) and reference images (bilinear) of another size")
     p.add_argument("--reference", metavar="FILE|DIR",
@@ -161,7 +165,7 @@ def run(args) -> int:
 
     mask_path = args.masks or cfg.data_args.path
     source = load_masks(mask_path, args.split, cfg.data_args.num_classes, cfg.data_args.image_size,
-                        resize=args.resize)
+                        resize=args.resize, spatial_dims=cfg.model_args.spatial_dims)
     n = args.num_samples or len(source.masks)
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
@@ -196,8 +200,9 @@ def run(args) -> int:
         from utils.generation.outputs import write_samples
 
         out_dir.mkdir(parents=True, exist_ok=True)
+        grids = None if source.grids is None else [source.grids[i] for i in pick.tolist()]
         write_samples(out_dir, result.images, masks, ids, manifest, num_classes=cfg.data_args.num_classes,
-                      png=args.png, pkl=args.format == "pkl", split=args.split, classes=classes)
+                      png=args.png, pkl=args.format == "pkl", split=args.split, classes=classes, grids=grids)
         target = out_dir
     log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, target,
              result.seconds / n, result.nfe)

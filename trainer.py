@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = {
     "train_args.accelerator", "data_args.num_workers", "train_args.limit_train_batches",
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
     # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
-    "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision",
+    "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "train_args.memory_limit_gb",
 }
 
 
@@ -179,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     log_buffer = setup_logging(rank)
 
     import pytorch_lightning as pl
+    import torch
 
     from utils.data.datamodule import EchoDataModule
     from utils.data.dataset_io import DatasetError
     from utils.generation.checkpoints import CheckpointError
     from utils.methods import method_class
     from utils.methods.base import MethodSetupError
+    from utils.methods.memory import check_training_memory
 
     try:  # every input is read, and the model built, before the run directory is written
         cfg = load_config(args.config_path, args.overrides)
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         pl.seed_everything(t.seed, workers=True)
         dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
         module = method_class(cfg.method).for_data(config_dict, dm)
+        if cfg.model_args.spatial_dims == 3:  # a volume too large fails here, not inside the first step
+            check_training_memory(module, resolve_devices(t, torch.cuda.device_count())[0])
         resume = prepare_run_dir(cfg, config_dict, rank)
         progress = checkpoint_progress(resume) if resume is not None else None
     except (ConfigError, FileNotFoundError, DatasetError, CheckpointError, MethodSetupError) as e:

@@ -17,7 +17,7 @@ Variants (``target``):
 Keys are usually gathered across DDP ranks (without gradient); ``positive`` then holds each anchor's
 index in the gathered set. ``valid`` (B, M) marks usable keys (e.g. not the same patient); the positive
 is always kept. Everything runs in float32 outside autocast: the squared norm of a flattened 256x256
-field exceeds the float16 maximum.
+field (or 96^3 volume) exceeds the float16 maximum.
 """
 
 from __future__ import annotations
@@ -77,9 +77,9 @@ def contrastive_velocity_loss(
 ) -> ContrastiveOutput:
     """The COMET contrastive term for one of :data:`TARGETS`.
 
-    Local tensors (B, C, H, W): ``v_pred`` (with gradient), ``x_0``, ``x_t``; ``t`` (B,).
-    Keys (M, C, H, W), no gradient: ``keys_x_0``, ``keys_x_1`` (the x_0 and x_1 of every sample in the
-    global batch). ``positive`` (B,): index of each anchor in the keys.
+    Local tensors (B, C, *spatial), spatial (H, W) or (D, H, W), flattened per sample: ``v_pred`` (with
+    gradient), ``x_0``, ``x_t``; ``t`` (B,). Keys (M, C, *spatial), no gradient: ``keys_x_0``, ``keys_x_1``
+    (the x_0 and x_1 of every sample in the global batch). ``positive`` (B,): index of each anchor in the keys.
     """
     if target not in TARGETS:
         raise ValueError(f"contrastive target must be one of {TARGETS}, got {target!r}")

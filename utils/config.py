@@ -129,8 +129,13 @@ class PriorConfig:
     mask_encoding: Literal["mean_intensity", "scaled_labels", "unit_labels"] = "mean_intensity"
     # The blur's border: reflect, or zeros (the seed's code: conv2d zero padding).
     padding: Literal["reflect", "zeros"] = "reflect"
+    # Voxel spacing (one per spatial axis, array order: [sd, sh, sw] in 3-D), empty = isotropic. sigma is then
+    # in units of the finest spacing: axis a is blurred with sigma * min(spacing) / spacing[a] voxels, the
+    # same physical width on every axis.
+    spacing: tuple[float, ...] = ()
 
     def check(self, key):
+        _require(all(s > 0 for s in self.spacing), key("spacing"), f"must be > 0, got {list(self.spacing)}")
         _require(0.0 <= self.alpha < 1.0, key("alpha"), f"must be in [0, 1), got {self.alpha}")
         _require(self.kernel_size >= 1 and self.kernel_size % 2 == 1, key("kernel_size"),
                  f"must be a positive odd number, got {self.kernel_size}")
@@ -375,6 +380,9 @@ class TrainConfig:
     # "blocks": torch.compile each UNet/ControlNet down/mid/up block in place (regional compilation:
     # state_dict keys unchanged). Faster steps after a first step that compiles (minutes on the seed network).
     compile: Literal["none", "blocks"] = "none"
+    # 3-D only: the memory (GiB) a training step may use; the fit is refused before it starts when the estimate
+    # (utils.methods.memory) exceeds it. 0 = what the device has free (CUDA free memory, or available RAM).
+    memory_limit_gb: float = 0.0
 
     def check(self, key):
         for name in ("batch_size", "effective_batch_size", "max_epochs", "num_nodes",
@@ -388,6 +396,7 @@ class TrainConfig:
         _require(self.lr > 0, key("lr"), f"must be > 0, got {self.lr}")
         _require(self.gradient_clip_val >= 0, key("gradient_clip_val"), "must be >= 0")
         _require(0.0 <= self.ema_decay < 1.0, key("ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
+        _require(self.memory_limit_gb >= 0, key("memory_limit_gb"), f"must be >= 0, got {self.memory_limit_gb}")
 
 
 @dataclass(frozen=True)
@@ -449,6 +458,7 @@ class Config:
                      f"must be divisible by 32 for the U-KAN segmenter of method med_dt_fm, got "
                      f"{self.data_args.image_size}")
         self.check_conditioning()
+        self.check_spatial_dims()
         if self.ddpm_args is not None:
             steps, train_steps = self.sampling_args.num_steps, self.ddpm_args.num_train_timesteps
             _require(steps <= train_steps, "sampling_args.num_steps",
@@ -473,6 +483,16 @@ class Config:
         _require(w == 1.0 or c.mask_dropout > 0 or c.class_dropout > 0, "sampling_args.guidance_scale",
                  f"must be 1 unless training dropped a condition (conditioning_args.mask_dropout or "
                  f"class_dropout > 0): the network never learned the unconditional velocity; got {w}")
+
+    def check_spatial_dims(self) -> None:
+        dims = self.model_args.spatial_dims
+        _require(dims == 2 or self.method == "flow_matching", "model_args.spatial_dims",
+                 f"3 (volumes) is only supported by method flow_matching (COMET, MOTFM); method {self.method} "
+                 f"is 2-D only: set model_args.spatial_dims to 2 or method to flow_matching")
+        if self.prior_args is not None:
+            spacing = self.prior_args.spacing
+            _require(len(spacing) in (0, dims), "prior_args.spacing",
+                     f"needs one entry per spatial axis ({dims}) or none (isotropic), got {list(spacing)}")
 
     @property
     def run_dir(self) -> Path:

@@ -1,8 +1,14 @@
-"""Masks to generate from: a split of a dataset file, or a folder of label maps. Every mask is checked."""
+"""Masks to generate from: a split of a dataset file, or a folder of label maps (PNG/NPY images, NIfTI volumes).
+Every mask is checked.
+
+Volumes (``spatial_dims`` 3) of another size than the model's N^3 are fitted to it as training volumes are
+(:func:`utils.data.resample.fit_mask`: padded to a physical cube, nearest neighbour) and keep their own grid
+(:class:`VolumeGrid`), so the outputs can be written back onto it; images of another size need ``resize``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +22,22 @@ class MaskError(ValueError):
     """A mask that cannot be used; the message names the file or sample."""
 
 
+@dataclass(frozen=True)
+class VolumeGrid:
+    """Where a volume mask came from: its ``affine`` (voxel -> world mm; identity when unknown) and, when it was
+    fitted to the model's grid, the ``mask`` (1, D', H', W') uint8 on its own grid."""
+
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    mask: torch.Tensor | None = None
+
+
 @dataclass
 class MaskSource:
-    masks: torch.Tensor  # (N, 1, H, W) uint8 labels
+    masks: torch.Tensor  # (N, 1, H, W) or (N, 1, D, H, W) uint8 labels
     ids: list  # per mask: index in the split (int) or file name (str)
     description: str
     classes: list | None = None  # per mask from a dataset split: its record's class (None where it has none)
+    grids: list[VolumeGrid] | None = None  # volumes: each mask's own grid
 
 
 def read_single_channel(path: Path, modes: tuple[str, ...], what: str) -> tuple[np.ndarray, str | None]:
@@ -53,11 +69,15 @@ def _read_label_map(path: Path) -> np.ndarray:
     return arr
 
 
-def _check(mask: np.ndarray, where: str, num_classes: int, image_size: int, resize: bool) -> torch.Tensor:
+def _check_labels(mask: np.ndarray, where: str, num_classes: int) -> None:
     labels = np.unique(mask)
     outside = labels[(labels < 0) | (labels >= num_classes)]
     if len(outside):
         raise MaskError(f"{where}: label(s) {outside.tolist()} outside the model's classes 0..{num_classes - 1}")
+
+
+def _check(mask: np.ndarray, where: str, num_classes: int, image_size: int, resize: bool) -> torch.Tensor:
+    _check_labels(mask, where, num_classes)
     t = torch.from_numpy(np.asarray(mask, dtype=np.uint8).reshape(1, 1, *mask.shape[-2:]))
     if t.shape[-2:] != (image_size, image_size):
         if not resize:
@@ -67,16 +87,61 @@ def _check(mask: np.ndarray, where: str, num_classes: int, image_size: int, resi
     return t[0]
 
 
-def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, resize: bool = False) -> MaskSource:
-    """Masks from a label-map folder (``*.png``/``*.npy`` files, sorted by name) or a dataset's ``split``."""
+def _check_volume(mask: np.ndarray, where: str, num_classes: int, image_size: int,
+                  affine: np.ndarray | None) -> tuple[torch.Tensor, VolumeGrid]:
+    """A volume mask [D, H, W] or [1, D, H, W] as (1, N, N, N) uint8 on the model's grid, and its own grid."""
+    from utils.data.resample import fit_mask
+
+    if mask.ndim == 4 and mask.shape[0] == 1:
+        mask = mask[0]
+    if mask.ndim != 3:
+        raise MaskError(f"{where}: expected a volume mask [D, H, W] or [1, D, H, W], got shape {list(mask.shape)}")
+    _check_labels(mask, where, num_classes)
+    source = np.asarray(mask, dtype=np.uint8)[None]
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    fitted, _ = fit_mask(source, affine, image_size)
+    own = None if fitted.shape == source.shape else torch.from_numpy(source)
+    return torch.from_numpy(np.ascontiguousarray(fitted)), VolumeGrid(affine, own)
+
+
+def _load_nifti_masks(files: list[Path], num_classes: int, image_size: int) -> MaskSource:
+    from utils.data.layout import DatasetError
+    from utils.data.nifti import nifti_stem
+    from utils.data.nifti_folder import read_mask_volume
+
+    masks, grids = [], []
+    for f in files:
+        try:
+            array, affine = read_mask_volume(f)
+        except DatasetError as e:
+            raise MaskError(str(e)) from e
+        mask, grid = _check_volume(array, str(f), num_classes, image_size, affine)
+        masks.append(mask)
+        grids.append(grid)
+    return MaskSource(torch.stack(masks), [nifti_stem(f) for f in files], f"{len(files)} NIfTI masks in "
+                      f"{files[0].parent}", grids=grids)
+
+
+def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, resize: bool = False,
+               spatial_dims: int = 2) -> MaskSource:
+    """Masks from a label-map folder (``*.png``/``*.npy`` files; for volumes ``*.nii.gz``/``*.nii``; sorted by
+    name) or a dataset's ``split``; volumes carry their :class:`VolumeGrid` (a record's ``affine``, else
+    identity)."""
+    from utils.data.nifti import is_nifti
+
     path = Path(path)
     if not path.exists():
         raise MaskError(f"{path}: no such file or folder")
     entries = list(path.iterdir()) if path.is_dir() else []
+    if spatial_dims == 3 and any(is_nifti(p) for p in entries):
+        return _load_nifti_masks(sorted(p for p in entries if is_nifti(p)), num_classes, image_size)
     files = sorted(p for p in entries if p.suffix.lower() in MASK_SUFFIXES)
     if path.is_dir() and not any(p.is_dir() for p in entries) and not files:  # nor a dataset folder
         raise MaskError(f"{path}: holds no {'/'.join(MASK_SUFFIXES)} label maps; expected a folder of label maps, "
                         "a dataset folder or a dataset file")
+    if files and spatial_dims == 3:
+        raise MaskError(f"{path}: holds 2-D label maps ({files[0].name}), the model makes volumes; give a folder "
+                        "of NIfTI masks (.nii.gz) or a 3-D dataset file")
     if files:
         masks = [_check(_read_label_map(f), str(f), num_classes, image_size, resize) for f in files]
         return MaskSource(torch.stack(masks), [f.name for f in files], f"{len(files)} label maps in {path}")
@@ -85,7 +150,13 @@ def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, 
     data = load_dataset(path)
     if not data.get(split):
         raise MaskError(f"{path}: split '{split}' is missing or empty (has: {', '.join(sorted(data))})")
-    masks = [_check(np.asarray(r["mask"]), f"{path}: {split}[{i}]", num_classes, image_size, resize)
-             for i, r in enumerate(data[split])]
-    return MaskSource(torch.stack(masks), list(range(len(masks))), f"split '{split}' of {path}",
-                      [r.get("class") for r in data[split]])
+    records, where = data[split], f"{path}: {split}"
+    classes = [r.get("class") for r in records]
+    if spatial_dims == 3:
+        checked = [_check_volume(np.asarray(r["mask"]), f"{where}[{i}]", num_classes, image_size, r.get("affine"))
+                   for i, r in enumerate(records)]
+        return MaskSource(torch.stack([m for m, _ in checked]), list(range(len(records))), f"split '{split}' of "
+                          f"{path}", classes, [g for _, g in checked])
+    masks = [_check(np.asarray(r["mask"]), f"{where}[{i}]", num_classes, image_size, resize)
+             for i, r in enumerate(records)]
+    return MaskSource(torch.stack(masks), list(range(len(masks))), f"split '{split}' of {path}", classes)

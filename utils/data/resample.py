@@ -96,3 +96,17 @@ def fit_records(records: list[dict], size: int) -> tuple[list[dict], int]:
         out.append({**r, "image": x, "mask": mask, "affine": affine})
         changed += 1
     return out, changed
+
+
+def unfit_image(image: torch.Tensor, shape: tuple[int, int, int], affine) -> torch.Tensor:
+    """The inverse of :func:`fit_volume` for an image ``[1, N, N, N]`` (e.g. one generated for a fitted mask):
+    resized trilinearly (voxel centres aligned) onto the padded cube of a ``shape`` volume with ``affine``
+    (None: 1 mm voxels), then cropped to ``shape``, so it lies on that volume's own grid: ``[1, *shape]``."""
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if tuple(image.shape[1:]) == tuple(shape):
+        return image
+    pads = cube_padding(tuple(shape), voxel_spacing(affine))
+    padded = tuple(n + before + after for n, (before, after) in zip(shape, pads))
+    x = F.interpolate(image[None].float(), size=padded, mode="trilinear", align_corners=False)[0]
+    (d, _), (h, _), (w, _) = pads
+    return x[:, d:d + shape[0], h:h + shape[1], w:w + shape[2]]

@@ -19,7 +19,7 @@ from utils.seeding import SampleNoise
 
 @dataclass
 class Generated:
-    images: torch.Tensor  # (N, 1, H, W) float32 in [0, 1]
+    images: torch.Tensor  # (N, 1, H, W) or (N, 1, D, H, W) float32 in [0, 1]
     nfe: int  # network evaluations per sample
     seconds: float
 
@@ -28,7 +28,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
              batch_size: int, devices: list[str], progress: bool = True, batch_invariant: bool = False,
              references: torch.Tensor | None = None, t0: float = 0.0, feature_guidance: float = 0.0,
              classes: torch.Tensor | None = None) -> Generated:
-    """Images for ``masks`` (N, 1, H, W) uint8; sample ``k`` uses the noise of (seed, sample_ids[k]).
+    """Images for ``masks`` (N, 1, H, W) or volumes for (N, 1, D, H, W) uint8, like them; sample ``k`` uses the
+    noise of (seed, sample_ids[k]).
 
     ``classes`` (N,) int64: each sample's image class, for (and only for) a class-conditional module.
     With ``references`` (N, 1, H, W) in [-1, 1] (a method with ``supports_reference``), sample k is guided by
@@ -46,7 +47,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     if (classes is not None) != bool(module.class_names):
         raise ValueError("give classes exactly when the module is class-conditional "
                          f"(its classes: {module.class_names or 'none'})")
-    shape = (1, *masks.shape[-2:])
+    shape = tuple(masks.shape[1:])
     out = torch.empty((n, *shape), dtype=torch.float32)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]

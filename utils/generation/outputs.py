@@ -1,4 +1,5 @@
-"""Writing generated images in forms people and tools open: npz, PNGs, a grid, a manifest, a pickle."""
+"""Writing generated images in forms people and tools open: npz, PNGs, a grid, a manifest, a pickle; for volumes
+also NIfTI files on the source mask's grid and PNGs of their orthogonal mid-slices."""
 
 from __future__ import annotations
 
@@ -9,25 +10,44 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.images import grid_image, mask_to_unit, save_png
+from utils.data.masks import VolumeGrid
+from utils.images import PLANES, display_tiles, grid_image, mask_to_unit, save_png
 
 GRID_COLUMNS = 8
+GRID_VOLUMES = 8  # volumes shown in grid.png, one row each
 
 
 def write_samples(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, ids: list, manifest: dict,
                   num_classes: int, png: bool = False, pkl: bool = False, split: str = "test",
-                  classes: torch.Tensor | None = None) -> None:
-    """``images`` (N, 1, H, W) float32 in [0, 1]; ``masks`` (N, 1, H, W) uint8; ``ids`` source of each mask;
-    ``classes`` (N,) the image class each was made with (class-conditional models).
+                  classes: torch.Tensor | None = None, grids: list[VolumeGrid] | None = None) -> None:
+    """``images`` (N, 1, H, W) or (N, 1, D, H, W) float32 in [0, 1]; ``masks`` like them, uint8; ``ids`` source of
+    each mask; ``classes`` (N,) the image class each was made with (class-conditional models); ``grids``
+    (volumes) each sample's source mask grid for its NIfTI files (None: the model's grid, identity affine).
 
     Writes ``samples.npz`` (images, masks, indices, and classes when given), ``grid.png`` (masks over generated images),
-    ``manifest.json``, and optionally ``png/NNNNN.png`` and ``samples.pkl`` ({split: [{image, mask, name}]}).
+    ``manifest.json``, and optionally ``png/NNNNN.png`` and ``samples.pkl`` ({split: [{image, mask, name}]}). Volumes
+    always get ``nifti/NNNNN_image.nii.gz`` and ``NNNNN_mask.nii.gz`` (:func:`write_nifti_pair`) and
+    ``png/NNNNN.png`` (mask and image mid-slices), and their ``grid.png`` shows one volume per row.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     indices = np.asarray(ids) if all(isinstance(i, int) for i in ids) else np.asarray([str(i) for i in ids])
     extra = {} if classes is None else {"classes": classes.numpy().astype(np.int64)}
     np.savez_compressed(out_dir / "samples.npz", images=images.numpy().astype(np.float32),
                         masks=masks.numpy().astype(np.uint8), indices=indices, **extra)
+    if images.ndim == 5:
+        _write_volumes(out_dir, images, masks, num_classes, grids or [VolumeGrid()] * len(images))
+    else:
+        _write_image_pngs(out_dir, images, masks, num_classes, png)
+    if pkl:
+        records = [{"image": images[i].numpy(), "mask": masks[i].numpy(), "name": str(ids[i]),
+                    **({} if classes is None else {"class": int(classes[i])})} for i in range(len(images))]
+        with open(out_dir / "samples.pkl", "wb") as f:
+            pickle.dump({split: records}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _write_image_pngs(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, num_classes: int, png: bool) -> None:
+    """grid.png (rows of masks over their images) and, with ``png``, one PNG per image (N, 1, H, W)."""
     k = min(GRID_COLUMNS * 2, len(images))
     rows = []
     for start in range(0, k, GRID_COLUMNS):
@@ -37,12 +57,44 @@ def write_samples(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, ids:
     if png:
         for i, img in enumerate(images):
             save_png(np.rint(img[0].numpy() * 255).astype(np.uint8), out_dir / "png" / f"{i:05d}.png")
-    if pkl:
-        records = [{"image": images[i].numpy(), "mask": masks[i].numpy(), "name": str(ids[i]),
-                    **({} if classes is None else {"class": int(classes[i])})} for i in range(len(images))]
-        with open(out_dir / "samples.pkl", "wb") as f:
-            pickle.dump({split: records}, f, protocol=pickle.HIGHEST_PROTOCOL)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+MID_SLICE_LABELS = [f"mask {p}" for p in PLANES] + list(PLANES)
+
+
+def volume_row(image: torch.Tensor, mask: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """One volume's mid-slice tiles (6, 1, S, S): its mask's three planes, then its image's (:data:`PLANES`)."""
+    return torch.cat([display_tiles(mask_to_unit(mask[None], num_classes)), display_tiles(image[None])])
+
+
+def _write_volumes(out_dir: Path, images: torch.Tensor, masks: torch.Tensor, num_classes: int,
+                   grids: list[VolumeGrid]) -> None:
+    """Per volume a NIfTI pair and a mid-slice PNG; grid.png with the first :data:`GRID_VOLUMES` volumes."""
+    rows = [volume_row(images[i], masks[i], num_classes) for i in range(len(images))]
+    for i, (row, grid) in enumerate(zip(rows, grids)):
+        write_nifti_pair(out_dir / "nifti" / f"{i:05d}", images[i], masks[i], grid)
+        save_png(grid_image([row], col_labels=MID_SLICE_LABELS), out_dir / "png" / f"{i:05d}.png")
+    save_png(grid_image(rows[:GRID_VOLUMES], col_labels=MID_SLICE_LABELS), out_dir / "grid.png")
+
+
+def write_nifti_pair(stem: Path, image: torch.Tensor, mask: torch.Tensor, grid: VolumeGrid) -> tuple[Path, Path]:
+    """``<stem>_image.nii.gz`` (float32 in [0, 1]) and ``<stem>_mask.nii.gz`` (uint8) with ``grid.affine``.
+
+    ``image`` (1, N, N, N) and ``mask`` (1, N, N, N) are on the model's grid. When the source mask was fitted
+    to it (``grid.mask``, on its own grid), the image is taken back onto that grid
+    (:func:`utils.data.resample.unfit_image`: trilinear, voxel centres aligned, padding cropped) and written
+    with the source mask itself: both files lie on the mask's own grid.
+    """
+    from utils.data.nifti import write_volume
+    from utils.data.resample import unfit_image
+
+    if grid.mask is not None:
+        image = unfit_image(image, tuple(grid.mask.shape[1:]), grid.affine).clamp(0.0, 1.0)
+    source_mask = mask if grid.mask is None else grid.mask
+    paths = (stem.with_name(f"{stem.name}_image.nii.gz"), stem.with_name(f"{stem.name}_mask.nii.gz"))
+    write_volume(paths[0], image[0].numpy().astype(np.float32), grid.affine)
+    write_volume(paths[1], source_mask[0].numpy(), grid.affine, labels=True)
+    return paths
 
 
 EXPORT_SUFFIXES = (".npz", ".pkl")

@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from utils.config import config_from_dict
 from utils.evaluation.metrics import psnr_per_image, ssim_per_image
 from utils.generation.generate import generate
-from utils.images import grid_image, mask_to_unit, save_png, to_unit
+from utils.images import display_tiles, grid_image, mask_to_unit, save_png, to_unit
 from utils.methods.networks import count_parameters
 from utils.seeding import SampleNoise, noise_for_indices, seeded_generator
 
@@ -198,8 +198,10 @@ class SynthesisMethod(pl.LightningModule):
                          batch_size=n, devices=[str(self.device)], progress=False,
                          classes=ds.classes[:n] if self.class_names else None).images
         real01 = to_unit(ds.x_1[:n])
-        grid = grid_image([mask_to_unit(mask, self.cfg.data_args.num_classes), real01, gen01],
-                          row_labels=["mask", "real", "generated"])
+        # volumes: each shown (and scored) by its three orthogonal mid-slices
+        mask01 = mask_to_unit(mask, self.cfg.data_args.num_classes)
+        real01, gen01, mask01 = (display_tiles(x) for x in (real01, gen01, mask01))
+        grid = grid_image([mask01, real01, gen01], row_labels=["mask", "real", "generated"])
         out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
         save_png(grid, out)
         if self.logger is not None and hasattr(self.logger.experiment, "add_image"):

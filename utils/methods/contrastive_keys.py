@@ -29,8 +29,8 @@ from utils.distributed import gather_no_grad
 
 @dataclass
 class KeySet:
-    x_0: torch.Tensor  # (M, C, H, W)
-    x_1: torch.Tensor  # (M, C, H, W)
+    x_0: torch.Tensor  # (M, C, *spatial): (H, W) or (D, H, W)
+    x_1: torch.Tensor  # (M, C, *spatial)
     patient: torch.Tensor  # (M,) patient code, -1 when unknown
     positive: torch.Tensor  # (B,) index of each local anchor's own key
 
@@ -45,7 +45,7 @@ class ContrastiveKeys:
         self.bank: dict[str, torch.Tensor] = {}
 
     def __call__(self, x_0: torch.Tensor, x_1: torch.Tensor, patient: torch.Tensor) -> KeySet:
-        """Keys for the local anchors ``x_0``, ``x_1`` (B, C, H, W) and ``patient`` (B,)."""
+        """Keys for the local anchors ``x_0``, ``x_1`` (B, C, *spatial) and ``patient`` (B,)."""
         gathered = {}
         for name, value in zip(self.FIELDS, (x_0, x_1, patient)):
             gathered[name], offset = gather_no_grad(value)

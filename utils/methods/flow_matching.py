@@ -20,7 +20,13 @@ from utils.config import NFE_PER_STEP
 from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
 from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
-from utils.methods.networks import VelocityAdapter, build_model, compile_blocks, controlnet_parameter_counts
+from utils.methods.networks import (
+    ConditionalVelocityField,
+    VelocityAdapter,
+    build_model,
+    compile_blocks,
+    controlnet_parameter_counts,
+)
 from utils.methods.ode_sampler import sample
 from utils.methods.prior import warm_start_prior
 from utils.seeding import SampleNoise, fixed_times, seeded_generator
@@ -41,14 +47,18 @@ class FlowMatchingModule(SynthesisMethod):
                  motfm: dict | None = None):
         super().__init__(config)
         self.save_hyperparameters()
-        cond = self.cfg.conditioning_args
-        self.model = build_model(self.cfg.model_args, self.cfg.data_args.num_classes, cond,
-                                 len(class_names or ()) if cond.uses_class else 0,
-                                 time_floor=bool(motfm and motfm["time_floor"]))
+        self.model = self.build_network()
         self.register_buffer("label_values", torch.tensor(label_values, dtype=torch.float32), persistent=False)
         self.path = AffineProbPath(scheduler=CondOTScheduler())
         self.keep_ema()
         self.keys = ContrastiveKeys(self.cfg.contrastive_args.num_keys)
+
+    def build_network(self) -> ConditionalVelocityField:
+        """A new velocity network of this module's config and classes (on the current default device)."""
+        cond, motfm = self.cfg.conditioning_args, self.hparams.get("motfm")
+        return build_model(self.cfg.model_args, self.cfg.data_args.num_classes, cond,
+                           len(self.hparams.get("class_names") or ()) if cond.uses_class else 0,
+                           time_floor=bool(motfm and motfm["time_floor"]))
 
     @classmethod
     def for_data(cls, config: dict, datamodule) -> FlowMatchingModule:
@@ -77,7 +87,7 @@ class FlowMatchingModule(SynthesisMethod):
     # --- the method -------------------------------------------------------------------------------
     def prior(self, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         p = self.cfg.prior_args
-        return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values, p.padding)
+        return warm_start_prior(mask, eps, p.alpha, p.kernel_size, p.sigma, self.label_values, p.padding, p.spacing)
 
     def sampling_adapter(self) -> VelocityAdapter:
         return VelocityAdapter(self.sampling_network(), self.cfg.sampling_args.guidance_scale, self.null_conditions)

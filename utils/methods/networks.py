@@ -21,10 +21,11 @@ class ConditionalVelocityField(nn.Module):
     """v_theta(x_t, t, mask, classes): a UNet, steered by a ControlNet that sees the mask and/or attending to the
     image class through cross-attention (``conditioning.mode``; MOTFM's four settings).
 
-    ``x_t`` (B, 1, H, W) in image units; ``t`` (B,) in [0, 1]; ``mask`` (B, 1, H, W) integer labels, fed to the
-    ControlNet by :func:`mask_input` (unused without a ControlNet); ``classes`` (B,) int64 class indices,
-    -1 for the null class (a zero context), required with class conditioning; ``labels_kept`` (B, num_classes)
-    bool, the mask labels the ControlNet sees (None: all; none kept: the null mask). Returns (B, 1, H, W).
+    ``x_t`` (B, 1, *spatial) in image units, spatial (H, W) or (D, H, W) by ``model_args.spatial_dims``; ``t``
+    (B,) in [0, 1]; ``mask`` (B, 1, *spatial) integer labels, fed to the ControlNet by :func:`mask_input`
+    (unused without a ControlNet); ``classes`` (B,) int64 class indices, -1 for the null class (a zero
+    context), required with class conditioning; ``labels_kept`` (B, num_classes) bool, the mask labels the
+    ControlNet sees (None: all; none kept: the null mask). Returns (B, 1, *spatial).
     """
 
     def __init__(self, cfg: ModelConfig, num_classes: int, in_channels: int = 1,
@@ -38,7 +39,7 @@ class ConditionalVelocityField(nn.Module):
         self.num_classes, self.mask_encoding = num_classes, conditioning.mask_input
         self.num_image_classes = num_image_classes if conditioning.uses_class else 0
         common = dict(
-            spatial_dims=2,
+            spatial_dims=cfg.spatial_dims,
             in_channels=in_channels,
             num_res_blocks=cfg.num_res_blocks,
             channels=cfg.channels,
@@ -95,9 +96,9 @@ def class_context(classes: torch.Tensor, num_image_classes: int) -> torch.Tensor
 
 def mask_input(mask: torch.Tensor, num_classes: int, encoding: str,
                labels_kept: torch.Tensor | None = None) -> torch.Tensor:
-    """The ControlNet's input for integer ``mask`` (B, 1, H, W), float32.
+    """The ControlNet's input for integer ``mask`` (B, 1, *spatial), float32.
 
-    ``scalar``: one channel label / (num_classes - 1) in [0, 1]; ``one_hot``: (B, num_classes, H, W).
+    ``scalar``: one channel label / (num_classes - 1) in [0, 1]; ``one_hot``: (B, num_classes, *spatial).
     ``labels_kept`` (B, num_classes) bool: the pixels of a label not kept become background (0), as in a mask
     file that leaves that anatomy out; a sample with no label kept gets the null mask, all zeros in every
     channel (in ``one_hot`` unlike any real mask).
@@ -107,11 +108,11 @@ def mask_input(mask: torch.Tensor, num_classes: int, encoding: str,
         labels_kept = labels_kept.to(labels.device)
         labels = labels * torch.gather(labels_kept, 1, labels.flatten(1)).view_as(labels)
     if encoding == "one_hot":
-        cond = F.one_hot(labels[:, 0], num_classes).permute(0, 3, 1, 2).float()
+        cond = F.one_hot(labels[:, 0], num_classes).movedim(-1, 1).float()
     else:
         cond = labels.float() / (num_classes - 1)
     if labels_kept is not None:
-        cond = cond * labels_kept.any(1).view(-1, 1, 1, 1)
+        cond = cond * labels_kept.any(1).view(-1, *[1] * (cond.ndim - 1))
     return cond
 
 

@@ -25,7 +25,8 @@ def sample(
     adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler",
     t0: float = 0.0, classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Solve the ODE from ``x_0`` at time ``t0`` with the fixed-grid ``method``; returns x_1 (B, 1, H, W).
+    """Solve the ODE from ``x_0`` (B, 1, H, W) or (B, 1, D, H, W) at time ``t0`` with the fixed-grid ``method``;
+    returns x_1 like it.
 
     ``num_steps`` steps from t0 = 0 (the prior); from a later t0 (a state on the path, e.g. towards a reference
     image) the steps of the same size that remain, :func:`reference_steps`; at t0 = 1 ``x_0`` itself.

@@ -189,6 +189,15 @@ class _BatchedExtractor:
     def _features(self, u8: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _read_state_dict(self, weights_path: str | Path) -> dict:
+        """The state dict in ``weights_path`` (``weights_only``: a pickle that would run code is refused; the CPU
+        copy also loads GPU-saved files); records and logs the file's SHA-256."""
+        weights_path = Path(weights_path)
+        self.weights_sha256 = sha256_file(weights_path)
+        self.weights_files = {weights_path.name: self.weights_sha256}
+        logger.info("%s weights %s (sha256 %s)", self.name, weights_path, self.weights_sha256)
+        return torch.load(weights_path, map_location="cpu", weights_only=True)
+
     @torch.inference_mode()
     def __call__(self, images01: torch.Tensor) -> np.ndarray:
         """``[N,1,H,W]`` (R3D: ``[N,1,D,H,W]``) float in [0, 1] -> features ``float64 [N, F]`` (per batch)."""
@@ -209,11 +218,7 @@ class InceptionExtractor(_BatchedExtractor):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         super().__init__(device, batch_size)
-        weights_path = Path(weights_path)
-        self.weights_sha256 = sha256_file(weights_path)
-        self.weights_files = {weights_path.name: self.weights_sha256}
-        # weights_only refuses a pickle that would run code; the CPU copy also loads GPU-saved files.
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state_dict = self._read_state_dict(weights_path)
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         buffer.seek(0)
@@ -223,7 +228,6 @@ class InceptionExtractor(_BatchedExtractor):
         except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes
             raise ValueError(f"{weights_path} is not torch-fidelity's Inception-v3 state dict: {e}") from e
         self.model.to(self.device)
-        logger.info("Inception-v3 weights %s (sha256 %s)", weights_path, self.weights_sha256)
 
     def _features(self, u8: torch.Tensor) -> torch.Tensor:
         return self.model(u8)[0]
@@ -238,11 +242,8 @@ class R3DExtractor(_BatchedExtractor):
         from torchvision.models.video import r3d_18
 
         super().__init__(device, batch_size)
-        weights_path = Path(weights_path)
-        self.weights_sha256 = sha256_file(weights_path)
-        self.weights_files = {weights_path.name: self.weights_sha256}
+        state_dict = self._read_state_dict(weights_path)
         self.model = r3d_18()  # architecture only: weights=None downloads nothing
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
         try:
             self.model.load_state_dict(state_dict)
         except RuntimeError as e:  # missing/unexpected keys or shapes
@@ -251,7 +252,6 @@ class R3DExtractor(_BatchedExtractor):
         self.model.eval().requires_grad_(False).to(self.device)
         self.mean = torch.tensor(KINETICS_MEAN, device=self.device).view(1, 3, 1, 1, 1)
         self.std = torch.tensor(KINETICS_STD, device=self.device).view(1, 3, 1, 1, 1)
-        logger.info("R3D-18 weights %s (sha256 %s)", weights_path, self.weights_sha256)
 
     def _features(self, u8: torch.Tensor) -> torch.Tensor:
         if u8.ndim != 5:

@@ -294,7 +294,8 @@ def run(args) -> int:
                     "seed": seed, "nfe_per_image": result.nfe, "seconds_per_image": result.seconds / n,
                     "split": split, "config": module.hparams["config"]}
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
-                      module.cfg.data_args.num_classes, split=split, classes=classes)
+                      module.cfg.data_args.num_classes, split=split, classes=classes,
+                      grids=_model_grids(records, indices) if volumes else None)
     if images.ndim != real.ndim:
         raise SystemExit(f"error: the samples are {'volumes' if images.ndim == 5 else 'images'} "
                          f"{list(images.shape[1:])}, the real data of {data_path} {list(real.shape[1:])}; pass the "
@@ -344,6 +345,16 @@ def run(args) -> int:
     print(report(results))
     log.info("wrote %s", out_dir)
     return 0
+
+
+def _model_grids(records: list[dict], indices) -> list:
+    """Each generated volume's grid (``indices``: its source records) for the samples' NIfTI files: its record's
+    affine on the model's grid (fitted), identity when the record has none."""
+    import numpy as np
+
+    from utils.data.masks import VolumeGrid
+
+    return [VolumeGrid(np.asarray(records[i].get("affine", np.eye(4)), dtype=np.float64)) for i in indices.tolist()]
 
 
 def _fitted(dataset: dict, config: dict) -> dict:

@@ -323,3 +323,25 @@ def test_unfit_image_takes_a_volume_made_for_a_fitted_mask_back_onto_the_mask_gr
     agree = (back.round().numpy() == source).mean()
     shifted = unfit_image(torch.roll(volume, 1, dims=1), source.shape[1:], affine)
     assert agree > 0.9 and agree > (shifted.round().numpy() == source).mean() + 0.02
+
+
+def test_evaluate_writes_its_volumes_with_their_records_world_grid(tiny_3d_run, no_metric_weights):
+    import evaluate
+    from utils.data.nifti import read_volume
+    from utils.data.nifti_folder import save_nifti_folder
+    from utils.data.resample import fit_mask
+
+    rng = np.random.default_rng(3)
+    affine = np.array([[0.0, -1.2, 0.0, 40.0], [2.5, 0.0, 0.0, -7.0], [0.0, 0.0, 0.9, 3.5], [0, 0, 0, 1]])
+    records = {split: [{**phantom_record(rng, f"{split}{i}", n=20), "affine": affine} for i in range(2)]
+               for split in ("train", "test")}
+    data = save_nifti_folder(tiny_3d_run / "nifti_data", records)
+    out = tiny_3d_run / "eval_nifti"
+    assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--data_path", str(data),
+                          "--num_samples", "2", "--num_steps", "1", "--skip_missing_metrics",
+                          "--output_dir", str(out)]) == 0
+    stored = read_volume(data / "test" / "masks" / "test1.nii.gz")[1]  # as NIfTI keeps it (float32)
+    mask, fitted = fit_mask(records["test"][1]["mask"], stored, N)
+    volume, written = read_volume(out / "samples" / "nifti" / "00001_mask.nii.gz")
+    assert np.allclose(written, fitted, atol=1e-5) and not np.allclose(written, np.eye(4))
+    assert np.array_equal(volume, mask[0])

@@ -362,7 +362,8 @@ def _feature_metrics(extractors: dict, cache, split: str, real, images, metrics:
     """Add each extractor's set-level metrics (generated ``images`` against the split's ``real`` ones) to
     ``metrics``; returns ``{extractor name: its weights files' sha256}``."""
     from utils.evaluation.metrics import cmmd, frechet_distance, kernel_inception_distance
-    from utils.evaluation.volume_metrics import PLANES, fid_2p5d, plane_slices
+    from utils.evaluation.volume_metrics import fid_2p5d, plane_slices
+    from utils.images import PLANES
 
     weights = {}
     for key, ext in extractors.items():

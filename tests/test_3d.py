@@ -323,3 +323,19 @@ def test_unfit_image_takes_a_volume_made_for_a_fitted_mask_back_onto_the_mask_gr
     agree = (back.round().numpy() == source).mean()
     shifted = unfit_image(torch.roll(volume, 1, dims=1), source.shape[1:], affine)
     assert agree > 0.9 and agree > (shifted.round().numpy() == source).mean() + 0.02
+
+
+def test_mid_slice_tiles_and_the_2p5d_fid_name_each_plane_alike():
+    """The PNG labels and the 2.5-D FID share one plane vocabulary, and the tile called P is the middle slice of
+    plane P. The phantom's axes are RAS (d left-right): the slice at a fixed d is sagittal, so no tile may be
+    called axial for it (the old labels called the fixed-d slice axial)."""
+    from utils.evaluation.volume_metrics import plane_slices
+    from utils.generation.outputs import MID_SLICE_LABELS
+    from utils.images import PLANES, mid_slices
+
+    v = torch.arange(6 * 6 * 6, dtype=torch.float32).view(1, 1, 6, 6, 6)
+    tiles = mid_slices(v)
+    for k, plane in enumerate(PLANES):
+        assert torch.equal(tiles[0, k], plane_slices(v, plane)[3, 0])
+    assert MID_SLICE_LABELS == [f"mask {p}" for p in PLANES] + list(PLANES)
+    assert not any("axial" in label for label in MID_SLICE_LABELS)

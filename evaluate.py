@@ -229,7 +229,7 @@ def run(args) -> int:
     from utils.evaluation.metrics import paired_metrics, summarise
     from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
     from utils.generation.checkpoints import load_module
-    from utils.generation.generate import generate
+    from utils.generation.generate import default_batch_size, generate
     from utils.generation.outputs import write_samples
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -276,7 +276,7 @@ def run(args) -> int:
         n = args.num_samples
         indices = torch.arange(n) % len(records)
         masks = split_masks[indices]
-        batch = args.batch_size or (1 if volumes else 64 if device.startswith("cuda") else 8)
+        batch = args.batch_size or default_batch_size(device, volumes)
         classes = None
         if module.class_names:  # a class-conditional model makes each image of its source record's class
             from utils.data.masks import MaskSource

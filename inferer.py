@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class_file", metavar="CSV",
                    help="class-conditional models: rows 'mask,class' giving each mask's class (mask: its file name "
                         "in --masks or its index in the split)")
-    p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU; volumes 1)")
     p.add_argument("--batch_invariant", action="store_true",
                    help="run the network on one image at a time: bitwise-identical images for any --batch_size "
                         "(slower); without it they agree to float rounding (~1e-7)")
@@ -145,7 +145,7 @@ def run(args) -> int:
     from utils.data.masks import load_masks
     from utils.generation.checkpoints import load_module
     from utils.generation.classes import sample_classes
-    from utils.generation.generate import generate
+    from utils.generation.generate import default_batch_size, generate
 
     ckpt = resolve_checkpoint(args)
     devices = pick_devices(args.devices)
@@ -170,7 +170,7 @@ def run(args) -> int:
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
     classes = sample_classes(module.class_names, source, pick, args.class_name, args.class_file)
-    batch = args.batch_size or (64 if devices[0].startswith("cuda") else 8)
+    batch = args.batch_size or default_batch_size(devices[0], cfg.model_args.spatial_dims == 3)
     references, reference_record = reference_images(args, module, n)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
              ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))

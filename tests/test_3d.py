@@ -239,7 +239,9 @@ def test_inferer_writes_volumes_from_the_dataset_split(tiny_3d_run):
         assert z["masks"].shape == (3, 1, N, N, N) and z["masks"].dtype == np.uint8
         assert 0 <= z["images"].min() and z["images"].max() <= 1
     assert sorted(p.name for p in (out / "png").iterdir()) == ["00000.png", "00001.png", "00002.png"]
-    assert (out / "grid.png").is_file() and json.loads((out / "manifest.json").read_text())["num_samples"] == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "grid.png").is_file() and manifest["num_samples"] == 3
+    assert manifest["batch_size"] == 1  # volumes one at a time by default, as evaluate.py (64 of 96^3: GPU OOM)
     from utils.data.nifti import read_volume
 
     image, affine = read_volume(out / "nifti" / "00002_image.nii.gz")

@@ -228,6 +228,29 @@ def test_tiny_3d_fit_writes_mid_slice_sample_grids_and_logs_its_memory(tiny_3d_r
     assert "memory: a training step at 16^3 voxels, batch 2, needs about" in (run / "train.log").read_text()
 
 
+def test_logged_sample_ssim_of_volumes_is_evaluate_pys_3d_ssim(tiny_3d_run):
+    """val/sample_ssim of a 3-D run is the per-volume 3-D SSIM evaluate.py reports, not the 2-D SSIM of the
+    volumes' mid-slices."""
+    import csv
+
+    from utils.data.datamodule import EchoDataModule
+    from utils.evaluation.volume_metrics import ssim_per_volume
+    from utils.generation.checkpoints import load_module
+    from utils.generation.generate import generate
+    from utils.images import to_unit
+
+    run = tiny_3d_run / "runs" / "tiny_3d"
+    module = load_module(run / "last.ckpt")  # saved after the last epoch's sample grid
+    cfg = module.cfg
+    val = EchoDataModule(cfg.data_args, 2, 0, spatial_dims=3).val_set
+    n, s = cfg.train_args.num_sample_images, cfg.sampling_args
+    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.method, n,
+                      ["cpu"], progress=False).images
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [float(r["val/sample_ssim"]) for r in csv.DictReader(f) if r.get("val/sample_ssim")][-1]
+    assert logged == pytest.approx(float(ssim_per_volume(images, to_unit(val.x_1[:n])).mean()), abs=1e-6)
+
+
 def test_inferer_writes_volumes_from_the_dataset_split(tiny_3d_run):
     import inferer
 

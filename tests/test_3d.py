@@ -204,6 +204,22 @@ def phantom_record(rng: np.random.Generator, patient: str, n: int = N) -> dict:
             "metadata": {"patient": patient}}
 
 
+def test_memory_check_measures_this_ranks_gpu_and_names_the_override(monkeypatch):
+    """Under torchrun every rank measures its own GPU (LOCAL_RANK), not cuda:0; a refusal on measured free memory
+    names train_args.memory_limit_gb, the way past an estimate that errs high."""
+    from utils.methods import memory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (asked.append(device), (2**20, 2**30))[1])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    free, source = memory.available_memory("gpu", 0.0)
+    assert asked == [3] and free == 2**20 and "cuda:3" in source
+    with pytest.raises(ConfigError, match=r"more than the 0\.00 GiB of free memory of Fake GPU .*set "
+                                          r"train_args\.memory_limit_gb"):
+        memory.check_training_memory(tiny_module(), "gpu")
+
+
 @pytest.fixture(scope="module")
 def tiny_3d_run(tmp_path_factory):
     import trainer

@@ -212,6 +212,7 @@ def test_memory_check_measures_this_ranks_gpu_and_names_the_override(monkeypatch
     asked = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (asked.append(device), (2**20, 2**30))[1])
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     free, source = memory.available_memory("gpu", 0.0)
     assert asked == [3] and free == 2**20 and "cuda:3" in source

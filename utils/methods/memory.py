@@ -102,7 +102,8 @@ def local_device_index() -> int:
     every rank would measure one GPU for all and leave a CUDA context of every rank on GPU 0 for the whole run."""
     for name in ("LOCAL_RANK", "SLURM_LOCALID"):
         if os.environ.get(name):
-            return int(os.environ[name])
+            index = int(os.environ[name])
+            return index if index < torch.cuda.device_count() else 0  # one GPU bound per task: its cuda:0
     return 0
 
 

@@ -381,3 +381,34 @@ def test_mid_slice_tiles_and_the_2p5d_fid_name_each_plane_alike():
         assert torch.equal(tiles[0, k], plane_slices(v, plane)[3, 0])
     assert MID_SLICE_LABELS == [f"mask {p}" for p in PLANES] + list(PLANES)
     assert not any("axial" in label for label in MID_SLICE_LABELS)
+
+
+def test_prior_spacing_must_be_the_spacing_of_the_fitted_volumes(tmp_path, caplog):
+    """prior_args.spacing describes the volumes the model trains on. A volume of another size than N^3 is resampled
+    to isotropic voxels, so its file's anisotropic spacing is refused there, naming the key; a volume already N^3
+    keeps its spacing, which is then accepted (and its absence warned about)."""
+    from utils.data.datamodule import EchoDataModule
+    from utils.data.dataset_io import save_dataset
+    from utils.methods.flow_matching import FlowMatchingModule
+
+    def module(path, spacing):
+        cfg = load_config(TINY_3D, [f"data_args.path={path}", f"prior_args.spacing={spacing}"])
+        return FlowMatchingModule.for_data(config_to_dict(cfg), EchoDataModule(cfg.data_args, 2, 0,
+                                                                               spatial_dims=3))
+
+    rng = np.random.default_rng(0)
+    for name, n, affine in (("cube", N, np.diag([1.0, 1.0, 3.0, 1.0])), ("slab", 12, np.diag([1.0, 1.0, 3.0, 1.0]))):
+        data = {split: [{**phantom_record(rng, f"{split}{i}"), "affine": affine} for i in range(2)]
+                for split in ("train", "valid", "test")}
+        if name == "slab":  # 16 x 16 x 12 voxels of 1 x 1 x 3 mm: a 36 mm cube at 16^3, 2.25 mm
+            data = {s: [{**r, "image": r["image"][..., :n], "mask": r["mask"][..., :n]} for r in recs]
+                    for s, recs in data.items()}
+        save_dataset(tmp_path / f"{name}.npz", data)
+    module(tmp_path / "cube.npz", "[1, 1, 3]")  # N^3 volumes keep their 1 x 1 x 3 mm voxels
+    with caplog.at_level("WARNING"):
+        module(tmp_path / "cube.npz", "[]")
+    assert "anisotropic voxels (1 x 1 x 3 mm) but prior_args.spacing is empty" in caplog.text
+    with pytest.raises(ConfigError, match=r"prior_args.spacing \[1.0, 1.0, 3.0\] does not match .*slab.npz.* "
+                                          r"2.25 x 2.25 x 2.25 mm voxels"):
+        module(tmp_path / "slab.npz", "[1, 1, 3]")
+    module(tmp_path / "slab.npz", "[]")

@@ -151,6 +151,14 @@ class EchoDataModule(pl.LightningDataModule):
             values = (values + 1.0) / 2.0
         return [round(float(v), 6) for v in values]
 
+    def voxel_spacings(self) -> list[tuple[float, ...]]:
+        """The voxel spacing (mm per array axis) of every train record with an ``affine``, on the training grid
+        (after fitting, so a resampled volume's voxels are isotropic up to rounding)."""
+        from utils.data.nifti import voxel_spacing
+
+        return [tuple(float(v) for v in voxel_spacing(r["affine"])) for r in self.data["train"]
+                if r.get("affine") is not None]
+
     def class_names(self) -> list[str]:
         """The image classes, in index order, for a class-conditional model: every train and valid record needs
         a ``class``; class k is named by its records' ``metadata.class_name`` (one name per class), else "k"."""

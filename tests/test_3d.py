@@ -288,6 +288,18 @@ def test_inferer_writes_volumes_from_the_dataset_split(tiny_3d_run):
     assert image.shape == (N, N, N) and np.array_equal(affine, np.eye(4))  # the records carry no affine
 
 
+def test_evaluate_on_a_3d_checkpoint_makes_one_volume_per_test_mask_by_default(tiny_3d_run, no_metric_weights):
+    import evaluate
+
+    out = tiny_3d_run / "evaluated"
+    assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--num_steps", "1",
+                          "--skip_missing_metrics", "--n_boot", "10", "--output_dir", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["num_samples"] == results["num_masks"] == 2  # the test split's two masks, not 2000 volumes
+    m = results["metrics"]
+    assert m["ssim"]["n"] == 2 and "mmd" in m and "skipped" in m["fid_3d"] and "skipped" in m["ms_ssim"]
+
+
 def test_inferer_nifti_masks_of_another_grid_give_volumes_on_that_grid_with_its_affine(tiny_3d_run):
     import inferer
     from utils.data.nifti import read_volume, write_volume

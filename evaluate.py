@@ -294,8 +294,9 @@ def run(args) -> int:
         manifest = {"checkpoint": str(ckpt), "num_samples": n, "num_inference_steps": steps, "method": method,
                     "seed": seed, "nfe_per_image": result.nfe, "seconds_per_image": result.seconds / n,
                     "split": split, "config": module.hparams["config"]}
+        grids = [_record_grid(records[i]) for i in indices.tolist()] if volumes else None
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
-                      module.cfg.data_args.num_classes, split=split, classes=classes)
+                      module.cfg.data_args.num_classes, split=split, classes=classes, grids=grids)
     if images.ndim != real.ndim:
         raise SystemExit(f"error: the samples are {'volumes' if images.ndim == 5 else 'images'} "
                          f"{list(images.shape[1:])}, the real data of {data_path} {list(real.shape[1:])}; pass the "
@@ -345,6 +346,16 @@ def run(args) -> int:
     print(report(results))
     log.info("wrote %s", out_dir)
     return 0
+
+
+def _record_grid(record: dict):
+    """The NIfTI grid of a volume generated for ``record``'s mask: the record (fitted to the model's grid) with
+    its affine, identity when it has none."""
+    import numpy as np
+
+    from utils.data.masks import VolumeGrid
+
+    return VolumeGrid() if record.get("affine") is None else VolumeGrid(np.asarray(record["affine"], np.float64))
 
 
 def default_num_samples(num_masks: int, volumes: bool) -> int:

@@ -300,6 +300,29 @@ def test_evaluate_on_a_3d_checkpoint_makes_one_volume_per_test_mask_by_default(t
     assert m["ssim"]["n"] == 2 and "mmd" in m and "skipped" in m["fid_3d"] and "skipped" in m["ms_ssim"]
 
 
+def test_evaluate_writes_each_volume_with_its_source_records_affine(tiny_3d_run, no_metric_weights):
+    """evaluate.py's generated NIfTI files carry the affine of the record whose mask made them, in mm, as the
+    inferer's do; not the identity."""
+    import nibabel as nib
+
+    import evaluate
+    from utils.data.dataset_io import load_dataset, save_dataset
+    from utils.data.nifti import read_volume
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, 4.0, 7.5]
+    data = {s: [{**r, "affine": affine} for r in recs] for s, recs in load_dataset(tiny_3d_run / "data.npz").items()}
+    save_dataset(tiny_3d_run / "with_affine.npz", data)
+    out = tiny_3d_run / "evaluated_affine"
+    assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--num_steps", "1",
+                          "--data_path", str(tiny_3d_run / "with_affine.npz"), "--skip_missing_metrics",
+                          "--n_boot", "10", "--no-memorisation", "--output_dir", str(out)]) == 0
+    for stem in ("00000_image", "00001_mask"):
+        path = out / "samples" / "nifti" / f"{stem}.nii.gz"
+        assert np.array_equal(read_volume(path)[1], affine)
+        assert nib.load(path).header.get_xyzt_units()[0] == "mm"
+
+
 def test_inferer_nifti_masks_of_another_grid_give_volumes_on_that_grid_with_its_affine(tiny_3d_run):
     import inferer
     from utils.data.nifti import read_volume, write_volume

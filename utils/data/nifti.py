@@ -62,7 +62,7 @@ def write_volume(path: str | Path, array, affine, labels: bool = False) -> Path:
 
     ``labels``: the array is a label map, stored as ``uint8`` (values must be integers in 0..255).
     Otherwise ``uint8`` images stay ``uint8`` and any other dtype is stored as ``float32``.
-    The affine is written as both the sform and the qform (code 1, scanner coordinates).
+    The affine is written as both the sform and the qform (code 1, scanner coordinates), in millimetres.
     """
     import nibabel as nib
 
@@ -84,6 +84,7 @@ def write_volume(path: str | Path, array, affine, labels: bool = False) -> Path:
     img = nib.Nifti1Image(array, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")  # the affine is in millimetres; "unknown" units leave viewers guessing
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
     return path

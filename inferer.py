@@ -195,7 +195,8 @@ def run(args) -> int:
         manifest["class_names"] = module.class_names
     ids = [source.ids[i] for i in pick.tolist()]
     if args.export:
-        target = _export(args, result.images, masks, ids, mask_path, manifest, classes)
+        affines = None if source.grids is None else [source.grids[i].model_affine for i in pick.tolist()]
+        target = _export(args, result.images, masks, ids, mask_path, manifest, classes, affines)
     else:
         from utils.generation.outputs import write_samples
 
@@ -232,9 +233,10 @@ def reference_images(args, module, n: int):
     return refs.images[pick] * 2 - 1, record
 
 
-def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes) -> Path:
+def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes, affines=None) -> Path:
     """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file, and its
-    class the one it was generated with (class-conditional models)."""
+    class the one it was generated with (class-conditional models); volumes keep their affine on the model's grid
+    (``affines``)."""
     from utils.generation.outputs import export_dataset
 
     if all(isinstance(i, int) for i in ids):  # masks from a dataset split: carry class and patient over
@@ -247,7 +249,7 @@ def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes) 
     if classes is not None:
         sources = [{**source, "class": int(c)} for source, c in zip(sources, classes)]
     return export_dataset(args.export, images, masks, sources, manifest, split=args.export_split,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, affines=affines)
 
 
 def _source(index: int, record: dict) -> dict:

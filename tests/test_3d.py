@@ -349,6 +349,27 @@ def test_inferer_nifti_masks_of_another_grid_give_volumes_on_that_grid_with_its_
     assert image_b.shape == (N, N, N) and np.array_equal(affine_b, np.diag([2.0, 2.0, 3.0, 1.0]))
 
 
+def test_inferer_export_of_volumes_keeps_each_volumes_affine_on_the_model_grid(tiny_3d_run):
+    """An exported synthetic set of volumes carries each volume's geometry: the affine of its mask fitted to the
+    model's grid (fit_mask), so it can be written back as NIfTI where its source mask lies."""
+    import inferer
+    from utils.data.dataset_io import load_dataset
+    from utils.data.nifti import read_volume, write_volume
+    from utils.data.resample import fit_mask
+
+    masks = tiny_3d_run / "export_masks"
+    affine = np.array([[0.0, -1.2, 0.0, 40.0], [2.5, 0.0, 0.0, -7.0], [0.0, 0.0, 0.9, 3.5], [0, 0, 0, 1]])
+    write_volume(masks / "a.nii.gz", phantom_record(np.random.default_rng(5), "x", n=24)["mask"][0, :20], affine,
+                 labels=True)
+    out = tiny_3d_run / "exported.npz"
+    assert inferer.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--masks", str(masks),
+                         "--export", str(out), "--set", "sampling_args.num_steps=1"]) == 0
+    source, source_affine = read_volume(masks / "a.nii.gz")
+    fitted, fitted_affine = fit_mask(source[None], source_affine, N)
+    record = load_dataset(out)["train"][0]
+    assert np.array_equal(record["mask"], fitted) and np.allclose(record["affine"], fitted_affine)
+
+
 def test_inferer_refuses_2d_label_maps_for_a_3d_model(tmp_path):
     from utils.data.masks import MaskError, load_masks
 

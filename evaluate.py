@@ -368,13 +368,13 @@ def default_num_samples(num_masks: int, volumes: bool) -> int:
 def _fitted(dataset: dict, config: dict) -> dict:
     """``dataset`` as the model saw it: for a 3-D model (``model_args.spatial_dims`` 3 in the checkpoint's or
     the samples' config), every volume fitted to ``data_args.image_size``^3 as training does
-    (:func:`utils.data.resample.fit_records`); otherwise unchanged."""
+    (:func:`utils.data.resample.fit_dataset`); otherwise unchanged."""
     size = config.get("data_args", {}).get("image_size")
     if config.get("model_args", {}).get("spatial_dims") != 3 or not size:
         return dataset
-    from utils.data.resample import fit_records
+    from utils.data.resample import fit_dataset
 
-    return {split: fit_records(records, size)[0] for split, records in dataset.items()}
+    return fit_dataset(dataset, size)[0]
 
 
 def _feature_metrics(extractors: dict, cache, split: str, real, images, metrics: dict) -> dict:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import DataConfig
 from utils.data.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
-from utils.data.resample import fit_records
+from utils.data.resample import fit_dataset
 from utils.distributed import wait_for
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,12 @@ def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0,
 
 
 def _fit_volumes(data: dict[str, list[dict]], path: Path, size: int) -> dict[str, list[dict]]:
-    """Every split's volumes fitted to ``size^3`` (:func:`utils.data.resample.fit_records`), logged."""
-    out = {}
-    for split, records in data.items():
-        out[split], changed = fit_records(records, size)
-        if changed:
+    """Every split's volumes fitted to ``size^3`` (:func:`utils.data.resample.fit_dataset`), logged."""
+    out, changed = fit_dataset(data, size)
+    for split, n in changed.items():
+        if n:
             log.info("%s: %d of %d '%s' volumes padded to a cube and resized to %d^3 (utils.data.resample)",
-                     path, changed, len(records), split, size)
+                     path, n, len(data[split]), split, size)
     return out
 
 

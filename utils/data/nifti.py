@@ -75,6 +75,9 @@ def write_volume(path: str | Path, array, affine, labels: bool = False) -> Path:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"{path}: expected an affine [4, 4], got shape {list(affine.shape)}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{path}: the affine is not finite or is singular (a voxel axis of size 0), NIfTI cannot "
+                         f"store it:\n{affine}")
     if labels:
         if array.size and (array.min() < 0 or array.max() > 255 or np.any(array != np.round(array))):
             raise ValueError(f"{path}: labels must be integers in 0..255")

@@ -378,6 +378,15 @@ def test_inferer_refuses_2d_label_maps_for_a_3d_model(tmp_path):
         load_masks(tmp_path, "test", 4, N, spatial_dims=3)
 
 
+def test_inferer_refuses_nifti_masks_for_a_2d_model_naming_why(tmp_path):
+    from utils.data.masks import MaskError, load_masks
+    from utils.data.nifti import write_volume
+
+    write_volume(tmp_path / "a.nii.gz", np.zeros((N, N, N), np.uint8), np.eye(4), labels=True)
+    with pytest.raises(MaskError, match=r"a.nii.gz\), the model makes 2-D images \(model_args.spatial_dims 2\)"):
+        load_masks(tmp_path, "test", 4, N, spatial_dims=2)
+
+
 def test_mid_slices_are_the_three_orthogonal_planes_through_the_centre():
     from utils.images import mid_slices
 

@@ -141,8 +141,12 @@ def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, 
     if not path.exists():
         raise MaskError(f"{path}: no such file or folder")
     entries = list(path.iterdir()) if path.is_dir() else []
-    if spatial_dims == 3 and any(is_nifti(p) for p in entries):
-        return _load_nifti_masks(sorted(p for p in entries if is_nifti(p)), num_classes, image_size)
+    nifti = sorted(p for p in entries if is_nifti(p))
+    if nifti and spatial_dims == 3:
+        return _load_nifti_masks(nifti, num_classes, image_size)
+    if nifti and not any(p.suffix.lower() in MASK_SUFFIXES for p in entries):
+        raise MaskError(f"{path}: holds NIfTI volumes ({nifti[0].name}), the model makes 2-D images "
+                        f"(model_args.spatial_dims 2); give a folder of {'/'.join(MASK_SUFFIXES)} label maps")
     files = sorted(p for p in entries if p.suffix.lower() in MASK_SUFFIXES)
     if path.is_dir() and not any(p.is_dir() for p in entries) and not files:  # nor a dataset folder
         raise MaskError(f"{path}: holds no {'/'.join(MASK_SUFFIXES)} label maps; expected a folder of label maps, "

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data_path", help="dataset of the real images (default: the checkpoint's data_args.path)")
     src.add_argument("--split", default="test", help="split of masks and real images (default: %(default)s)")
     gen = p.add_argument_group("generation (the paper's protocol by default)")
-    gen.add_argument("--num_samples", type=int, default=2000, help="images to generate (default: %(default)s)")
+    gen.add_argument("--num_samples", type=int, help="images to generate (default: 2000; volumes: one per mask of the "
+                                                      "split)")
     gen.add_argument("--num_steps", type=int,
                      help="sampler steps (default: the checkpoint's sampling_args.num_steps, 10 when shipped)")
     gen.add_argument("--method", choices=ALL_SAMPLERS,
@@ -201,7 +202,7 @@ def _finite(x):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.num_samples < 1 or (args.num_steps is not None and args.num_steps < 1):
+    if (args.num_samples is not None and args.num_samples < 1) or (args.num_steps is not None and args.num_steps < 1):
         raise SystemExit("error: --num_samples and --num_steps must be >= 1")
     if not args.surface_dice_tolerance > 0:
         raise SystemExit(f"error: --surface_dice_tolerance must be > 0, got {args.surface_dice_tolerance}")
@@ -229,7 +230,7 @@ def run(args) -> int:
     from utils.evaluation.metrics import paired_metrics, summarise
     from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
     from utils.generation.checkpoints import load_module
-    from utils.generation.generate import generate
+    from utils.generation.generate import default_batch_size, generate
     from utils.generation.outputs import write_samples
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -273,10 +274,10 @@ def run(args) -> int:
     segmenter = None if volumes else _segmenter(args, data_path, num_classes)  # trained or loaded before generating
 
     if module is not None:
-        n = args.num_samples
+        n = args.num_samples or default_num_samples(len(records), volumes)
         indices = torch.arange(n) % len(records)
         masks = split_masks[indices]
-        batch = args.batch_size or (1 if volumes else 64 if device.startswith("cuda") else 8)
+        batch = args.batch_size or default_batch_size(device, volumes)
         classes = None
         if module.class_names:  # a class-conditional model makes each image of its source record's class
             from utils.data.masks import MaskSource
@@ -293,9 +294,9 @@ def run(args) -> int:
         manifest = {"checkpoint": str(ckpt), "num_samples": n, "num_inference_steps": steps, "method": method,
                     "seed": seed, "nfe_per_image": result.nfe, "seconds_per_image": result.seconds / n,
                     "split": split, "config": module.hparams["config"]}
+        grids = [_record_grid(records[i]) for i in indices.tolist()] if volumes else None
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
-                      module.cfg.data_args.num_classes, split=split, classes=classes,
-                      grids=_model_grids(records, indices) if volumes else None)
+                      module.cfg.data_args.num_classes, split=split, classes=classes, grids=grids)
     if images.ndim != real.ndim:
         raise SystemExit(f"error: the samples are {'volumes' if images.ndim == 5 else 'images'} "
                          f"{list(images.shape[1:])}, the real data of {data_path} {list(real.shape[1:])}; pass the "
@@ -347,33 +348,41 @@ def run(args) -> int:
     return 0
 
 
-def _model_grids(records: list[dict], indices) -> list:
-    """Each generated volume's grid (``indices``: its source records) for the samples' NIfTI files: its record's
-    affine on the model's grid (fitted), identity when the record has none."""
+def _record_grid(record: dict):
+    """The NIfTI grid of a volume generated for ``record``'s mask: the record (fitted to the model's grid) with
+    its affine, identity when it has none."""
     import numpy as np
 
     from utils.data.masks import VolumeGrid
 
-    return [VolumeGrid(np.asarray(records[i].get("affine", np.eye(4)), dtype=np.float64)) for i in indices.tolist()]
+    return VolumeGrid() if record.get("affine") is None else VolumeGrid(np.asarray(record["affine"], np.float64))
+
+
+def default_num_samples(num_masks: int, volumes: bool) -> int:
+    """Samples to generate when --num_samples is not given: 2000 images (FID needs thousands), or one volume
+    per mask of the split (2000 volumes of 96^3 are 7 GB of float32 and days of generation; MMD holds them
+    as float64 matrices)."""
+    return num_masks if volumes else 2000
 
 
 def _fitted(dataset: dict, config: dict) -> dict:
     """``dataset`` as the model saw it: for a 3-D model (``model_args.spatial_dims`` 3 in the checkpoint's or
     the samples' config), every volume fitted to ``data_args.image_size``^3 as training does
-    (:func:`utils.data.resample.fit_records`); otherwise unchanged."""
+    (:func:`utils.data.resample.fit_dataset`); otherwise unchanged."""
     size = config.get("data_args", {}).get("image_size")
     if config.get("model_args", {}).get("spatial_dims") != 3 or not size:
         return dataset
-    from utils.data.resample import fit_records
+    from utils.data.resample import fit_dataset
 
-    return {split: fit_records(records, size)[0] for split, records in dataset.items()}
+    return fit_dataset(dataset, size)[0]
 
 
 def _feature_metrics(extractors: dict, cache, split: str, real, images, metrics: dict) -> dict:
     """Add each extractor's set-level metrics (generated ``images`` against the split's ``real`` ones) to
     ``metrics``; returns ``{extractor name: its weights files' sha256}``."""
     from utils.evaluation.metrics import cmmd, frechet_distance, kernel_inception_distance
-    from utils.evaluation.volume_metrics import PLANES, fid_2p5d, plane_slices
+    from utils.evaluation.volume_metrics import fid_2p5d, plane_slices
+    from utils.images import PLANES
 
     weights = {}
     for key, ext in extractors.items():

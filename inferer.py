@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class_file", metavar="CSV",
                    help="class-conditional models: rows 'mask,class' giving each mask's class (mask: its file name "
                         "in --masks or its index in the split)")
-    p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU)")
+    p.add_argument("--batch_size", type=int, help="images per batch (default: 64 on GPU, 8 on CPU; volumes 1)")
     p.add_argument("--batch_invariant", action="store_true",
                    help="run the network on one image at a time: bitwise-identical images for any --batch_size "
                         "(slower); without it they agree to float rounding (~1e-7)")
@@ -145,7 +145,7 @@ def run(args) -> int:
     from utils.data.masks import load_masks
     from utils.generation.checkpoints import load_module
     from utils.generation.classes import sample_classes
-    from utils.generation.generate import generate
+    from utils.generation.generate import default_batch_size, generate
 
     ckpt = resolve_checkpoint(args)
     devices = pick_devices(args.devices)
@@ -170,7 +170,7 @@ def run(args) -> int:
     pick = torch.arange(n) % len(source.masks)  # cycle through the masks
     masks = source.masks[pick]
     classes = sample_classes(module.class_names, source, pick, args.class_name, args.class_file)
-    batch = args.batch_size or (64 if devices[0].startswith("cuda") else 8)
+    batch = args.batch_size or default_batch_size(devices[0], cfg.model_args.spatial_dims == 3)
     references, reference_record = reference_images(args, module, n)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
              ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))
@@ -195,7 +195,8 @@ def run(args) -> int:
         manifest["class_names"] = module.class_names
     ids = [source.ids[i] for i in pick.tolist()]
     if args.export:
-        target = _export(args, result.images, masks, ids, mask_path, manifest, classes)
+        affines = None if source.grids is None else [source.grids[i].model_affine for i in pick.tolist()]
+        target = _export(args, result.images, masks, ids, mask_path, manifest, classes, affines)
     else:
         from utils.generation.outputs import write_samples
 
@@ -232,9 +233,10 @@ def reference_images(args, module, n: int):
     return refs.images[pick] * 2 - 1, record
 
 
-def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes) -> Path:
+def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes, affines=None) -> Path:
     """Write the synthetic dataset; each sample's source is its mask's record (class, patient) or file, and its
-    class the one it was generated with (class-conditional models)."""
+    class the one it was generated with (class-conditional models); volumes keep their affine on the model's grid
+    (``affines``)."""
     from utils.generation.outputs import export_dataset
 
     if all(isinstance(i, int) for i in ids):  # masks from a dataset split: carry class and patient over
@@ -247,7 +249,7 @@ def _export(args, images, masks, ids: list, mask_path, manifest: dict, classes) 
     if classes is not None:
         sources = [{**source, "class": int(c)} for source, c in zip(sources, classes)]
     return export_dataset(args.export, images, masks, sources, manifest, split=args.export_split,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, affines=affines)
 
 
 def _source(index: int, record: dict) -> dict:

@@ -168,8 +168,9 @@ def count_flops(model_cfg, num_classes: int, image_size: int) -> tuple[float, fl
     b = 2
     with torch.device("meta"):
         model = build_model(model_cfg, num_classes)
-        x_t, t = torch.zeros(b, 1, image_size, image_size), torch.zeros(b)
-        mask = torch.zeros(b, 1, image_size, image_size, dtype=torch.uint8)
+        spatial = (image_size,) * model_cfg.spatial_dims  # an image, or a volume with spatial_dims 3
+        x_t, t = torch.zeros(b, 1, *spatial), torch.zeros(b)
+        mask = torch.zeros(b, 1, *spatial, dtype=torch.uint8)
     with FlopCounterMode(display=False) as forward:
         model(x_t, t, mask)
     with FlopCounterMode(display=False) as step:
@@ -177,8 +178,9 @@ def count_flops(model_cfg, num_classes: int, image_size: int) -> tuple[float, fl
     return forward.get_total_flops() / b, step.get_total_flops() / b
 
 
-def make_dataset(path: Path, num_images: int, image_size: int, num_classes: int) -> Path:
-    """Random uint8 images and label masks (4 images per patient, as in CAMUS) in the project's npz layout."""
+def make_dataset(path: Path, num_images: int, image_size: int, num_classes: int, spatial_dims: int = 2) -> Path:
+    """Random uint8 images and label masks (4 images per patient, as in CAMUS; volumes with ``spatial_dims`` 3)
+    in the project's npz layout."""
     import numpy as np
 
     from utils.data.dataset_io import save_dataset
@@ -186,8 +188,9 @@ def make_dataset(path: Path, num_images: int, image_size: int, num_classes: int)
     rng = np.random.default_rng(0)
 
     def records(split: str, n: int) -> list[dict]:
-        return [{"image": rng.integers(0, 256, (1, image_size, image_size), dtype=np.uint8),
-                 "mask": rng.integers(0, num_classes, (1, image_size, image_size), dtype=np.uint8),
+        shape = (1, *(image_size,) * spatial_dims)
+        return [{"image": rng.integers(0, 256, shape, dtype=np.uint8),
+                 "mask": rng.integers(0, num_classes, shape, dtype=np.uint8),
                  "metadata": {"patient": f"{split}{i // 4:04d}"}} for i in range(n)]
 
     data = {"train": records("train", num_images), "valid": records("valid", 1), "test": records("test", 1)}
@@ -212,10 +215,10 @@ def baseline(cfg, batch: int, args, device) -> tuple[dict, dict]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train_args.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     path = AffineProbPath(scheduler=CondOTScheduler())
-    size = cfg.data_args.image_size
+    spatial = (cfg.data_args.image_size,) * cfg.model_args.spatial_dims
     gen = torch.Generator(device).manual_seed(0)
-    x_1 = torch.rand(batch, 1, size, size, device=device, generator=gen) * 2 - 1
-    mask = torch.randint(0, cfg.data_args.num_classes, (batch, 1, size, size), device=device, generator=gen)
+    x_1 = torch.rand(batch, 1, *spatial, device=device, generator=gen) * 2 - 1
+    mask = torch.randint(0, cfg.data_args.num_classes, (batch, 1, *spatial), device=device, generator=gen)
 
     def train_step():
         t = torch.rand(batch, device=device)
@@ -268,7 +271,8 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
         keys["num_keys"] = -(-keys["num_keys"] // batch) * batch  # whole micro-batches: at least the batch
     values["sampling_args"].update(num_steps=args.steps, precision=precision)  # the method's own sampler
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
-    dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed)
+    dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed,
+                        spatial_dims=run_cfg.model_args.spatial_dims)
     module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
     info, train = {"precision": precision, "optimizer": "-"}, {}
     if "train" in args.tasks:
@@ -466,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in args.batch_sizes:
             images = batch * max(args.warmup + args.iters + 1, args.sample_batches)  # +1: the profiled step
             data = make_dataset(Path(tmp) / f"data_b{batch}.npz", images, cfg.data_args.image_size,
-                                cfg.data_args.num_classes)
+                                cfg.data_args.num_classes, cfg.model_args.spatial_dims)
             reference = {}
             for setting in (BASELINE, *(SETTINGS[n] for n in args.settings)):
                 log.info("benchmark: %s at batch %d", setting.name, batch)

@@ -204,6 +204,23 @@ def phantom_record(rng: np.random.Generator, patient: str, n: int = N) -> dict:
             "metadata": {"patient": patient}}
 
 
+def test_memory_check_measures_this_ranks_gpu_and_names_the_override(monkeypatch):
+    """Under torchrun every rank measures its own GPU (LOCAL_RANK), not cuda:0; a refusal on measured free memory
+    names train_args.memory_limit_gb, the way past an estimate that errs high."""
+    from utils.methods import memory
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (asked.append(device), (2**20, 2**30))[1])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    free, source = memory.available_memory("gpu", 0.0)
+    assert asked == [3] and free == 2**20 and "cuda:3" in source
+    with pytest.raises(ConfigError, match=r"more than the 0\.00 GiB of free memory of Fake GPU .*set "
+                                          r"train_args\.memory_limit_gb"):
+        memory.check_training_memory(tiny_module(), "gpu")
+
+
 @pytest.fixture(scope="module")
 def tiny_3d_run(tmp_path_factory):
     import trainer
@@ -228,6 +245,29 @@ def test_tiny_3d_fit_writes_mid_slice_sample_grids_and_logs_its_memory(tiny_3d_r
     assert "memory: a training step at 16^3 voxels, batch 2, needs about" in (run / "train.log").read_text()
 
 
+def test_logged_sample_ssim_of_volumes_is_evaluate_pys_3d_ssim(tiny_3d_run):
+    """val/sample_ssim of a 3-D run is the per-volume 3-D SSIM evaluate.py reports, not the 2-D SSIM of the
+    volumes' mid-slices."""
+    import csv
+
+    from utils.data.datamodule import EchoDataModule
+    from utils.evaluation.volume_metrics import ssim_per_volume
+    from utils.generation.checkpoints import load_module
+    from utils.generation.generate import generate
+    from utils.images import to_unit
+
+    run = tiny_3d_run / "runs" / "tiny_3d"
+    module = load_module(run / "last.ckpt")  # saved after the last epoch's sample grid
+    cfg = module.cfg
+    val = EchoDataModule(cfg.data_args, 2, 0, spatial_dims=3).val_set
+    n, s = cfg.train_args.num_sample_images, cfg.sampling_args
+    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.method, n,
+                      ["cpu"], progress=False).images
+    with open(run / "csv" / "metrics.csv") as f:
+        logged = [float(r["val/sample_ssim"]) for r in csv.DictReader(f) if r.get("val/sample_ssim")][-1]
+    assert logged == pytest.approx(float(ssim_per_volume(images, to_unit(val.x_1[:n])).mean()), abs=1e-6)
+
+
 def test_inferer_writes_volumes_from_the_dataset_split(tiny_3d_run):
     import inferer
 
@@ -239,11 +279,48 @@ def test_inferer_writes_volumes_from_the_dataset_split(tiny_3d_run):
         assert z["masks"].shape == (3, 1, N, N, N) and z["masks"].dtype == np.uint8
         assert 0 <= z["images"].min() and z["images"].max() <= 1
     assert sorted(p.name for p in (out / "png").iterdir()) == ["00000.png", "00001.png", "00002.png"]
-    assert (out / "grid.png").is_file() and json.loads((out / "manifest.json").read_text())["num_samples"] == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out / "grid.png").is_file() and manifest["num_samples"] == 3
+    assert manifest["batch_size"] == 1  # volumes one at a time by default, as evaluate.py (64 of 96^3: GPU OOM)
     from utils.data.nifti import read_volume
 
     image, affine = read_volume(out / "nifti" / "00002_image.nii.gz")
     assert image.shape == (N, N, N) and np.array_equal(affine, np.eye(4))  # the records carry no affine
+
+
+def test_evaluate_on_a_3d_checkpoint_makes_one_volume_per_test_mask_by_default(tiny_3d_run, no_metric_weights):
+    import evaluate
+
+    out = tiny_3d_run / "evaluated"
+    assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--num_steps", "1",
+                          "--skip_missing_metrics", "--n_boot", "10", "--output_dir", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["num_samples"] == results["num_masks"] == 2  # the test split's two masks, not 2000 volumes
+    m = results["metrics"]
+    assert m["ssim"]["n"] == 2 and "mmd" in m and "skipped" in m["fid_3d"] and "skipped" in m["ms_ssim"]
+
+
+def test_evaluate_writes_each_volume_with_its_source_records_affine(tiny_3d_run, no_metric_weights):
+    """evaluate.py's generated NIfTI files carry the affine of the record whose mask made them, in mm, as the
+    inferer's do; not the identity."""
+    import nibabel as nib
+
+    import evaluate
+    from utils.data.dataset_io import load_dataset, save_dataset
+    from utils.data.nifti import read_volume
+
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10.0, 4.0, 7.5]
+    data = {s: [{**r, "affine": affine} for r in recs] for s, recs in load_dataset(tiny_3d_run / "data.npz").items()}
+    save_dataset(tiny_3d_run / "with_affine.npz", data)
+    out = tiny_3d_run / "evaluated_affine"
+    assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--num_steps", "1",
+                          "--data_path", str(tiny_3d_run / "with_affine.npz"), "--skip_missing_metrics",
+                          "--n_boot", "10", "--no-memorisation", "--output_dir", str(out)]) == 0
+    for stem in ("00000_image", "00001_mask"):
+        path = out / "samples" / "nifti" / f"{stem}.nii.gz"
+        assert np.array_equal(read_volume(path)[1], affine)
+        assert nib.load(path).header.get_xyzt_units()[0] == "mm"
 
 
 def test_inferer_nifti_masks_of_another_grid_give_volumes_on_that_grid_with_its_affine(tiny_3d_run):
@@ -272,12 +349,42 @@ def test_inferer_nifti_masks_of_another_grid_give_volumes_on_that_grid_with_its_
     assert image_b.shape == (N, N, N) and np.array_equal(affine_b, np.diag([2.0, 2.0, 3.0, 1.0]))
 
 
+def test_inferer_export_of_volumes_keeps_each_volumes_affine_on_the_model_grid(tiny_3d_run):
+    """An exported synthetic set of volumes carries each volume's geometry: the affine of its mask fitted to the
+    model's grid (fit_mask), so it can be written back as NIfTI where its source mask lies."""
+    import inferer
+    from utils.data.dataset_io import load_dataset
+    from utils.data.nifti import read_volume, write_volume
+    from utils.data.resample import fit_mask
+
+    masks = tiny_3d_run / "export_masks"
+    affine = np.array([[0.0, -1.2, 0.0, 40.0], [2.5, 0.0, 0.0, -7.0], [0.0, 0.0, 0.9, 3.5], [0, 0, 0, 1]])
+    write_volume(masks / "a.nii.gz", phantom_record(np.random.default_rng(5), "x", n=24)["mask"][0, :20], affine,
+                 labels=True)
+    out = tiny_3d_run / "exported.npz"
+    assert inferer.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--masks", str(masks),
+                         "--export", str(out), "--set", "sampling_args.num_steps=1"]) == 0
+    source, source_affine = read_volume(masks / "a.nii.gz")
+    fitted, fitted_affine = fit_mask(source[None], source_affine, N)
+    record = load_dataset(out)["train"][0]
+    assert np.array_equal(record["mask"], fitted) and np.allclose(record["affine"], fitted_affine)
+
+
 def test_inferer_refuses_2d_label_maps_for_a_3d_model(tmp_path):
     from utils.data.masks import MaskError, load_masks
 
     np.save(tmp_path / "a.npy", np.zeros((16, 16), dtype=np.uint8))
     with pytest.raises(MaskError, match="the model makes volumes"):
         load_masks(tmp_path, "test", 4, N, spatial_dims=3)
+
+
+def test_inferer_refuses_nifti_masks_for_a_2d_model_naming_why(tmp_path):
+    from utils.data.masks import MaskError, load_masks
+    from utils.data.nifti import write_volume
+
+    write_volume(tmp_path / "a.nii.gz", np.zeros((N, N, N), np.uint8), np.eye(4), labels=True)
+    with pytest.raises(MaskError, match=r"a.nii.gz\), the model makes 2-D images \(model_args.spatial_dims 2\)"):
+        load_masks(tmp_path, "test", 4, N, spatial_dims=2)
 
 
 def test_mid_slices_are_the_three_orthogonal_planes_through_the_centre():
@@ -345,3 +452,50 @@ def test_evaluate_writes_its_volumes_with_their_records_world_grid(tiny_3d_run, 
     volume, written = read_volume(out / "samples" / "nifti" / "00001_mask.nii.gz")
     assert np.allclose(written, fitted, atol=1e-5) and not np.allclose(written, np.eye(4))
     assert np.array_equal(volume, mask[0])
+
+
+def test_mid_slice_tiles_and_the_2p5d_fid_name_each_plane_alike():
+    """The PNG labels and the 2.5-D FID share one plane vocabulary, and the tile called P is the middle slice of
+    plane P. The phantom's axes are RAS (d left-right): the slice at a fixed d is sagittal, so no tile may be
+    called axial for it (the old labels called the fixed-d slice axial)."""
+    from utils.evaluation.volume_metrics import plane_slices
+    from utils.generation.outputs import MID_SLICE_LABELS
+    from utils.images import PLANES, mid_slices
+
+    v = torch.arange(6 * 6 * 6, dtype=torch.float32).view(1, 1, 6, 6, 6)
+    tiles = mid_slices(v)
+    for k, plane in enumerate(PLANES):
+        assert torch.equal(tiles[0, k], plane_slices(v, plane)[3, 0])
+    assert MID_SLICE_LABELS == [f"mask {p}" for p in PLANES] + list(PLANES)
+    assert not any("axial" in label for label in MID_SLICE_LABELS)
+
+
+def test_prior_spacing_must_be_the_spacing_of_the_fitted_volumes(tmp_path, caplog):
+    """prior_args.spacing describes the volumes the model trains on. A volume of another size than N^3 is resampled
+    to isotropic voxels, so its file's anisotropic spacing is refused there, naming the key; a volume already N^3
+    keeps its spacing, which is then accepted (and its absence warned about)."""
+    from utils.data.datamodule import EchoDataModule
+    from utils.data.dataset_io import save_dataset
+    from utils.methods.flow_matching import FlowMatchingModule
+
+    def module(path, spacing):
+        cfg = load_config(TINY_3D, [f"data_args.path={path}", f"prior_args.spacing={spacing}"])
+        return FlowMatchingModule.for_data(config_to_dict(cfg), EchoDataModule(cfg.data_args, 2, 0,
+                                                                               spatial_dims=3))
+
+    rng = np.random.default_rng(0)
+    for name, n, affine in (("cube", N, np.diag([1.0, 1.0, 3.0, 1.0])), ("slab", 12, np.diag([1.0, 1.0, 3.0, 1.0]))):
+        data = {split: [{**phantom_record(rng, f"{split}{i}"), "affine": affine} for i in range(2)]
+                for split in ("train", "valid", "test")}
+        if name == "slab":  # 16 x 16 x 12 voxels of 1 x 1 x 3 mm: a 36 mm cube at 16^3, 2.25 mm
+            data = {s: [{**r, "image": r["image"][..., :n], "mask": r["mask"][..., :n]} for r in recs]
+                    for s, recs in data.items()}
+        save_dataset(tmp_path / f"{name}.npz", data)
+    module(tmp_path / "cube.npz", "[1, 1, 3]")  # N^3 volumes keep their 1 x 1 x 3 mm voxels
+    with caplog.at_level("WARNING"):
+        module(tmp_path / "cube.npz", "[]")
+    assert "anisotropic voxels (1 x 1 x 3 mm) but prior_args.spacing is empty" in caplog.text
+    with pytest.raises(ConfigError, match=r"prior_args.spacing \[1.0, 1.0, 3.0\] does not match .*slab.npz.* "
+                                          r"2.25 x 2.25 x 2.25 mm voxels"):
+        module(tmp_path / "slab.npz", "[1, 1, 3]")
+    module(tmp_path / "slab.npz", "[]")

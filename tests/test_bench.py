@@ -76,3 +76,15 @@ def test_training_profile_is_an_extra_step(tmp_path, capsys):
                                                                             ("comet-fp32", "train", 4)]
     table = (tmp_path / "prof" / "comet-fp32_train_b2.txt").read_text()
     assert "autograd" in table.lower() or "backward" in table.lower()  # a training step, backward included
+
+
+def test_tiny_benchmark_of_a_3d_config_times_volumes(capsys):
+    """A 3-D config is measured on volumes (FLOPs, the baseline loop, the framework's data), not on 2-D images
+    fed to its 3-D network."""
+    assert throughput.main(["--tiny", "--config_path", "configs/tiny_3d.yaml", "--settings", "comet-fp32"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    env, rows = records[0], records[1:]
+    assert 2.5 < env["gflop_train_step_per_image"] / env["gflop_forward_per_image"] < 3.1
+    assert [(r["setting"], r["task"]) for r in rows] == [(n, t) for n in ("motfm", "comet-fp32")
+                                                         for t in ("train", "sample")]
+    assert all(r["images_per_s"] > 0 for r in rows)

@@ -410,3 +410,18 @@ def test_spatial_dims_and_the_phantom_size_are_checked():
         load_config("configs/tiny.yaml", ["model_args.spatial_dims=4"])
     with pytest.raises(ConfigError, match="data_args.synthetic.size must be >= 32 for the 2-D echo phantom"):
         load_config("configs/tiny.yaml", ["data_args.image_size=16", "data_args.synthetic.size=16"])
+
+
+def test_a_singular_affine_is_refused_naming_the_record_or_file(tmp_path):
+    """A voxel axis of size 0 would divide by zero when the volume is fitted; it is refused where it is read
+    (naming the split and record) or written (naming the file), not deep inside the resampling."""
+    from utils.data.dataset_io import DatasetError, load_dataset, save_dataset
+    from utils.data.nifti import write_volume
+
+    rec = volume_record(0)
+    singular = np.diag([1.0, 1.0, 0.0, 1.0])
+    save_dataset(tmp_path / "d.npz", {"train": [{**rec, "affine": singular}]})
+    with pytest.raises(DatasetError, match=r"d.npz: train\[0\]: affine is singular"):
+        load_dataset(tmp_path / "d.npz")
+    with pytest.raises(ValueError, match=r"v.nii.gz: the affine is not finite or is singular"):
+        write_volume(tmp_path / "v.nii.gz", np.zeros((4, 4, 4), np.uint8), singular)

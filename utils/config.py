@@ -131,7 +131,8 @@ class PriorConfig:
     padding: Literal["reflect", "zeros"] = "reflect"
     # Voxel spacing (one per spatial axis, array order: [sd, sh, sw] in 3-D), empty = isotropic. sigma is then
     # in units of the finest spacing: axis a is blurred with sigma * min(spacing) / spacing[a] voxels, the
-    # same physical width on every axis.
+    # same physical width on every axis. The spacing of the volumes as trained on: volumes fitted to N^3 have
+    # isotropic voxels (utils.data.resample), so only data already N^3 need it (checked against the data).
     spacing: tuple[float, ...] = ()
 
     def check(self, key):

@@ -76,7 +76,12 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-PLANES = ("axial", "coronal", "sagittal")  # the mid-slices across D, H and W of a volume [D, H, W]
+# The three orthogonal planes of a volume [D, H, W], named by the two array axes each slice spans (the third is
+# held fixed): HW at a fixed d, DW at a fixed h, DH at a fixed w. Named by array axes, not anatomy: a NIfTI
+# volume keeps its file's voxel axes (utils.data.nifti), so which plane is axial depends on the file. For
+# RAS-ordered voxel axes (d left-right, h posterior-anterior, w inferior-superior: the brain phantom, BraTS)
+# HW is sagittal, DW coronal and DH axial. One vocabulary for the PNGs and the 2.5-D FID.
+PLANES = ("HW", "DW", "DH")
 
 
 def mid_slices(volumes: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utils.config import DataConfig
 from utils.data.dataset_io import DatasetError, load_dataset, normalise_image, validate_dataset
-from utils.data.resample import fit_records
+from utils.data.resample import fit_dataset
 from utils.distributed import wait_for
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,12 @@ def load_training_data(cfg: DataConfig, rank: int = 0, timeout: float = 3600.0,
 
 
 def _fit_volumes(data: dict[str, list[dict]], path: Path, size: int) -> dict[str, list[dict]]:
-    """Every split's volumes fitted to ``size^3`` (:func:`utils.data.resample.fit_records`), logged."""
-    out = {}
-    for split, records in data.items():
-        out[split], changed = fit_records(records, size)
-        if changed:
+    """Every split's volumes fitted to ``size^3`` (:func:`utils.data.resample.fit_dataset`), logged."""
+    out, changed = fit_dataset(data, size)
+    for split, n in changed.items():
+        if n:
             log.info("%s: %d of %d '%s' volumes padded to a cube and resized to %d^3 (utils.data.resample)",
-                     path, changed, len(records), split, size)
+                     path, n, len(data[split]), split, size)
     return out
 
 
@@ -150,6 +149,14 @@ class EchoDataModule(pl.LightningDataModule):
         if encoding == "unit_labels":
             values = (values + 1.0) / 2.0
         return [round(float(v), 6) for v in values]
+
+    def voxel_spacings(self) -> list[tuple[float, ...]]:
+        """The voxel spacing (mm per array axis) of every train record with an ``affine``, on the training grid
+        (after fitting, so a resampled volume's voxels are isotropic up to rounding)."""
+        from utils.data.nifti import voxel_spacing
+
+        return [tuple(float(v) for v in voxel_spacing(r["affine"])) for r in self.data["train"]
+                if r.get("affine") is not None]
 
     def class_names(self) -> list[str]:
         """The image classes, in index order, for a class-conditional model: every train and valid record needs

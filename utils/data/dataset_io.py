@@ -206,12 +206,17 @@ def _normalise_record(record, path: Path, split: str, i: int, class_index: dict[
 
 
 def _affine(value, where: str) -> np.ndarray:
-    """A record's ``affine`` as a finite ``float64 [4, 4]`` array."""
+    """A record's ``affine`` as a finite ``float64 [4, 4]`` array whose voxel axes have a length (a zero voxel
+    size would divide by zero when the volume is fitted, far from the record)."""
     affine = _to_numpy(value)
     if affine.shape != (4, 4) or affine.dtype.kind not in "iuf" or not np.all(np.isfinite(affine)):
         raise DatasetError(f"{where}: affine has shape {list(affine.shape)} and dtype {affine.dtype}, expected "
                            "finite numbers [4, 4] (voxel index -> world mm)")
-    return affine.astype(np.float64)
+    affine = affine.astype(np.float64)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DatasetError(f"{where}: affine is singular (voxel sizes {np.linalg.norm(affine[:3, :3], axis=0).tolist()}"
+                           f" mm); every voxel axis needs a non-zero size and its own direction")
+    return affine
 
 
 def _as_labels(mask: np.ndarray, where: str) -> np.ndarray:
@@ -260,7 +265,7 @@ def _load_npz(path: Path) -> dict[str, list[dict]]:
                 if classes is not None:
                     rec["class"] = int(classes[i])
                 if affines is not None:
-                    rec["affine"] = affines[i].astype(np.float64)
+                    rec["affine"] = _affine(affines[i], f"{path}: {split}[{i}]")
                 records.append(rec)
             data[split] = records
     return data

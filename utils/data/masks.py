@@ -25,10 +25,17 @@ class MaskError(ValueError):
 @dataclass(frozen=True)
 class VolumeGrid:
     """Where a volume mask came from: its ``affine`` (voxel -> world mm; identity when unknown) and, when it was
-    fitted to the model's grid, the ``mask`` (1, D', H', W') uint8 on its own grid."""
+    fitted to the model's grid, the ``mask`` (1, D', H', W') uint8 on its own grid and ``fitted_affine``, the
+    affine of the model's grid (:func:`utils.data.resample.fit_mask`)."""
 
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
     mask: torch.Tensor | None = None
+    fitted_affine: np.ndarray | None = None
+
+    @property
+    def model_affine(self) -> np.ndarray:
+        """The affine of the volume on the model's N^3 grid: ``fitted_affine`` when fitted, else ``affine``."""
+        return self.affine if self.fitted_affine is None else self.fitted_affine
 
 
 @dataclass
@@ -99,9 +106,10 @@ def _check_volume(mask: np.ndarray, where: str, num_classes: int, image_size: in
     _check_labels(mask, where, num_classes)
     source = np.asarray(mask, dtype=np.uint8)[None]
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    fitted, _ = fit_mask(source, affine, image_size)
-    own = None if fitted.shape == source.shape else torch.from_numpy(source)
-    return torch.from_numpy(np.ascontiguousarray(fitted)), VolumeGrid(affine, own)
+    fitted, fitted_affine = fit_mask(source, affine, image_size)
+    if fitted.shape == source.shape:
+        return torch.from_numpy(np.ascontiguousarray(fitted)), VolumeGrid(affine)
+    return torch.from_numpy(np.ascontiguousarray(fitted)), VolumeGrid(affine, torch.from_numpy(source), fitted_affine)
 
 
 def _load_nifti_masks(files: list[Path], num_classes: int, image_size: int) -> MaskSource:
@@ -133,8 +141,12 @@ def load_masks(path: str | Path, split: str, num_classes: int, image_size: int, 
     if not path.exists():
         raise MaskError(f"{path}: no such file or folder")
     entries = list(path.iterdir()) if path.is_dir() else []
-    if spatial_dims == 3 and any(is_nifti(p) for p in entries):
-        return _load_nifti_masks(sorted(p for p in entries if is_nifti(p)), num_classes, image_size)
+    nifti = sorted(p for p in entries if is_nifti(p))
+    if nifti and spatial_dims == 3:
+        return _load_nifti_masks(nifti, num_classes, image_size)
+    if nifti and not any(p.suffix.lower() in MASK_SUFFIXES for p in entries):
+        raise MaskError(f"{path}: holds NIfTI volumes ({nifti[0].name}), the model makes 2-D images "
+                        f"(model_args.spatial_dims 2); give a folder of {'/'.join(MASK_SUFFIXES)} label maps")
     files = sorted(p for p in entries if p.suffix.lower() in MASK_SUFFIXES)
     if path.is_dir() and not any(p.is_dir() for p in entries) and not files:  # nor a dataset folder
         raise MaskError(f"{path}: holds no {'/'.join(MASK_SUFFIXES)} label maps; expected a folder of label maps, "

@@ -62,7 +62,7 @@ def write_volume(path: str | Path, array, affine, labels: bool = False) -> Path:
 
     ``labels``: the array is a label map, stored as ``uint8`` (values must be integers in 0..255).
     Otherwise ``uint8`` images stay ``uint8`` and any other dtype is stored as ``float32``.
-    The affine is written as both the sform and the qform (code 1, scanner coordinates).
+    The affine is written as both the sform and the qform (code 1, scanner coordinates), in millimetres.
     """
     import nibabel as nib
 
@@ -75,6 +75,9 @@ def write_volume(path: str | Path, array, affine, labels: bool = False) -> Path:
     affine = np.asarray(affine, dtype=np.float64)
     if affine.shape != (4, 4):
         raise ValueError(f"{path}: expected an affine [4, 4], got shape {list(affine.shape)}")
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{path}: the affine is not finite or is singular (a voxel axis of size 0), NIfTI cannot "
+                         f"store it:\n{affine}")
     if labels:
         if array.size and (array.min() < 0 or array.max() > 255 or np.any(array != np.round(array))):
             raise ValueError(f"{path}: labels must be integers in 0..255")
@@ -84,6 +87,7 @@ def write_volume(path: str | Path, array, affine, labels: bool = False) -> Path:
     img = nib.Nifti1Image(array, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
+    img.header.set_xyzt_units("mm")  # the affine is in millimetres; "unknown" units leave viewers guessing
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
     return path

@@ -98,6 +98,13 @@ def fit_records(records: list[dict], size: int) -> tuple[list[dict], int]:
     return out, changed
 
 
+def fit_dataset(data: dict[str, list[dict]], size: int) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Every split's records fitted by :func:`fit_records` (training data, and evaluation's real volumes, as the
+    model sees them), and how many were changed per split."""
+    fitted = {split: fit_records(records, size) for split, records in data.items()}
+    return {split: records for split, (records, _) in fitted.items()}, {s: n for s, (_, n) in fitted.items()}
+
+
 def unfit_image(image: torch.Tensor, shape: tuple[int, int, int], affine) -> torch.Tensor:
     """The inverse of :func:`fit_volume` for an image ``[1, N, N, N]`` (e.g. one generated for a fitted mask):
     resized trilinearly (voxel centres aligned) onto the padded cube of a ``shape`` volume with ``affine``

@@ -21,7 +21,9 @@ Preprocessing is identical for real and generated images (:func:`to_uint8_rgb`):
   whose D slices are the frames; x / 255 normalised with the Kinetics mean (0.43216, 0.394666, 0.37645)
   and std (0.22803, 0.22145, 0.216989) per RGB channel, as the weights' ``VideoClassification``
   transform. Unlike that transform, nothing is resized or cropped (MOTFM's 3D-FID neither): the network
-  ends in an adaptive pool, so any D, H, W >= 8 works.
+  ends in an adaptive pool, so any D, H, W >= 8 works. MOTFM's evaluation_3d/evaluate_3d.py feeds the
+  per-set min-max [0, 1] volumes without the Kinetics normalisation, so its 3D-FID values are not
+  comparable with these (same network, another input scale).
 
 An extractor has ``name``, ``weights_sha256`` (one fingerprint of everything loaded),
 ``weights_files`` (``{file name: sha256}`` of each weights file) and

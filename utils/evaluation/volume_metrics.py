@@ -50,13 +50,13 @@ from utils.evaluation.metrics import (
     frechet_distance,
     psnr_per_image,
 )
+from utils.images import PLANES
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 MS_SSIM_KERNEL = 5
 MS_SSIM_WEIGHTS = (0.1, 0.3, 0.6)
 MS_SSIM_MIN_SIDE = MS_SSIM_KERNEL * max(1, len(MS_SSIM_WEIGHTS) - 1) ** 2
-PLANES = {"HW": 2, "DW": 3, "DH": 4}  # plane name -> the axis of [N,1,D,H,W] its slices are taken along
 
 
 def ssim_per_volume(generated: torch.Tensor, real: torch.Tensor) -> np.ndarray:
@@ -129,11 +129,13 @@ def paired_volume_metrics(generated: torch.Tensor, real: torch.Tensor, masks: to
 
 
 def plane_slices(volumes: torch.Tensor, plane: str) -> torch.Tensor:
-    """Every slice of ``plane`` (a key of ``PLANES``) of ``[N,1,D,H,W]`` volumes as images ``[N*S,1,a,b]``,
-    volume by volume (S: the volumes' size along the sliced axis)."""
+    """Every slice of ``plane`` (one of :data:`utils.images.PLANES`) of ``[N,1,D,H,W]`` volumes as images
+    ``[N*S,1,a,b]``, volume by volume (S: the volumes' size along the sliced axis)."""
     if volumes.ndim != 5 or volumes.shape[1] != 1:
         raise ValueError(f"expected volumes [N,1,D,H,W], got shape {tuple(volumes.shape)}")
-    moved = volumes.movedim(PLANES[plane], 1)  # [N, S, 1, a, b]
+    if plane not in PLANES:
+        raise ValueError(f"plane must be one of {PLANES}, got {plane!r}")
+    moved = volumes.movedim(2 + PLANES.index(plane), 1)  # the fixed axis of [N,1,D,H,W] first: [N, S, 1, a, b]
     return moved.reshape(-1, 1, *moved.shape[-2:])
 
 

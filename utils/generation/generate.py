@@ -17,6 +17,14 @@ from utils.precision import autocast
 from utils.seeding import SampleNoise
 
 
+def default_batch_size(device: str, volumes: bool) -> int:
+    """Samples per generation batch when none is given: 64 on a GPU, 8 on a CPU; volumes one at a time (a
+    batch of 64 volumes of 96^3 does not fit a GPU). Shared by inferer.py and evaluate.py."""
+    if volumes:
+        return 1
+    return 64 if str(device).startswith("cuda") else 8
+
+
 @dataclass
 class Generated:
     images: torch.Tensor  # (N, 1, H, W) or (N, 1, D, H, W) float32 in [0, 1]

@@ -114,7 +114,7 @@ def export_paths(path: str | Path, overwrite: bool) -> tuple[Path, Path]:
 
 
 def export_dataset(path: str | Path, images: torch.Tensor, masks: torch.Tensor, sources: list[dict], manifest: dict,
-                   split: str = "train", overwrite: bool = False) -> Path:
+                   split: str = "train", overwrite: bool = False, affines: list | None = None) -> Path:
     """Generated images as a dataset file (:func:`utils.data.dataset_io.save_dataset`, ``.npz`` or the MOTFM
     ``.pkl`` layout by suffix) holding the one split ``split``, and its manifest.
 
@@ -122,7 +122,8 @@ def export_dataset(path: str | Path, images: torch.Tensor, masks: torch.Tensor, 
     the masks that conditioned them. ``sources[i]`` describes sample i's mask: ``source`` (index in its split
     or file name), and when the mask came from a dataset record its ``class`` and ``patient``; records get
     ``metadata`` ``{"sample": i, "source": ..., "source_patient": ...}`` (``source_patient``, not
-    ``patient``: the image is not that patient's) and ``class`` when every source has one.
+    ``patient``: the image is not that patient's) and ``class`` when every source has one. ``affines``
+    (volumes): each sample's affine [4, 4] on the model's grid, stored as the records' ``affine``.
     """
     from utils.data.dataset_io import save_dataset, to_uint8
 
@@ -136,6 +137,8 @@ def export_dataset(path: str | Path, images: torch.Tensor, masks: torch.Tensor, 
         record = {"image": to_uint8(images[i].numpy()), "mask": masks[i].numpy().astype(np.uint8), "metadata": meta}
         if with_class:
             record["class"] = int(source["class"])
+        if affines is not None:
+            record["affine"] = np.asarray(affines[i], dtype=np.float64)
         records.append(record)
     save_dataset(path, {split: records}, overwrite=overwrite)
     manifest_path.write_text(json.dumps({**manifest, "dataset": str(path), "split": split,

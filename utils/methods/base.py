@@ -47,6 +47,23 @@ def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> b
     return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
 
 
+def sample_scores(gen01: torch.Tensor, real01: torch.Tensor) -> dict[str, float]:
+    """``val/sample_ssim`` and ``val/sample_psnr``: evaluate.py's SSIM and PSNR of generated against real, each
+    pair ``(N, 1, H, W)`` or ``(N, 1, D, H, W)`` in [0, 1], averaged. Volumes get the 3-D SSIM
+    (:func:`utils.evaluation.volume_metrics.ssim_per_volume`), not the 2-D SSIM of their mid-slices; volumes
+    with a side under its window get PSNR only."""
+    scores = {}
+    if gen01.ndim == 5:
+        from utils.evaluation.volume_metrics import SSIM_WINDOW, ssim_per_volume
+
+        if min(gen01.shape[2:]) >= SSIM_WINDOW:
+            scores["val/sample_ssim"] = float(ssim_per_volume(gen01, real01).mean())
+    else:
+        scores["val/sample_ssim"] = float(ssim_per_image(gen01, real01).mean())
+    scores["val/sample_psnr"] = float(psnr_per_image(gen01, real01).mean())
+    return scores
+
+
 class SynthesisMethod(pl.LightningModule):
     """A mask-conditional image generator trained with Lightning; subclasses build ``self.model``.
 
@@ -198,19 +215,18 @@ class SynthesisMethod(pl.LightningModule):
                          batch_size=n, devices=[str(self.device)], progress=False,
                          classes=ds.classes[:n] if self.class_names else None).images
         real01 = to_unit(ds.x_1[:n])
-        # volumes: each shown (and scored) by its three orthogonal mid-slices
+        scores = sample_scores(gen01, real01)  # volumes scored whole, as evaluate.py scores them
+        # volumes: each shown by its three orthogonal mid-slices
         mask01 = mask_to_unit(mask, self.cfg.data_args.num_classes)
-        real01, gen01, mask01 = (display_tiles(x) for x in (real01, gen01, mask01))
-        grid = grid_image([mask01, real01, gen01], row_labels=["mask", "real", "generated"])
+        grid = grid_image([display_tiles(x) for x in (mask01, real01, gen01)], row_labels=["mask", "real", "generated"])
         out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
         save_png(grid, out)
         if self.logger is not None and hasattr(self.logger.experiment, "add_image"):
             self.logger.experiment.add_image("samples/mask_real_generated", grid, self.global_step,
                                              dataformats="HW")
-        ssim, psnr = ssim_per_image(gen01, real01).mean(), psnr_per_image(gen01, real01).mean()  # evaluate.py's
-        log.info("epoch %d: sample grid %s (SSIM %.3f, PSNR %.2f dB on %d validation masks)",
-                 self.current_epoch, out, ssim, psnr, n)
-        return {"val/sample_ssim": float(ssim), "val/sample_psnr": float(psnr)}
+        log.info("epoch %d: sample grid %s (%s on %d validation masks)", self.current_epoch, out,
+                 ", ".join(f"{k.split('_')[-1].upper()} {v:.3f}" for k, v in scores.items()), n)
+        return scores
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Under bf16 there is no loss scaler, so the gradients are already true and are clipped here by norm:

@@ -16,7 +16,7 @@ from flow_matching.path import AffineProbPath
 from flow_matching.path.scheduler import CondOTScheduler
 
 from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
-from utils.config import NFE_PER_STEP
+from utils.config import NFE_PER_STEP, ConfigError
 from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
 from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
@@ -28,12 +28,32 @@ from utils.methods.networks import (
     controlnet_parameter_counts,
 )
 from utils.methods.ode_sampler import sample
-from utils.methods.prior import warm_start_prior
+from utils.methods.prior import spacing_mismatch, warm_start_prior
 from utils.seeding import SampleNoise, fixed_times, seeded_generator
 
 log = logging.getLogger(__name__)
 # The training stream's extra entropy for condition dropout: its own draws, so t and eps do not change with it.
 DROPOUT_STREAM = 1
+
+
+def check_prior_spacing(spacing: tuple[float, ...], datamodule) -> None:
+    """``prior_args.spacing`` against the voxel spacing of the training volumes as the model sees them (records
+    with an affine; a resampled volume has isotropic voxels whatever its file's spacing): a spacing they do not
+    have is a ConfigError naming both; anisotropic volumes with no spacing given, a warning."""
+    spacings = datamodule.voxel_spacings()
+    i = spacing_mismatch(spacing, spacings)
+    if i is None:
+        return
+    have = " x ".join(f"{v:.3g}" for v in spacings[i])
+    if spacing:
+        raise ConfigError(
+            f"prior_args.spacing {list(spacing)} does not match the training volumes of {datamodule.cfg.path}: one "
+            f"has {have} mm voxels on the model's grid (volumes of another size are padded to a physical cube and "
+            f"resized to image_size^3, which makes their voxels isotropic; utils.data.resample). prior_args.spacing "
+            f"is the spacing of the fitted volumes, not of the files: set it to their proportions, or leave it empty "
+            f"for isotropic voxels")
+    log.warning("training volumes of %s have anisotropic voxels (%s mm) but prior_args.spacing is empty: the prior "
+                "blurs every axis by the same number of voxels", datamodule.cfg.path, have)
 
 
 class FlowMatchingModule(SynthesisMethod):
@@ -63,6 +83,8 @@ class FlowMatchingModule(SynthesisMethod):
     @classmethod
     def for_data(cls, config: dict, datamodule) -> FlowMatchingModule:
         label_values = datamodule.label_values(config["prior_args"]["mask_encoding"])
+        if config["prior_args"]["alpha"] > 0:
+            check_prior_spacing(tuple(config["prior_args"].get("spacing") or ()), datamodule)
         uses_class = "class" in config.get("conditioning_args", {}).get("mode", "mask")
         return cls(config, label_values, datamodule.class_names() if uses_class else None)
 

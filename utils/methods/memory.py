@@ -21,6 +21,7 @@ The meta run takes well under a second even for MOTFM's 96^3 network (tests/test
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -85,13 +86,25 @@ def estimate_training_memory(module) -> MemoryEstimate:
 
 def available_memory(accelerator: str, limit_gb: float) -> tuple[int, str]:
     """(bytes a training step may use, where that number comes from): ``limit_gb`` when > 0, else the free
-    memory of the current CUDA device (``accelerator`` "gpu") or the RAM the system reports available."""
+    memory of this process's CUDA device (``accelerator`` "gpu") or the RAM the system reports available."""
     if limit_gb > 0:
         return int(limit_gb * GIB), "train_args.memory_limit_gb"
     if accelerator == "gpu":
-        free, _ = torch.cuda.mem_get_info()
-        return free, f"free memory of {torch.cuda.get_device_name()}"
+        device = local_device_index()
+        free, _ = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {torch.cuda.get_device_name(device)} (cuda:{device})"
     return _available_ram(), "available RAM"
+
+
+def local_device_index() -> int:
+    """The GPU this process will train on: its local rank (torchrun's ``LOCAL_RANK``, SLURM's ``SLURM_LOCALID``),
+    0 for a process started alone. The check runs before Lightning picks the device; asking ``cuda:0`` from
+    every rank would measure one GPU for all and leave a CUDA context of every rank on GPU 0 for the whole run."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(name):
+            index = int(os.environ[name])
+            return index if index < torch.cuda.device_count() else 0  # one GPU bound per task: its cuda:0
+    return 0
 
 
 def _available_ram() -> int:
@@ -116,5 +129,7 @@ def check_training_memory(module, accelerator: str) -> MemoryEstimate:
             f"data_args.image_size {n} ({n}^{cfg.model_args.spatial_dims} voxels) with train_args.batch_size {b} "
             f"needs about {estimate.total_bytes / GIB:.2f} GiB per training step ({estimate.describe()}), more "
             f"than the {available / GIB:.2f} GiB of {source}: lower data_args.image_size or train_args.batch_size "
-            f"(keep train_args.effective_batch_size by accumulation), or a smaller model_args.channels")
+            f"(keep train_args.effective_batch_size by accumulation), or a smaller model_args.channels. The "
+            f"estimate is an upper bound (float32 activations; 16-/bf16-mixed precision saves many in half the "
+            f"bytes): to train anyway, set train_args.memory_limit_gb to the GiB the step may use")
     return estimate

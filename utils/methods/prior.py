@@ -39,6 +39,19 @@ def axis_sigmas(sigma: float, spacing: tuple[float, ...], dims: int) -> tuple[fl
     return tuple(sigma * finest / s for s in spacing)
 
 
+def spacing_mismatch(spacing: tuple[float, ...], data_spacings, rtol: float = 0.05) -> int | None:
+    """The index of the first of ``data_spacings`` (voxel spacings, one entry per axis, in array order) whose
+    proportions ``s / min(s)`` differ from those of ``spacing`` (empty: isotropic) by more than ``rtol``, else
+    None. Only the proportions matter to the blur (:func:`axis_sigmas`)."""
+    for i, data in enumerate(data_spacings):
+        want = tuple(spacing) or (1.0,) * len(data)
+        if len(want) != len(data):
+            return i
+        if any(abs((d / min(data)) / (w / min(want)) - 1.0) > rtol for d, w in zip(data, want)):
+            return i
+    return None
+
+
 def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float, padding: str = "reflect",
                   spacing: tuple[float, ...] = ()) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) or (B, C, D, H, W), same size out: one 1-D convolution per

@@ -94,31 +94,31 @@ def _resolve_file(flag_value, flag: str, env: str, hub_path: Path) -> tuple[Path
     return hub_path, "the torch hub cache"
 
 
-def resolve_inception_weights(flag_value: str | Path | None) -> Path:
-    """The Inception state-dict file: ``flag_value``, else ``$COMET_INCEPTION_WEIGHTS``, else the hub cache."""
-    path, source = _resolve_file(flag_value, "--inception_weights", INCEPTION_ENV, inception_hub_path())
+def _weights_file(flag_value, flag: str, env: str, hub_path: Path, what: str, origin: str, url: str,
+                  without: str) -> Path:
+    """The weights file from ``flag``, ``$env`` or ``hub_path`` (:func:`_resolve_file`); when it is not there, a
+    :class:`MissingWeightsError` saying what was tried, where the file comes from and where to put it."""
+    path, source = _resolve_file(flag_value, flag, env, hub_path)
     if path.is_file():
         return path
     raise MissingWeightsError(
-        f"Inception-v3 weights for FID/KID (2.5-D FID of volumes) not found: tried {path} (from {source}). They are "
-        f"torch-fidelity's converted TF Inception weights, normally downloaded from {INCEPTION_URL}. "
-        f"On a machine with internet, download that file and copy it to {inception_hub_path()}, or pass "
-        f"--inception_weights FILE, or set {INCEPTION_ENV}=FILE. "
-        "Use --skip_missing_metrics to evaluate without them."
+        f"{what} not found: tried {path} (from {source}). They are {origin}, normally downloaded from {url}. "
+        f"On a machine with internet, download that file and copy it to {hub_path}, or pass {flag} FILE, or set "
+        f"{env}=FILE. Use --skip_missing_metrics to evaluate without {without}."
     )
+
+
+def resolve_inception_weights(flag_value: str | Path | None) -> Path:
+    """The Inception state-dict file: ``flag_value``, else ``$COMET_INCEPTION_WEIGHTS``, else the hub cache."""
+    return _weights_file(flag_value, "--inception_weights", INCEPTION_ENV, inception_hub_path(),
+                         "Inception-v3 weights for FID/KID (2.5-D FID of volumes)",
+                         "torch-fidelity's converted TF Inception weights", INCEPTION_URL, "them")
 
 
 def resolve_r3d_weights(flag_value: str | Path | None) -> Path:
     """The R3D-18 state-dict file: ``flag_value``, else ``$COMET_R3D_WEIGHTS``, else the hub cache."""
-    path, source = _resolve_file(flag_value, "--r3d_weights", R3D_ENV, r3d_hub_path())
-    if path.is_file():
-        return path
-    raise MissingWeightsError(
-        f"R3D-18 weights for 3D-FID not found: tried {path} (from {source}). They are torchvision's "
-        f"Kinetics-400 video ResNet weights, normally downloaded from {R3D_URL}. On a machine with "
-        f"internet, download that file and copy it to {r3d_hub_path()}, or pass --r3d_weights FILE, or set "
-        f"{R3D_ENV}=FILE. Use --skip_missing_metrics to evaluate without 3D-FID."
-    )
+    return _weights_file(flag_value, "--r3d_weights", R3D_ENV, r3d_hub_path(), "R3D-18 weights for 3D-FID",
+                         "torchvision's Kinetics-400 video ResNet weights", R3D_URL, "3D-FID")
 
 
 def resolve_clip_dir(flag_value: str | Path | None) -> Path:

@@ -161,6 +161,17 @@ def test_spacing_needs_one_entry_per_axis():
     assert load_config(TINY_3D, ["prior_args.spacing=[3.0, 1.0, 1.0]"]).prior_args.spacing == (3.0, 1.0, 1.0)
 
 
+def test_volumes_smaller_than_the_3d_ssim_window_are_refused_naming_the_key():
+    from utils.config import config_from_dict, read_yaml_mapping
+
+    values = read_yaml_mapping(TINY_3D)
+    values["data_args"] = {**values["data_args"], "image_size": 8, "synthetic": None}  # a data file of 8^3 volumes
+    with pytest.raises(ConfigError, match=r"data_args\.image_size must be >= 16 for volumes .* got 8"):
+        config_from_dict(values)
+    values["model_args"] = {**values["model_args"], "spatial_dims": 2}
+    assert config_from_dict(values).data_args.image_size == 8  # images of 8 x 8 may be
+
+
 # --- memory ------------------------------------------------------------------------------------------------------
 def tiny_module(overrides=()):
     from utils.methods.flow_matching import FlowMatchingModule

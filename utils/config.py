@@ -47,6 +47,9 @@ VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/" + VGG19_FILE
 
 
+MIN_VOLUME_SIZE = 16  # data_args.image_size of a 3-D model
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and the key."""
 
@@ -490,6 +493,9 @@ class Config:
         _require(dims == 2 or self.method == "flow_matching", "model_args.spatial_dims",
                  f"3 (volumes) is only supported by method flow_matching (COMET, MOTFM); method {self.method} "
                  f"is 2-D only: set model_args.spatial_dims to 2 or method to flow_matching")
+        _require(dims == 2 or self.data_args.image_size >= MIN_VOLUME_SIZE, "data_args.image_size",
+                 f"must be >= {MIN_VOLUME_SIZE} for volumes (the 3-D SSIM's window is 11 voxels, the brain phantom's "
+                 f"smallest side 16), got {self.data_args.image_size}")
         if self.prior_args is not None:
             spacing = self.prior_args.spacing
             _require(len(spacing) in (0, dims), "prior_args.spacing",

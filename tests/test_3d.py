@@ -4,6 +4,7 @@ methods that refuse volumes, and a tiny fit + sample through trainer.py and infe
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +254,9 @@ def test_tiny_3d_fit_writes_mid_slice_sample_grids_and_logs_its_memory(tiny_3d_r
     run = tiny_3d_run / "runs" / "tiny_3d"
     assert (run / "last.ckpt").is_file()
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["epoch0000.png", "epoch0001.png"]
-    assert "memory: a training step at 16^3 voxels, batch 2, needs about" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "memory: a training step at 16^3 voxels, batch 2, needs about" in log
+    assert re.search(r"epoch 1: sample grid .*epoch0001\.png \(SSIM \d\.\d{3}, PSNR \d+\.\d\d dB on 2 validation", log)
 
 
 def test_logged_sample_ssim_of_volumes_is_evaluate_pys_3d_ssim(tiny_3d_run):

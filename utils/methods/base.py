@@ -224,8 +224,9 @@ class SynthesisMethod(pl.LightningModule):
         if self.logger is not None and hasattr(self.logger.experiment, "add_image"):
             self.logger.experiment.add_image("samples/mask_real_generated", grid, self.global_step,
                                              dataformats="HW")
+        units = {"val/sample_ssim": "SSIM {:.3f}", "val/sample_psnr": "PSNR {:.2f} dB"}
         log.info("epoch %d: sample grid %s (%s on %d validation masks)", self.current_epoch, out,
-                 ", ".join(f"{k.split('_')[-1].upper()} {v:.3f}" for k, v in scores.items()), n)
+                 ", ".join(units[k].format(v) for k, v in scores.items()), n)
         return scores
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -25,6 +25,26 @@ BEST_NAMES = ("best-epoch001-valloss0.500000.ckpt", "best-epoch002-valloss0.1000
 LOWEST_VAL_LOSS = "best-epoch002-valloss0.100000.ckpt"
 
 
+def time_effect(config_path: str, overrides: list[str] = ()) -> float:
+    """max |v(t = 0.1) - v(t = 0.9)| of the config's flow-matching network at its image size, its zero-initialised
+    layers (the zero convolutions and the UNet's output layer) woken up; near 0 when the network cannot see t."""
+    import torch
+
+    from utils.config import load_config
+    from utils.methods.networks import build_model
+
+    cfg = load_config(config_path, list(overrides))
+    torch.manual_seed(0)
+    model = build_model(cfg.model_args, cfg.data_args.num_classes)
+    for p in model.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    shape = (1, 1) + (cfg.data_args.image_size,) * cfg.model_args.spatial_dims
+    x, mask = torch.randn(shape), torch.randint(0, cfg.data_args.num_classes, shape)
+    with torch.no_grad():
+        return float((model(x, torch.tensor([0.1]), mask) - model(x, torch.tensor([0.9]), mask)).abs().max())
+
+
 def run_with_several_best(tiny_run: Path, tmp: Path) -> Path:
     """A run directory under ``tmp`` holding the tiny run's last.ckpt under each of BEST_NAMES and as itself."""
     import shutil

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_overrides
+from conftest import time_effect, tiny_overrides
 
 from utils.config import ConfigError, config_to_dict, load_config
 from utils.methods.prior import gaussian_blur, gaussian_kernel1d, warm_start_prior
@@ -115,24 +115,10 @@ def test_one_hot_mask_input_of_a_volume_has_one_channel_per_label_and_drops_labe
     assert cond[0, 2].abs().max() == 0 and cond[1].abs().max() == 0  # label 2 -> background; none kept -> null
 
 
-def time_effect(overrides: list[str]) -> float:
-    """max |v(t = 0.1) - v(t = 0.9)| of the tiny 3-D network, its zero-initialised layers woken up."""
-    from utils.methods.networks import build_model
-
-    torch.manual_seed(0)
-    model = build_model(load_config(TINY_3D, overrides).model_args, 4)
-    for p in model.parameters():
-        if not p.any():  # the zero convolutions and the UNet's zero output layer
-            torch.nn.init.normal_(p, std=0.1)
-    x, mask = torch.randn(1, 1, N, N, N), torch.randint(0, 4, (1, 1, N, N, N))
-    with torch.no_grad():
-        return float((model(x, torch.tensor([0.1]), mask) - model(x, torch.tensor([0.9]), mask)).abs().max())
-
-
 def test_tiny_3d_time_embedding_survives_the_group_norm():
     """8 groups on 8 channels normalise each channel alone and erase the time embedding added to it."""
-    assert time_effect([]) > 1e-3
-    assert time_effect(["model_args.norm_num_groups=8"]) < 1e-5
+    assert time_effect(TINY_3D) > 1e-3
+    assert time_effect(TINY_3D, ["model_args.norm_num_groups=8"]) < 1e-5
 
 
 def test_contrastive_loss_on_volumes_equals_the_loss_on_their_flattened_images():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import time_effect
 from monai.networks.nets import controlnet as monai_controlnet
 from monai.networks.nets import diffusion_model_unet as monai_unet
 
@@ -94,3 +95,11 @@ def test_the_controlnet_starts_as_an_exact_copy_of_the_unet_encoder(model):
     assert all(not control[k].any() for k in zero)
     assert only_control - zero == {"controlnet_cond_embedding.conv_in.conv.weight",
                                    "controlnet_cond_embedding.conv_in.conv.bias"}
+
+
+@pytest.mark.parametrize("config", ["configs/tiny.yaml", "configs/meddtfm_tiny.yaml"])
+def test_the_tiny_networks_see_the_time(config):
+    """A GroupNorm of one channel per group subtracts the time embedding added to that channel: the network
+    would be blind to t, and every test of time dependence on the tiny configs vacuous."""
+    assert time_effect(config) > 1e-3
+    assert time_effect(config, ["model_args.norm_num_groups=8"]) < 1e-5

@@ -22,7 +22,7 @@ if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   echo "setup.sh: .venv is up to date"
   exit 0
 fi
-pip=(.venv/bin/python -m pip install --quiet)
+pip=(.venv/bin/python -m pip install --quiet --no-cache-dir)  # no second copy of the wheels on disk
 torch_version() { .venv/bin/python -m pip show torch 2>/dev/null | sed -n 's/^Version: //p'; }
 has_gpu() { command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }
 

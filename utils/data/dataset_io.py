@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.data.folder_dataset import load_folder_dataset
-from utils.data.layout import SPLITS, DatasetError
+from utils.data.layout import SPLITS, DatasetError, as_labels
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def _normalise_record(record, path: Path, split: str, i: int, class_index: dict[
             raise DatasetError(f"{where} has no '{key}' (keys: {sorted(record)})")
     image, mask = _to_numpy(record["image"]), _to_numpy(record["mask"])
     out = {"image": image[None] if image.ndim == 2 else image,
-           "mask": _as_labels(mask[None] if mask.ndim == 2 else mask, where)}
+           "mask": as_labels(mask[None] if mask.ndim == 2 else mask, where)}
     if record.get("affine") is not None:
         out["affine"] = _affine(record["affine"], where)
     meta = record.get("metadata") or {}
@@ -217,20 +217,6 @@ def _affine(value, where: str) -> np.ndarray:
         raise DatasetError(f"{where}: affine is singular (voxel sizes {np.linalg.norm(affine[:3, :3], axis=0).tolist()}"
                            f" mm); every voxel axis needs a non-zero size and its own direction")
     return affine
-
-
-def _as_labels(mask: np.ndarray, where: str) -> np.ndarray:
-    """Integer-valued masks as ``uint8`` labels when they fit; a float mask must hold whole numbers."""
-    if mask.dtype.kind == "f":
-        bad = ~np.isfinite(mask) | (mask != np.round(mask))
-        if bad.any():
-            raise DatasetError(
-                f"{where}: mask holds the non-integer value {mask[bad].flat[0]!r}; masks must hold "
-                "integer labels (0, 1, 2, ...), not labels rescaled to [0, 1]"
-            )
-    if mask.dtype.kind in "biuf" and mask.size and mask.min() >= 0 and mask.max() <= 255:
-        return mask.astype(np.uint8, copy=False)
-    return mask
 
 
 def _load_npz(path: Path) -> dict[str, list[dict]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.layout import DatasetError
+from utils.data.layout import DatasetError, as_labels
 from utils.data.nifti import read_volume, voxel_spacing, write_volume
 
 AFFINE_TOLERANCE = 1e-3  # mm: image and mask geometry must agree to this
@@ -67,10 +67,7 @@ def _labels(mask: np.ndarray, path: Path) -> np.ndarray:
     """``mask`` as ``uint8`` labels; non-integer, negative or > 255 values are an error naming ``path``."""
     if mask.dtype.kind not in "biuf":
         raise DatasetError(f"{path}: mask dtype {mask.dtype}, expected integer labels")
-    bad = ~np.isfinite(mask) | (mask != np.round(mask)) if mask.dtype.kind == "f" else np.zeros(mask.shape, bool)
-    if bad.any():
-        raise DatasetError(f"{path}: mask holds the non-integer value {float(mask[bad].flat[0]):g}; masks hold "
-                           "integer labels (0, 1, 2, ...)")
+    mask = as_labels(mask, str(path))
     if mask.size and (mask.min() < 0 or mask.max() > 255):
         raise DatasetError(f"{path}: mask labels span [{float(mask.min()):g}, {float(mask.max()):g}]; labels are "
                            "0..255 (0 background)")

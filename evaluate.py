@@ -38,6 +38,7 @@ import os
 import sys
 from pathlib import Path
 
+from utils.cli import docstring_parser
 from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
 
 log = logging.getLogger("comet.evaluate")
@@ -55,8 +56,7 @@ NOT_FOR_VOLUMES = {  # 2-D-only parts, recorded as skipped when the data are vol
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__)
     src = p.add_argument_group("what to evaluate")
     src.add_argument("--checkpoint", help="a .ckpt file or a run directory (generates the samples)")
     src.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")

@@ -36,14 +36,14 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.cli import docstring_parser
 from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES, SAMPLERS
 
 log = logging.getLogger("comet.inferer")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__)
     p.add_argument("--checkpoint", help="a .ckpt file or a run directory (default: the run of --config_path)")
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
     p.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")

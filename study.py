@@ -18,10 +18,11 @@ import logging
 import shlex
 import sys
 
+from utils.cli import docstring_parser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__)
     p.add_argument("study", help="study file (configs/studies/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study file, e.g. --set seeds=[0,1] (repeatable)")

@@ -69,8 +69,9 @@ COLUMNS = (("setting", "setting"), ("task", "task"), ("batch", "batch_size"), ("
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from utils.cli import docstring_parser
+
+    p = docstring_parser(__doc__)
     p.add_argument("--config_path", help="network, prior and loss (default: configs/comet_camus.yaml; "
                                          "with --tiny configs/tiny.yaml)")
     p.add_argument("--batch_sizes", type=int, nargs="+", help="batch sizes (default: 16 32; --tiny: 2)")

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from utils.cli import docstring_parser
+
 log = logging.getLogger("comet.conditioning")
 
 
@@ -190,9 +192,7 @@ def guidance_markdown(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.evaluation.conditioning", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__, prog="python -m utils.evaluation.conditioning")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("classes", "classify images generated for each class"),
                        ("guidance", "mask adherence for each guidance scale")):

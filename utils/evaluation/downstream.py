@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.cli import docstring_parser
 from utils.evaluation.segmenter import (
     SCORES,
     Recipe,
@@ -164,9 +165,7 @@ def markdown(summary: dict, sizes: dict, seeds: list[int], info: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.evaluation.downstream", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__, prog="python -m utils.evaluation.downstream")
     p.add_argument("--real", required=True, help="the real dataset (train and test splits)")
     p.add_argument("--synthetic", required=True, help="a synthetic dataset file (inferer.py --export)")
     p.add_argument("--output", required=True, help="directory for downstream.csv/.json/.md")

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.cli import docstring_parser
+
 log = logging.getLogger(__name__)
 
 PAIRS_SHOWN = 8
@@ -157,9 +159,7 @@ def report_section(s: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.evaluation.memorisation", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__, prog="python -m utils.evaluation.memorisation")
     p.add_argument("--generated", required=True, help="dataset file of generated images (inferer.py --export)")
     p.add_argument("--data", required=True, help="the real dataset (its train and test splits)")
     p.add_argument("--output", required=True, help="directory for the audit files")

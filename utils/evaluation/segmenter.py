@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.cli import docstring_parser
+
 log = logging.getLogger(__name__)
 
 CAMUS_LABELS = ("LV cavity", "myocardium", "LA cavity")
@@ -258,9 +260,7 @@ def format_scores(scores: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.evaluation.segmenter", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__, prog="python -m utils.evaluation.segmenter")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on a dataset's train split and score it on its test split")
     t.add_argument("--data", required=True, help="dataset file (.npz/.pkl) or folder with train and test splits")

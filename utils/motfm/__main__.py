@@ -19,14 +19,14 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.cli import docstring_parser
+
 log = logging.getLogger("comet.motfm")
 CHECKPOINT = "imported.ckpt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.motfm", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = docstring_parser(__doc__, prog="python -m utils.motfm")
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("import", help="convert a MOTFM checkpoint and YAML")
     i.add_argument("--checkpoint", required=True, help="MOTFM's .ckpt (Lightning)")

@@ -36,7 +36,8 @@ def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tm
     assert _eval(tiny_run, out, "--skip_missing_metrics") == 0
     results = json.loads((out / "metrics.json").read_text())
     m = results["metrics"]
-    assert list(m) == ["fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice"]
+    assert list(m) == ["fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice", "frd_v0", "frd_v1",
+                       "precision", "recall", "density", "coverage", "pairwise_dissimilarity", "pixel_std"]
     for name in ("fid", "kid", "cmmd"):
         assert "not found" in m[name]["skipped"] or "not given" in m[name]["skipped"]
     for name in ("ssim", "psnr", "b_dice", "surface_dice", "hd95"):

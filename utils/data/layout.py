@@ -1,11 +1,14 @@
-"""The names every dataset reader shares: the splits, the echo image classes, the error a bad dataset raises, and
-the check that a mask holds integer labels."""
+"""The names every dataset reader shares: the splits, the echo image classes, the phantoms' redraw stream, the error
+a bad dataset raises, and the check that a mask holds integer labels."""
 
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
 # The image class of an echo record (CAMUS and the synthetic phantom): view x phase, as MOTFM's CAMUS setting.
 VIEW_PHASE_CLASSES = ("2CH_ED", "2CH_ES", "4CH_ED", "4CH_ES")
+# The synthetic phantoms redraw a patient's appearance (the evaluation's oracle) from default_rng([seed, patient,
+# REDRAW_STREAM + k]): a stream no patient's own default_rng([seed, patient]) can be.
+REDRAW_STREAM = 1_000_003
 
 
 def view_phase_class(view: str, phase: str) -> int:

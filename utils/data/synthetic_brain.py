@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.layout import SPLITS
+from utils.data.layout import REDRAW_STREAM, SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,12 @@ def brain_affine(size: int) -> np.ndarray:
     return affine
 
 
-def render_brain(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Patient ``index``: ``(image uint8 [D, H, W], mask uint8 [D, H, W], hemisphere 0 left | 1 right)``."""
+def render_brain(size: int, seed: int, index: int, redraw: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Patient ``index``: ``(image uint8 [D, H, W], mask uint8 [D, H, W], hemisphere 0 left | 1 right)``.
+
+    ``redraw`` k >= 0: the same head, ventricles and tumour (the mask bit for bit), with tissue texture,
+    intensities and noise drawn from ``default_rng([seed, index, REDRAW_STREAM + k])`` (the evaluation's oracle).
+    """
     from scipy import ndimage
 
     rng = np.random.default_rng([seed, index])
@@ -103,6 +107,9 @@ def render_brain(size: int, seed: int, index: int) -> tuple[np.ndarray, np.ndarr
     ventricles = _ventricles(grid, head_centre, u(0.8, 1.3))
     mask = _tumour(grid, rng, head_centre, head_axes, hemisphere) * brain
 
+    if redraw is not None:  # everything below is appearance
+        rng = np.random.default_rng([seed, index, REDRAW_STREAM + redraw])
+        u = rng.uniform
     texture = _smooth_field(rng, grid)
     image = np.where(head <= 1.0, 0.5, 0.0)
     tissue = np.where(head <= 0.78, u(0.3, 0.4), u(0.4, 0.5)) * np.exp(0.15 * texture)

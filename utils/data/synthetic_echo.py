@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.data.layout import view_phase_class
+from utils.data.layout import REDRAW_STREAM, view_phase_class
 
 logger = logging.getLogger(__name__)
 
@@ -89,19 +89,33 @@ def build_synthetic_dataset(
     return data
 
 
-def render_patient(size: int, seed: int, index: int) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    """The 4 frames of patient ``index``: ``[(view, phase, image uint8 [H,W], mask uint8 [H,W])]``."""
+def render_patient(size: int, seed: int, index: int, redraw: int | None = None
+                   ) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """The 4 frames of patient ``index``: ``[(view, phase, image uint8 [H,W], mask uint8 [H,W])]``.
+
+    ``redraw`` k >= 0 renders the same patient again with new tissue texture and speckle, drawn from
+    ``default_rng([seed, index, REDRAW_STREAM + k])``: anatomy, scanner settings and masks are those of
+    ``redraw=None`` bit for bit (the patient's own stream is still consumed draw for draw), the images are
+    another sample of what this phantom makes of those masks (the evaluation's oracle).
+    """
     rng = np.random.default_rng([seed, index])
+    noise_rng = rng if redraw is None else np.random.default_rng([seed, index, REDRAW_STREAM + redraw])
     p = _draw_patient(rng)
     grid = _grid(size)
     frames = []
     for view in VIEWS:
         v = _draw_view(rng, view)
-        texture = _smooth_texture(rng, grid)  # one tissue plane per view, shared by ED and ES
+        texture = _redrawn(rng, noise_rng, lambda g: _smooth_texture(g, grid))  # shared by ED and ES
         for phase in PHASES:
-            image, mask = _render_frame(grid, p, v, phase, texture, rng)
+            image, mask = _render_frame(grid, p, v, phase, texture, rng, noise_rng)
             frames.append((view, phase, image, mask))
     return frames
+
+
+def _redrawn(rng: np.random.Generator, noise_rng: np.random.Generator, draw):
+    """``draw(noise_rng)``, after ``draw(rng)`` when they differ, so ``rng`` is left where a plain render leaves it."""
+    value = draw(rng)
+    return value if noise_rng is rng else draw(noise_rng)
 
 
 def _draw_patient(rng: np.random.Generator) -> dict:
@@ -200,8 +214,10 @@ def _bullet(u, v, length: float, kappa: float, half_width, wall_u: float, wall_v
     return (_radius(u, v, centre, centre + wall_u, half_width + wall_v, harmonics) <= 1.0) & (u <= length)
 
 
-def _render_frame(grid: dict, p: dict, v: dict, phase: str, texture: np.ndarray, rng: np.random.Generator):
-    """One frame: ``(image uint8 [H, W], mask uint8 [H, W])``."""
+def _render_frame(grid: dict, p: dict, v: dict, phase: str, texture: np.ndarray, rng: np.random.Generator,
+                  noise_rng: np.random.Generator):
+    """One frame: ``(image uint8 [H, W], mask uint8 [H, W])``; the speckle from ``noise_rng`` (see
+    :func:`render_patient`)."""
     from scipy import ndimage
 
     es = phase == "ES"
@@ -255,7 +271,7 @@ def _render_frame(grid: dict, p: dict, v: dict, phase: str, texture: np.ndarray,
     echo = ndimage.gaussian_filter(echo, (1.0 * px, 1.8 * px)) + p["clutter"] * grid["near_field"]
 
     # Speckle: smoothed complex noise in (depth, angle) bins, so grains widen laterally with depth.
-    noise = rng.standard_normal((2, size, size), dtype=np.float32)
+    noise = _redrawn(rng, noise_rng, lambda g: g.standard_normal((2, size, size), dtype=np.float32))
     noise = ndimage.gaussian_filter(noise, (0, 0.9 * px * p["speckle"], 1.6 * px * p["speckle"]))
     speckle = np.hypot(noise[0], noise[1])
     # nearest-bin scan conversion; the blur hides its steps and the sub-pixel angle bins near the apex

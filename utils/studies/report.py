@@ -16,7 +16,7 @@ SAMPLE_ROWS = 6  # masks shown in samples.png
 
 def metric_order() -> tuple[tuple[str, ...], dict[str, bool]]:
     """The seed's column order then ours, and which direction is better (evaluate.py's definitions)."""
-    from evaluate import HIGHER_IS_BETTER, METRICS
+    from utils.evaluation.columns import HIGHER_IS_BETTER, METRICS
 
     return (*METRICS, "mask_dice"), {**HIGHER_IS_BETTER, "mask_dice": True}
 

@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num_samples", type=int, help="images to generate (default: 2000; volumes: one per mask of the "
                                                       "split)")
     gen.add_argument("--samples_per_mask", type=int, metavar="K",
-                     help="K samples with distinct noise for every mask of the split (K x masks in all; instead of "
-                          "--num_samples): per-mask diversity and the mean-of-K row (studies use K >= 4)")
+                     help="K samples with distinct noise per mask: K for every mask of the split, or with "
+                          "--num_samples N for its first N/K masks; per-mask diversity and the mean-of-K row use "
+                          "them (studies use K >= 4)")
     gen.add_argument("--num_steps", type=int,
                      help="sampler steps (default: the checkpoint's sampling_args.num_steps, 10 when shipped)")
     gen.add_argument("--method", choices=ALL_SAMPLERS,
@@ -211,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --surface_dice_tolerance must be > 0, got {args.surface_dice_tolerance}")
     if args.samples and args.overrides:
         raise SystemExit("error: --set changes the checkpoint's config; it does not apply to --samples")
-    if args.samples_per_mask is not None and (args.samples_per_mask < 1 or args.num_samples or args.samples):
-        raise SystemExit("error: --samples_per_mask K must be >= 1, generates K samples for each mask of the split, "
-                         "and replaces --num_samples (it does not apply to --samples)")
+    if args.samples_per_mask is not None and (args.samples_per_mask < 1 or args.samples):
+        raise SystemExit("error: --samples_per_mask K must be >= 1 and generates samples (it does not apply to "
+                         "--samples)")
 
     from utils.config import ConfigError
     from utils.data.dataset_io import DatasetError
@@ -280,8 +281,8 @@ def run(args) -> int:
     segmenter = None if volumes else _segmenter(args, data_path, num_classes)  # trained or loaded before generating
 
     if module is not None:
-        n = args.num_samples or default_num_samples(len(records), volumes, args.samples_per_mask)
-        indices = torch.arange(n) % len(records)  # mask by mask, K times round the split
+        n, num_masks = sample_plan(args.num_samples, args.samples_per_mask, len(records), volumes)
+        indices = torch.arange(n) % num_masks  # mask by mask, round the masks again and again
         masks = split_masks[indices]
         batch = args.batch_size or default_batch_size(device, volumes)
         classes = None
@@ -371,13 +372,21 @@ def _record_grid(record: dict):
     return VolumeGrid() if record.get("affine") is None else VolumeGrid(np.asarray(record["affine"], np.float64))
 
 
-def default_num_samples(num_masks: int, volumes: bool, per_mask: int | None = None) -> int:
-    """Samples to generate when --num_samples is not given: ``per_mask`` for each mask of the split
-    (--samples_per_mask), else 2000 images (FID needs thousands), or one volume per mask of the split (2000
-    volumes of 96^3 are 7 GB of float32 and days of generation; MMD holds them as float64 matrices)."""
-    if per_mask:
-        return per_mask * num_masks
-    return num_masks if volumes else 2000
+def sample_plan(num_samples: int | None, per_mask: int | None, split_masks: int, volumes: bool) -> tuple[int, int]:
+    """(samples to generate, masks they use: the split's first ones), from --num_samples N and --samples_per_mask K.
+
+    K alone: K samples for every mask of the split. N alone: N samples cycling over all masks. Both: N / K masks,
+    K samples each (N a multiple of K, N / K masks at most the split's). Neither: 2000 images (FID needs
+    thousands) or one volume per mask (2000 volumes of 96^3 are 7 GB of float32 and days of generation)."""
+    if per_mask is None:
+        return num_samples or (split_masks if volumes else 2000), split_masks
+    if num_samples is None:
+        return per_mask * split_masks, split_masks
+    if num_samples % per_mask or num_samples // per_mask > split_masks:
+        raise SystemExit(f"error: --num_samples {num_samples} with --samples_per_mask {per_mask} needs a multiple of "
+                         f"{per_mask} and at most {per_mask * split_masks} samples (the split has {split_masks} "
+                         "masks); or leave out --num_samples for every mask of the split")
+    return num_samples, num_samples // per_mask
 
 
 def _comparison(args, config: dict, dataset: dict, records: list[dict], real, masks, images, indices,

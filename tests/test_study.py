@@ -53,7 +53,8 @@ def test_mask_dice_is_the_segmenters_dice_averaged_over_labels():
 
 def _study(tmp_path, tiny_data, **extra) -> str:
     spec = {"name": "tiny_study", "config": "configs/tiny.yaml", "seeds": [0, 1], "output_dir": str(tmp_path),
-            "evaluation": {"num_samples": 4, "num_steps": 2, "n_boot": 20, "segmenter": "auto"},
+            "evaluation": {"num_samples": 12, "samples_per_mask": 2, "num_steps": 2, "n_boot": 20,
+                           "segmenter": "auto"},
             "rows": [{"name": "MOTFM", "set": ["prior_args.alpha=0", "contrastive_args.weight=0",
                                                f"data_args.path={tiny_data}", "train_args.max_epochs=1"]},
                      {"name": "+ warm start", "set": ["contrastive_args.weight=0", f"data_args.path={tiny_data}",
@@ -106,14 +107,20 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
 
     out = tmp_path / "tiny_study"
     md = (out / "results.md").read_text()
-    header = next(line for line in md.splitlines() if line.startswith("| Method"))
+    paired, beyond = [line for line in md.splitlines() if line.startswith("| Method")][::2]
     # the seed's order, then surface Dice; FID/KID/CMMD not measured without weights
-    assert header == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ | NSD↑ | mask Dice↑ |"
-    assert "## Difference from MOTFM" in md and "| + warm start | " in md and "2 training seeds [0, 1]" in md
+    assert paired == "| Method | SSIM↑ | PSNR↑ | B-Dice↑ | HD95↓ | NSD↑ | mask Dice↑ |"
+    assert beyond == ("| Method | FRDv0↓ | FRDv1↓ | Prec↑ | Rec↑ | Dens↑ | Cov↑ | 1-SSIM(K)↑ | pixel std(K)↑ |")
+    assert "Difference from MOTFM:" in md and "| + warm start | " in md and "2 training seeds [0, 1]" in md
+    assert "12 samples of 6 distinct masks of split 'test' (2 per mask)" in md
+    oracle = [line for line in md.splitlines() if line.startswith("| *oracle: a perfect sampler* |")]
+    assert len(oracle) == 2 and "–" not in oracle[0]  # the tiny data are the echo phantom: an oracle row
+    assert "Smallest difference from MOTFM this design detects with 80% power" in md
     results = json.loads((out / "results.json").read_text())
     assert results["rows"]["MOTFM"]["ssim"]["n_seeds"] == 2
-    assert len(results["runs"]) == 6 and len(results["runs"][0]["per_image"]["ssim"]) == 4
-    assert sum(1 for _ in open(out / "results.csv")) == 1 + 6 * 4
+    assert results["rows"]["MOTFM"]["frd_v0"]["n_seeds"] == 2
+    assert len(results["runs"]) == 6 and len(results["runs"][0]["per_image"]["ssim"]) == 12
+    assert sum(1 for _ in open(out / "results.csv")) == 1 + 6 * 12
     assert "Rows evaluated at other step counts: MOTFM 1 step: 1." in md
     for name in ("samples.png", "metrics.png", "configs/motfm.yaml", "configs/warm_start.yaml"):
         assert (out / name).is_file(), name

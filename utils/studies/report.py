@@ -15,55 +15,92 @@ SAMPLE_ROWS = 6  # masks shown in samples.png
 
 
 def metric_order() -> tuple[tuple[str, ...], dict[str, bool]]:
-    """The seed's column order then ours, and which direction is better (evaluate.py's definitions)."""
-    from utils.evaluation.columns import HIGHER_IS_BETTER, METRICS
+    """The seed's column order, the segmenter's mask Dice, then the distribution and diversity columns, and which
+    direction is better (evaluate.py's definitions)."""
+    from utils.evaluation.columns import COMPARED, HIGHER_IS_BETTER, METRICS
 
-    return (*METRICS, "mask_dice"), {**HIGHER_IS_BETTER, "mask_dice": True}
-
-
-# NSD: normalised surface Dice at evaluate.py's tolerance; mask Dice: the segmenter's, mean over labels
-LABELS = {"b_dice": "B-Dice", "surface_dice": "NSD", "mask_dice": "mask Dice"}
+    return (*METRICS, "mask_dice", *COMPARED), HIGHER_IS_BETTER
 
 
-def column(metric: str, higher: dict[str, bool]) -> str:
-    return f"{LABELS.get(metric, metric.upper())}{'↑' if higher[metric] else '↓'}"
-
-
-def _cell(c: dict | None, signed: bool = False) -> str:
+def _cell(c: dict | None, signed: bool = False, flag: str = "") -> str:
     if c is None:
         return "skipped"
     fmt = "{:+.4g}" if signed else "{:.4g}"
-    text = fmt.format(c["mean"])
+    text = fmt.format(c["mean"]) + flag
     if c["lo"] is not None:
         text += f" [{c['lo']:.4g}, {c['hi']:.4g}]"
     return text + (" *" if c.get("excludes_zero") else "")
 
 
+def _flag(metric: str, mean: float, oracle: dict) -> str:
+    """▲ for a paired score above the oracle's (only averaging gets there), ▼ for less diversity than it."""
+    from utils.evaluation.columns import DIVERSITY, HIGHER_IS_BETTER, PAIRED
+    from utils.evaluation.comparison import FLAG_AVERAGING, FLAG_COLLAPSE
+
+    ref = oracle.get(metric)
+    if ref is None:
+        return ""
+    if metric in PAIRED and (mean > ref if HIGHER_IS_BETTER[metric] else mean < ref):
+        return FLAG_AVERAGING
+    return FLAG_COLLAPSE if metric in DIVERSITY and mean < ref else ""
+
+
+def _tables(spec: StudySpec, summary: dict, shown: list[str]) -> list[str]:
+    """The rows (with the oracle's, flagged against it) and their differences from the baseline, for ``shown``."""
+    from utils.evaluation.columns import column
+
+    rows, oracle, base = summary["rows"], summary["oracle"], spec.baseline_row
+    head = ["| Method | " + " | ".join(column(m) for m in shown) + " |", "|---|" + "---|" * len(shown)]
+    lines = [*head, *(f"| {r.name} | " + " | ".join(
+        _cell(rows[r.name].get(m), flag=_flag(m, rows[r.name][m]["mean"], oracle) if m in rows[r.name] else "")
+        for m in shown) + " |" for r in spec.rows)]
+    if oracle:
+        lines.append("| *oracle: a perfect sampler* | " + " | ".join(
+            f"{oracle[m]:.4g}" if m in oracle else "–" for m in shown) + " |")
+    lines += ["", f"Difference from {base}:", "", *head]
+    lines += [f"| {r.name} | " + " | ".join(_cell(summary["differences"][r.name].get(m), signed=True)
+                                             for m in shown) + " |" for r in spec.rows if r.name != base]
+    return lines
+
+
 def results_markdown(spec: StudySpec, summary: dict, command: str) -> str:
-    metrics, higher = metric_order()
+    from utils.evaluation.columns import COMPARED, label
+
+    metrics, _ = metric_order()
     shown = [m for m in metrics if any(m in summary["rows"][r.name] for r in spec.rows)]
     first = summary["runs"][spec.rows[0].name, spec.seeds[0]]
     n, masks = len(first.source_index), len(set(first.source_index.tolist()))
     e = spec.evaluation
-    head = "| Method | " + " | ".join(column(m, higher) for m in shown) + " |"
-    rule = "|---|" + "---|" * len(shown)
     about = [spec.description.strip(), ""] if spec.description.strip() else []
     lines = [f"# Study `{spec.name}`", "", *about, f"Command: `{command}`", "",
              f"{len(spec.seeds)} training seeds {list(spec.seeds)}; each run evaluated on {n} samples of {masks} "
-             f"distinct masks of split '{e.split}', noise seed {e.noise_seed}, {e.num_steps} steps of its sampler. "
-             "Cells: mean over training seeds [95% t-interval over seeds].", "", head, rule]
-    lines += [f"| {r.name} | " + " | ".join(_cell(summary["rows"][r.name].get(m)) for m in shown) + " |"
-              for r in spec.rows]
-    base = spec.baseline_row
-    lines += ["", f"## Difference from {base}", "",
-              "Row minus baseline within each training seed (per-image metrics paired sample by sample on the "
-              "same masks and noise), then mean over seeds [95% t-interval over seeds]; * = the interval "
-              "excludes 0.", "", head, rule]
-    lines += [f"| {r.name} | " + " | ".join(_cell(summary["differences"][r.name].get(m), signed=True)
-                                             for m in shown) + " |" for r in spec.rows if r.name != base]
+             f"distinct masks of split '{e.split}' ({n // masks} per mask), noise seed {e.noise_seed}, "
+             f"{e.num_steps} steps of its sampler. Cells: mean over training seeds [95% t-interval over seeds]. "
+             "Differences: row minus baseline within each training seed (per-image metrics paired sample by "
+             "sample on the same masks and noise), then mean over seeds [95% t-interval]; * = the interval "
+             "excludes 0.", "", "## Paired metrics (each sample against the real image of its mask)", "",
+             *_tables(spec, summary, [m for m in shown if m not in COMPARED])]
+    beyond = [m for m in shown if m in COMPARED]
+    if beyond:
+        lines += ["", "## Distribution and diversity (what averaging cannot buy)", "",
+                  "FRD: Fréchet Radiomics Distance to the training split (v0: 94 radiomic features; v1: 464, a log); "
+                  "Prec/Rec/Dens/Cov: precision, recall, density, coverage in the v0 radiomic space; 1-SSIM(K) "
+                  "and pixel std(K): diversity among the samples of one mask.", "",
+                  *_tables(spec, summary, beyond)]
+    if summary["oracle"]:
+        lines += ["", "▲: above a perfect sampler on a paired metric (only an average of plausible images gets "
+                  "there); ▼: less diverse than a perfect sampler. The oracle is a second real image of each "
+                  "mask rendered by the phantom (evaluate.py's oracle row)."]
+    detectable = [f"{label(m)} {summary['detectable'][m]:.3g}" for m in shown if summary["detectable"].get(m)]
+    if detectable:
+        lines += ["", f"Smallest difference from {spec.baseline_row} this design detects with 80% power (two-sided "
+                  f"paired t-test over {len(spec.seeds)} seeds at 5%, with the seed-to-seed spread of the "
+                  "differences seen here, pooled over rows): " + ", ".join(detectable) + ". A difference below "
+                  "it reading 'not significant' is what this design would show even if it were real."]
     skipped = sorted({m for run in summary["runs"].values() for m, v in run.metrics.items() if "skipped" in v})
     if skipped:
-        lines += ["", f"Not measured (no feature-extractor weights given): {', '.join(s.upper() for s in skipped)}."]
+        lines += ["", f"Not measured in some run: {', '.join(label(s) for s in skipped)} (the reasons are in each "
+                  "run's metrics.json: no feature-extractor weights given, or too few images)."]
     steps = [f"{r.name}: {spec.num_steps(r)}" for r in spec.rows if spec.num_steps(r) != e.num_steps]
     if steps:
         lines += ["", f"Rows evaluated at other step counts: {', '.join(steps)}."]
@@ -109,7 +146,8 @@ def _as_json(spec: StudySpec, summary: dict, command: str) -> dict:
              "per_image": {m: [finite(x) for x in v.tolist()] for m, v in r.per_image.items()},
              "metrics": r.metrics} for r in summary["runs"].values()]
     return {"study": asdict(spec), "command": command, "rows": summary["rows"],
-            "differences": summary["differences"], "runs": runs}
+            "differences": summary["differences"], "oracle": summary["oracle"],
+            "detectable_difference": summary["detectable"], "runs": runs}
 
 
 def _write_configs(spec: StudySpec) -> None:
@@ -156,11 +194,17 @@ def _metrics_png(spec: StudySpec, summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics, higher = metric_order()
+    from utils.evaluation.columns import column
+
+    metrics, _ = metric_order()
     shown = [m for m in metrics if any(m in summary["rows"][r.name] for r in spec.rows)]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2), squeeze=False)
+    cols = min(5, len(shown))
+    nrows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
     names = [r.name for r in spec.rows]
-    for ax, m in zip(axes[0], shown):
+    for ax, m in zip(axes.flat, shown):
         for x, name in enumerate(names):
             c = summary["rows"][name].get(m)
             if c is None:
@@ -170,7 +214,7 @@ def _metrics_png(spec: StudySpec, summary: dict, path: Path) -> None:
                             color="k", capsize=4)
             ax.plot([x] * len(c["per_seed"]), c["per_seed"], ".", color="tab:blue", alpha=0.6)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_title(column(m, higher))
+        ax.set_title(column(m))
     fig.suptitle(f"{spec.name}: mean over training seeds with 95% t-interval; dots: seeds")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,8 @@ def evaluate(spec: StudySpec, row: RowSpec, seed: int) -> None:
 
     e, out = spec.evaluation, eval_dir(spec, row, seed)
     evaluate_cli.main(["--checkpoint", str(row_config(spec, row, seed).run_dir), "--which", "best",
-                       "--num_samples", str(e.num_samples), "--num_steps", str(spec.num_steps(row)),
+                       "--num_samples", str(e.num_samples), "--samples_per_mask", str(e.samples_per_mask),
+                       "--num_steps", str(spec.num_steps(row)),
                        "--seed", str(e.noise_seed), "--split", e.split, "--n_boot", str(e.n_boot),
                        "--skip_missing_metrics", "--output_dir", str(out), "--overwrite",  # ours: a killed try
                        *(["--segmenter", e.segmenter] if e.segmenter else [])])

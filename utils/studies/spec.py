@@ -44,7 +44,8 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    num_samples: int = 2000
+    num_samples: int = 2000  # in all: samples_per_mask for each of the split's first num_samples / K masks
+    samples_per_mask: int = 4  # K distinct noises per mask: per-mask diversity and the mean-of-K row
     split: str = "test"
     noise_seed: int = 0  # the noise of sample i is that of (noise_seed, i), in every row and seed
     num_steps: int = 10  # steps of each row's own sampler (a one-pass generator ignores them)
@@ -54,9 +55,12 @@ class EvaluationSpec:
     segmenter: str = ""
 
     def check(self, key):
-        for name in ("num_samples", "num_steps", "n_boot"):
+        for name in ("num_samples", "num_steps", "n_boot", "samples_per_mask"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{key(name)} must be >= 1, got {getattr(self, name)}")
+        if self.num_samples % self.samples_per_mask:
+            raise ConfigError(f"{key('num_samples')} must be a multiple of {key('samples_per_mask')} "
+                              f"({self.samples_per_mask}), got {self.num_samples}")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ the samples (per-image metrics: SSIM, PSNR, B-Dice, HD95; non-finite values, e.g
 edges, are left out and counted) or its set value (FID, KID, CMMD). A cell is the mean of those values over
 seeds with a 95% t-interval over seeds (none with one seed). A difference is computed within each seed (the
 same masks and noise in every row, so per-image metrics are paired sample by sample) and then summarised
-over seeds the same way.
+over seeds the same way. Beside them: the phantom oracle's values (what a perfect sampler scores) and, per
+metric, the smallest difference the design could detect at 80% power from the observed seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -80,8 +81,55 @@ def t_interval(values: list[float]) -> dict:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n_seeds": len(v)}
 
 
+def detectable_difference(sd: float, n_seeds: int, power: float = 0.8, alpha: float = 0.05) -> float | None:
+    """The smallest true mean difference that a two-sided paired t-test over ``n_seeds`` seeds detects with
+    probability ``power`` at level ``alpha``, when the per-seed differences have standard deviation ``sd``
+    (exact, from the non-central t distribution); None with fewer than 2 seeds or no spread."""
+    from scipy import optimize, stats
+
+    if n_seeds < 2 or not sd > 0:
+        return None
+    df = n_seeds - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
+
+    def shortfall(delta: float) -> float:
+        nc = delta * math.sqrt(n_seeds) / sd
+        return stats.nct.sf(crit, df, nc) + stats.nct.sf(crit, df, -nc) - power  # both tails (cdf(-c) gives NaN)
+
+    high = sd
+    while shortfall(high) < 0:  # power grows with the difference: double until it is reached
+        high *= 2.0
+    return float(optimize.brentq(shortfall, 0.0, high))
+
+
+def pooled_sd(differences: dict[str, dict], metric: str) -> tuple[float | None, int]:
+    """(standard deviation of the per-seed differences from the baseline, pooled over the rows that have the
+    metric; seeds per row), or (None, 0) without two seeds."""
+    cells = [d[metric]["per_seed"] for d in differences.values() if metric in d and len(d[metric]["per_seed"]) > 1]
+    if not cells:
+        return None, 0
+    ss = sum(float(np.sum((np.asarray(v) - np.mean(v)) ** 2)) for v in cells)
+    return math.sqrt(ss / sum(len(v) - 1 for v in cells)), len(cells[0])
+
+
+def oracle_row(runs: dict, base: str, seeds, metrics) -> dict[str, float]:
+    """{metric: value} of evaluate.py's oracle row (a second real image of each mask: a perfect sampler) in
+    the baseline row's runs, mean over seeds; {} off phantom data. Every run of a study has the same oracle
+    (same masks, same K), so the baseline's stands for all."""
+    rows = [runs[base, s].evaluation.get("comparison", {}).get("rows", {}).get("oracle") for s in seeds]
+    if not rows or None in rows:
+        return {}
+    out = {}
+    for m in metrics:
+        values = [r.get(m, {}).get("value") for r in rows]
+        if None not in values:
+            out[m] = float(np.mean(values))
+    return out
+
+
 def summarise_study(spec: StudySpec, metrics: tuple[str, ...]) -> dict:
-    """{"rows": {row: {metric: cell}}, "differences": {row: {metric: cell + excludes_zero}}} over seeds."""
+    """{"rows": {row: {metric: cell}}, "differences": {row: {metric: cell + excludes_zero}}, "oracle": {metric:
+    value}, "detectable": {metric: smallest difference detectable at 80% power}} over seeds."""
     runs = {(row.name, seed): load_run(spec, row, seed) for row, seed in jobs(spec)}
     base = spec.baseline_row
     rows, diffs = {}, {}
@@ -96,4 +144,10 @@ def summarise_study(spec: StudySpec, metrics: tuple[str, ...]) -> dict:
                 cell = t_interval(d)
                 cell["excludes_zero"] = cell["lo"] is not None and (cell["lo"] > 0 or cell["hi"] < 0)
                 diffs[row.name][m] = {**cell, "per_seed": d}
-    return {"rows": rows, "differences": diffs, "runs": runs}
+    detectable = {}
+    for m in metrics:
+        sd, n = pooled_sd(diffs, m)
+        if sd is not None:
+            detectable[m] = detectable_difference(sd, n)
+    return {"rows": rows, "differences": diffs, "runs": runs, "detectable": detectable,
+            "oracle": oracle_row(runs, base, spec.seeds, metrics)}

@@ -39,6 +39,7 @@ class ImageSet:
     indices: np.ndarray  # [N] split index of each image's mask
     paired: bool = True  # whether paired metrics against the mask's real image mean anything
     per_image: dict | None = None  # its paired metrics when already computed ({metric: [N]})
+    cache_key: str | None = None  # real data (the same in every run of a study): features cached under this key
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Reference:
 
     radiomic: dict[str, np.ndarray]
     inception: np.ndarray | None = None
-    description: str = ""
+    cache: object = None  # a FeatureCache for the rows with a cache_key, or None
 
 
 def build_sets(images, indices, per_image: dict, real, oracle: torch.Tensor | None, grouped: dict
@@ -63,8 +64,8 @@ def build_sets(images, indices, per_image: dict, real, oracle: torch.Tensor | No
         means, mean_indices = mean_of_samples(images, grouped)
         sets["mean_of_k"] = ImageSet(means, mean_indices)
     if oracle is not None:
-        sets["oracle"] = ImageSet(oracle, indices)
-    sets["real"] = ImageSet(real, np.arange(len(real)), paired=False)
+        sets["oracle"] = ImageSet(oracle, indices, cache_key="oracle")
+    sets["real"] = ImageSet(real, np.arange(len(real)), paired=False, cache_key="split")
     return sets
 
 
@@ -92,7 +93,7 @@ def row_metrics(s: ImageSet, real, masks, reference: Reference, extractors: dict
         per_image = s.per_image or paired_fn(s.images, real[idx], masks[idx])
         for name, values in per_image.items():
             out[name] = _summary(summarise(values, s.indices, n_boot=n_boot, seed=0))
-    out.update(distribution_metrics(s.images, reference, extractors, inception))
+    out.update(distribution_metrics(s.images, reference, extractors, inception, s.cache_key))
     grouped = groups(s.indices)
     if grouped:
         k = len(next(iter(grouped.values())))
@@ -101,10 +102,16 @@ def row_metrics(s: ImageSet, real, masks, reference: Reference, extractors: dict
     return out
 
 
-def distribution_metrics(images, reference: Reference, extractors: dict, inception=None) -> dict[str, dict]:
+def distribution_metrics(images, reference: Reference, extractors: dict, inception=None,
+                         cache_key: str | None = None) -> dict[str, dict]:
     """FRD of each version in ``extractors`` ({version: RadiomicsExtractor}) and PRDC in the first version's
     space (``precision`` ...) and, with ``inception`` (an extractor), in Inception space (``precision_inception``
-    ...), of ``images`` against ``reference``."""
+    ...), of ``images`` against ``reference``; with ``cache_key`` the features go through ``reference.cache``."""
+    def features(extractor):
+        if cache_key and reference.cache is not None:
+            return reference.cache.features(cache_key, extractor, images)
+        return extractor(images)
+
     from utils.evaluation.distribution import PRDC_K, prdc, standardise
     from utils.evaluation.radiomics import frechet_radiomics_distance
 
@@ -113,14 +120,14 @@ def distribution_metrics(images, reference: Reference, extractors: dict, incepti
         why = f"{len(images)} images; the distribution metrics need more than {PRDC_K}"
         return {m: {"skipped": why} for m in (*(f"frd_{v}" for v in extractors), *PRDC)}
     for k, (version, extractor) in enumerate(extractors.items()):
-        feats, ref = extractor(images), reference.radiomic[version]
+        feats, ref = features(extractor), reference.radiomic[version]
         n = {"n": len(images), "n_reference": len(ref)}
         out[f"frd_{version}"] = {"value": _finite(frechet_radiomics_distance(ref, feats, version)), **n}
         if k == 0:
             scores = prdc(*standardise(ref, feats))
             out.update({m: {"value": v, "space": f"radiomics {version}", **n} for m, v in scores.items()})
     if inception is not None and reference.inception is not None:
-        scores = prdc(reference.inception, inception(images))
+        scores = prdc(reference.inception, features(inception))
         out.update({f"{m}_inception": {"value": v, "space": "inception", "n": len(images),
                                        "n_reference": len(reference.inception)} for m, v in scores.items()})
     return out
@@ -161,7 +168,8 @@ def evaluate_rows(images, indices, per_image: dict, real, masks, records: list[d
     extractors = {v: RadiomicsExtractor(v) for v in FRD_VERSIONS}
     log.info("radiomic features of the %d reference images (cached)", len(reference_images))
     reference = Reference({v: cache.features("reference", e, reference_images) for v, e in extractors.items()},
-                          None if inception is None else cache.features("reference", inception, reference_images))
+                          None if inception is None else cache.features("reference", inception, reference_images),
+                          cache)
     try:
         oracle, oracle_note = oracle_set(records, synthetic, indices), "used"
     except OracleUnavailable as e:
@@ -234,6 +242,6 @@ def comparison_markdown(rows: dict[str, dict]) -> str:
               "Paired metrics reward a blurred average (the mean-of-K row); the distribution metrics (FRD, "
               "precision/recall/density/coverage against the reference set) and the diversity among the "
               f"{k or 'K'} samples of a mask do not. "
-              "FRD is 0 (v0) or -inf (v1, a log) for identical sets; the real row is the reference's own "
-              "real-vs-real value."]
+              "FRD is about 0 (v0) or very negative (v1, a log) for identical sets; the real row is the "
+              "reference's own real-vs-real value, the floor a model can reach with this many images."]
     return "\n".join(lines)

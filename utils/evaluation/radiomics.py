@@ -51,9 +51,12 @@ class RadiomicsExtractor:
         images = np.asarray(images01, dtype=np.float64)
         if images.ndim not in (4, 5) or images.shape[1] != 1:
             raise ValueError(f"expected images [N,1,H,W] or volumes [N,1,D,H,W], got {list(images.shape)}")
+        from tqdm import tqdm
+
         with tempfile.TemporaryDirectory(prefix="comet_frd_") as tmp:
             files = write_images(images, Path(tmp))
-            return np.stack([self._features(f, images.ndim - 2) for f in files])
+            return np.stack([self._features(f, images.ndim - 2)
+                             for f in tqdm(files, desc=f"{self.name} radiomics", unit="img", leave=False)])
 
     def _features(self, path: Path, dims: int) -> np.ndarray:
         from frd_score import frd
@@ -61,7 +64,8 @@ class RadiomicsExtractor:
         if dims not in self._extractors:
             frd._ensure_radiomics()
             frd.setVerbosity(60)  # pyradiomics logs every image otherwise, to its own handler and to the root's
-            logging.getLogger("radiomics").setLevel(logging.ERROR)
+            for name in ("radiomics", "pykwalify"):  # pykwalify logs 'validation.valid' per extractor
+                logging.getLogger(name).setLevel(logging.ERROR)
             self._extractors[dims] = frd.get_feature_extractor(frd_version=self.version, image_dim=dims)
         with _quiet():
             out = frd.process_image_mask_pair((path, None), feature_extractor=self._extractors[dims],

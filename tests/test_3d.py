@@ -300,6 +300,24 @@ def test_evaluate_on_a_3d_checkpoint_makes_one_volume_per_test_mask_by_default(t
     assert m["ssim"]["n"] == 2 and "mmd" in m and "skipped" in m["fid_3d"] and "skipped" in m["ms_ssim"]
 
 
+def test_evaluate_compares_volumes_with_3d_radiomics_and_says_why_there_is_no_oracle(tiny_3d_run,
+                                                                                     no_metric_weights):
+    """3 volumes per test mask: FRD on 3-D radiomic features, the voxel std among a mask's volumes, the mean-of-K
+    row; these hand-made volumes are no built-in phantom, so no oracle row, and the reason is recorded."""
+    import evaluate
+
+    out = tiny_3d_run / "compared"
+    assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--num_steps", "1",
+                          "--samples_per_mask", "3", "--skip_missing_metrics", "--n_boot", "10",
+                          "--no-memorisation", "--output_dir", str(out)]) == 0
+    c = json.loads((out / "metrics.json").read_text())["comparison"]
+    assert "no data_args.synthetic" in c["oracle"] and list(c["rows"]) == ["samples", "mean_of_k", "real"]
+    samples = c["rows"]["samples"]
+    assert samples["frd_v0"]["n"] == 6 and samples["pixel_std"]["k"] == 3 and "pairwise_dissimilarity" not in samples
+    assert "k-NN balls" in samples["precision"]["skipped"]  # the tiny training split has 4 volumes
+    assert c["rows"]["mean_of_k"]["ssim"]["n"] == 2 and c["rows"]["real"]["frd_v1"]["n"] == 2
+
+
 def test_evaluate_writes_each_volume_with_its_source_records_affine(tiny_3d_run, no_metric_weights):
     """evaluate.py's generated NIfTI files carry the affine of the record whose mask made them, in mm, as the
     inferer's do; not the identity."""
@@ -316,7 +334,7 @@ def test_evaluate_writes_each_volume_with_its_source_records_affine(tiny_3d_run,
     out = tiny_3d_run / "evaluated_affine"
     assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--num_steps", "1",
                           "--data_path", str(tiny_3d_run / "with_affine.npz"), "--skip_missing_metrics",
-                          "--n_boot", "10", "--no-memorisation", "--output_dir", str(out)]) == 0
+                          "--n_boot", "10", "--no-memorisation", "--no-comparison", "--output_dir", str(out)]) == 0
     for stem in ("00000_image", "00001_mask"):
         path = out / "samples" / "nifti" / f"{stem}.nii.gz"
         assert np.array_equal(read_volume(path)[1], affine)
@@ -445,7 +463,7 @@ def test_evaluate_writes_its_volumes_with_their_records_world_grid(tiny_3d_run, 
     data = save_nifti_folder(tiny_3d_run / "nifti_data", records)
     out = tiny_3d_run / "eval_nifti"
     assert evaluate.main(["--checkpoint", str(tiny_3d_run / "runs" / "tiny_3d"), "--data_path", str(data),
-                          "--num_samples", "2", "--num_steps", "1", "--skip_missing_metrics",
+                          "--num_samples", "2", "--num_steps", "1", "--skip_missing_metrics", "--no-comparison",
                           "--output_dir", str(out)]) == 0
     stored = read_volume(data / "test" / "masks" / "test1.nii.gz")[1]  # as NIfTI keeps it (float32)
     mask, fitted = fit_mask(records["test"][1]["mask"], stored, N)

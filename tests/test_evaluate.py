@@ -20,9 +20,11 @@ def no_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def _eval(tiny_run, out, *extra):
+def _eval(tiny_run, out, *extra, comparison=False):
+    """evaluate.py on the tiny run; the comparison rows (radiomics, ~10 s) only where a test looks at them."""
     return evaluate.main(["--checkpoint", str(tiny_run), "--num_samples", "12", "--num_steps", "2",
-                          "--n_boot", "50", "--output_dir", str(out), *extra])
+                          "--n_boot", "50", "--output_dir", str(out), *extra,
+                          "--comparison" if comparison else "--no-comparison"])
 
 
 def test_without_weights_it_fails_naming_the_file(tiny_run, tmp_path, no_weights):
@@ -33,7 +35,7 @@ def test_without_weights_it_fails_naming_the_file(tiny_run, tmp_path, no_weights
 
 def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tmp_path, no_weights):
     out = tmp_path / "out"
-    assert _eval(tiny_run, out, "--skip_missing_metrics") == 0
+    assert _eval(tiny_run, out, "--skip_missing_metrics", comparison=True) == 0
     results = json.loads((out / "metrics.json").read_text())
     m = results["metrics"]
     assert list(m) == ["fid", "ssim", "kid", "cmmd", "psnr", "b_dice", "hd95", "surface_dice", "frd_v0", "frd_v1",
@@ -58,6 +60,13 @@ def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tm
     assert "- SSIM: N = 12 of 8 masks, 95% CI [" in report
     assert "95% cluster-bootstrap interval over the 8 source images; noise and masks only, not training seeds" in report
     assert (out / "best_worst.png").exists() and (out / "samples" / "samples.npz").exists()
+    # the comparison rows (on by default): the tiny data are the echo phantom, so the oracle row is there
+    c = results["comparison"]
+    assert list(c["rows"]) == ["samples", "mean_of_k", "oracle", "real"] and c["oracle"] == "used"
+    assert c["rows"]["samples"]["pixel_std"]["k"] == 2  # masks 0-3 got 2 of the 12 samples, 4-7 one
+    assert c["rows"]["samples"]["frd_v0"]["n_reference"] == 16 == c["n_reference"]  # the training split
+    assert m["frd_v0"] == c["rows"]["samples"]["frd_v0"] and "precision" in m and "pairwise_dissimilarity" in m
+    assert "## Beyond paired metrics" in report and "| oracle: a second real image of each mask" in report
     audit = results["memorisation"]  # on by default
     assert audit["n"] == 12 and audit["n_test"] == 8 and audit["threshold"] > 0
     assert "## Memorisation audit" in report and (out / "memorisation_hist.png").exists()
@@ -77,12 +86,25 @@ def test_all_seven_metrics_with_random_weight_extractors_and_the_cache(tiny_run,
     stamps = [p.stat().st_mtime_ns for p in cached]
     # the same samples again, from their samples.npz: no regeneration, real features from the cache
     assert evaluate.main(["--samples", str(tmp_path / "a" / "samples" / "samples.npz"), "--n_boot", "50",
-                          "--output_dir", str(tmp_path / "b"), *weights]) == 0
+                          "--output_dir", str(tmp_path / "b"), *weights, "--no-comparison"]) == 0
     again = json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics"]
     assert again["fid"]["value"] == pytest.approx(m["fid"]["value"])
     assert again["ssim"]["value"] == pytest.approx(m["ssim"]["value"])
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").glob("*.npy"))] == stamps
     assert "loaded cached" in caplog.text
+
+
+@pytest.mark.slow
+def test_with_inception_weights_precision_and_recall_also_come_in_inception_space(tiny_run, tmp_path, no_weights,
+                                                                                 random_inception_file):
+    assert _eval(tiny_run, tmp_path / "a", "--inception_weights", str(random_inception_file[0]),
+                 "--skip_missing_metrics", comparison=True) == 0
+    rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["comparison"]["rows"]
+    for row in ("samples", "oracle", "real"):
+        for m in ("precision", "recall", "density", "coverage"):
+            assert rows[row][f"{m}_inception"]["space"] == "inception" and 0 <= rows[row][f"{m}_inception"]["value"]
+    assert rows["samples"]["precision_inception"]["n_reference"] == 16  # the training split, in Inception space
+    assert rows["real"]["recall_inception"]["value"] > 0  # the test split's images lie near the training split's
 
 
 def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp_path, no_weights):
@@ -101,6 +123,9 @@ def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp
     assert m["ssim"]["value"] == pytest.approx(1.0) and m["b_dice"]["value"] == pytest.approx(1.0)
     assert m["surface_dice"]["value"] == 1.0
     assert m["hd95"]["value"] == 0.0 and m["psnr"]["value"] is None  # infinite PSNR is stored as null
+    rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["comparison"]["rows"]
+    for metric in ("frd_v0", "frd_v1", "precision", "recall", "density", "coverage"):  # the same images, the
+        assert rows["samples"][metric]["value"] == rows["real"][metric]["value"]     # same distribution scores
 
 
 def test_samples_from_another_dataset_are_refused(tiny_run, tmp_path, no_weights):
@@ -148,3 +173,16 @@ def test_set_of_a_key_the_network_depends_on_is_refused(tiny_run, tmp_path, no_w
     with pytest.raises(SystemExit, match=r"^error: --set prior_args.alpha cannot change at inference"):
         _eval(tiny_run, tmp_path / "out", "--skip_missing_metrics", "--set", "prior_args.alpha=0.1")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("num_samples, per_mask, volumes, expected", [
+    (None, None, False, (2000, 8)), (None, None, True, (8, 8)), (12, None, False, (12, 8)),  # as before
+    (None, 4, False, (32, 8)), (12, 4, False, (12, 3)), (32, 4, True, (32, 8))])
+def test_sample_plan_gives_k_samples_to_each_of_the_first_n_over_k_masks(num_samples, per_mask, volumes, expected):
+    assert evaluate.sample_plan(num_samples, per_mask, 8, volumes) == expected
+
+
+@pytest.mark.parametrize("num_samples", [10, 36])  # not a multiple of 4; more masks than the split's 8
+def test_sample_plan_refuses_what_k_per_mask_cannot_give(num_samples):
+    with pytest.raises(SystemExit, match=f"--num_samples {num_samples} with --samples_per_mask 4"):
+        evaluate.sample_plan(num_samples, 4, 8, False)

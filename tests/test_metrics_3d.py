@@ -270,7 +270,8 @@ def write_volume_data(tmp_path):
 
 def test_evaluate_real_volumes_against_themselves(tmp_path, no_metric_weights, random_r3d_file, monkeypatch):
     data, samples = write_volume_data(tmp_path)
-    args = ["--samples", str(samples), "--data_path", str(data), "--n_boot", "20", "--skip_missing_metrics"]
+    args = ["--samples", str(samples), "--data_path", str(data), "--n_boot", "20", "--skip_missing_metrics",
+            "--no-comparison"]
     assert evaluate.main([*args, "--r3d_weights", str(random_r3d_file), "--output_dir", str(tmp_path / "a")]) == 0
     out = json.loads((tmp_path / "a" / "metrics.json").read_text())
     m = out["metrics"]
@@ -313,7 +314,7 @@ def test_evaluate_fits_the_real_volumes_to_the_models_grid_as_training_does(tmp_
     np.savez(samples, images=np.stack([r["image"] for r in fitted]).astype(np.float32) / 255,
              masks=np.stack([r["mask"] for r in fitted]), indices=np.arange(3))
     args = ["--samples", str(samples), "--data_path", str(data), "--skip_missing_metrics", "--n_boot", "10",
-            "--no-memorisation"]
+            "--no-memorisation", "--no-comparison"]
     with pytest.raises(SystemExit, match="not those of"):
         evaluate.main([*args, "--output_dir", str(tmp_path / "refused")])
     config = {"data_args": {"image_size": 16}, "model_args": {"spatial_dims": 3}}

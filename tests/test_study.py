@@ -139,3 +139,44 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
 def test_every_shipped_study_loads_with_its_rows(path):
     spec = load_study(path)
     assert spec.baseline_row in [r.name for r in spec.rows] and len(spec.seeds) >= 3
+
+
+def test_detectable_difference_has_the_power_it_claims():
+    """Simulated paired t-tests over 3 seeds with a true difference equal to the detectable one reject at 5%
+    about 80% of the time (and about 5% with no difference); the textbook normal-approximation formula is near."""
+    from scipy import stats
+
+    from utils.studies.tables import detectable_difference
+
+    sd, n = 0.02, 3
+    delta = detectable_difference(sd, n)
+    approx = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n)
+    assert delta == pytest.approx(approx, rel=0.1) and delta > approx  # the approximation is optimistic at 2 df
+    rng = np.random.default_rng(0)
+    for true, expected in ((delta, 0.8), (0.0, 0.05)):
+        d = rng.normal(true, sd, size=(40000, n))
+        rejected = stats.ttest_1samp(d, 0.0, axis=1).pvalue < 0.05
+        assert rejected.mean() == pytest.approx(expected, abs=0.01)
+    assert detectable_difference(sd, 1) is None and detectable_difference(0.0, 3) is None
+
+
+def test_pooled_sd_pools_the_per_seed_differences_of_every_row():
+    from utils.studies.tables import pooled_sd
+
+    diffs = {"a": {"ssim": {"per_seed": [0.1, 0.2, 0.3]}}, "b": {"ssim": {"per_seed": [0.0, 0.0, 0.6]}},
+             "c": {"psnr": {"per_seed": [1.0, 2.0, 3.0]}}}
+    sd, n = pooled_sd(diffs, "ssim")
+    # sums of squares 0.02 and 0.24 over 2 + 2 degrees of freedom
+    assert n == 3 and sd == pytest.approx(np.sqrt(0.26 / 4))
+    assert pooled_sd(diffs, "hd95") == (None, 0)
+
+
+def test_the_oracle_row_is_the_baselines_evaluated_oracle():
+    from utils.studies.tables import oracle_row
+
+    runs = {("MOTFM", s): _run("MOTFM", s, [0.5, 0.5, 0.5]) for s in (0, 1)}
+    assert oracle_row(runs, "MOTFM", (0, 1), ("ssim",)) == {}  # off phantom data: no oracle
+    for s, v in ((0, 0.54), (1, 0.56)):
+        runs["MOTFM", s].evaluation["comparison"] = {"rows": {"oracle": {"ssim": {"value": v},
+                                                                         "frd_v0": {"skipped": "few"}}}}
+    assert oracle_row(runs, "MOTFM", (0, 1), ("ssim", "frd_v0")) == {"ssim": pytest.approx(0.55)}

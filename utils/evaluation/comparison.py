@@ -115,18 +115,21 @@ def distribution_metrics(images, reference: Reference, extractors: dict, incepti
     from utils.evaluation.distribution import PRDC_K, prdc, standardise
     from utils.evaluation.radiomics import frechet_radiomics_distance
 
+    n = {"n": len(images), "n_reference": len(next(iter(reference.radiomic.values()), []))}
+    if min(n.values()) < 2:
+        return {m: {"skipped": f"FRD needs 2 images per set, got {n}"} for m in (*(f"frd_{v}" for v in extractors),
+                                                                                 *PRDC)}
     out: dict[str, dict] = {}
-    if len(images) <= PRDC_K:  # FRD needs 2 images, the k-NN balls k + 1
-        why = f"{len(images)} images; the distribution metrics need more than {PRDC_K}"
-        return {m: {"skipped": why} for m in (*(f"frd_{v}" for v in extractors), *PRDC)}
     for k, (version, extractor) in enumerate(extractors.items()):
         feats, ref = features(extractor), reference.radiomic[version]
-        n = {"n": len(images), "n_reference": len(ref)}
         out[f"frd_{version}"] = {"value": _finite(frechet_radiomics_distance(ref, feats, version)), **n}
-        if k == 0:
+        if k == 0 and min(n.values()) > PRDC_K:
             scores = prdc(*standardise(ref, feats))
             out.update({m: {"value": v, "space": f"radiomics {version}", **n} for m, v in scores.items()})
-    if inception is not None and reference.inception is not None:
+        elif k == 0:
+            out.update({m: {"skipped": f"the k-NN balls (k = {PRDC_K}) need more than {PRDC_K} images per set, got "
+                                       f"{n}"} for m in PRDC})
+    if inception is not None and reference.inception is not None and min(n.values()) > PRDC_K:
         scores = prdc(reference.inception, features(inception))
         out.update({f"{m}_inception": {"value": v, "space": "inception", "n": len(images),
                                        "n_reference": len(reference.inception)} for m, v in scores.items()})

@@ -1,6 +1,8 @@
-"""Evaluate a COMET checkpoint (or existing samples) with FID, KID, CMMD, SSIM, PSNR, B-Dice, surface Dice and HD95.
+"""Evaluate a COMET checkpoint (or existing samples): FID, KID, CMMD, SSIM, PSNR, B-Dice, surface Dice, HD95, FRD,
+precision/recall/density/coverage and per-mask diversity, beside what an average and a perfect sampler score.
 
 Examples:
+    python evaluate.py --checkpoint checkpoints/quickstart --samples_per_mask 4 --skip_missing_metrics
     python evaluate.py --checkpoint checkpoints/comet_camus --num_samples 2000 --num_steps 10 \\
         --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
     python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
@@ -13,6 +15,12 @@ Generated image i is paired with the real image whose mask conditioned it (SSIM,
 FID, KID and CMMD compare the generated set with the split's real images. Nothing is downloaded:
 weights come from --inception_weights / --clip_dir, the COMET_INCEPTION_WEIGHTS / COMET_CLIP_DIR
 environment variables, or torch hub's cache.
+
+Beyond paired metrics (on by default, --no-comparison to skip; utils.evaluation.comparison): paired metrics
+reward averaging, so report.md also scores the samples, the per-mask mean of their K samples (--samples_per_mask),
+the oracle (phantom data: a second real image of each mask, what a perfect sampler scores) and the split's real
+images with Fréchet Radiomics Distance (frd-score, v0 and v1) and precision/recall/density/coverage against the
+training split, and the diversity among the samples of each mask. Needs no weights.
 
 Mask fidelity (--segmenter): a segmenter trained on the real training split (utils.evaluation.segmenter; `auto`
 trains it once and caches it by data hash) segments every generated image; per-label Dice, HD95 and surface

@@ -245,19 +245,32 @@ def test_oracle_redraws_count_earlier_samples_of_the_same_mask():
     assert oracle_redraws([]).tolist() == []
 
 
-def test_flags_mark_averaging_and_collapse_against_the_oracle():
-    """Above the oracle on a paired metric (SSIM higher, HD95 lower) -> averaging; below it on diversity ->
-    collapse; worse paired scores, more diversity and distribution metrics are not flagged."""
-    def row(**values):
-        return {m: {"value": v} for m, v in values.items()}
+def test_a_flag_needs_an_interval_of_the_difference_from_the_oracle_that_excludes_zero():
+    """(model - oracle) surely better on a paired metric (SSIM higher, HD95 lower) -> averaging; surely less
+    diverse -> collapse; an interval containing 0, a worse paired score, more diversity or a distribution
+    metric -> nothing."""
+    from utils.evaluation.comparison import flag
 
-    oracle = row(ssim=0.8, psnr=25.0, hd95=2.0, frd_v0=10.0, pixel_std=0.05, pairwise_dissimilarity=0.3)
-    samples = row(ssim=0.7, psnr=20.0, hd95=3.0, frd_v0=1.0, pixel_std=0.01, pairwise_dissimilarity=0.4)
-    mean_of_k = row(ssim=0.9, psnr=26.0, hd95=1.0, frd_v0=50.0)
-    rows = {"samples": samples, "mean_of_k": mean_of_k, "oracle": oracle}
-    assert flags(rows) == {"samples": {"pixel_std": FLAG_COLLAPSE},
-                           "mean_of_k": {"ssim": FLAG_AVERAGING, "psnr": FLAG_AVERAGING, "hd95": FLAG_AVERAGING}}
-    assert flags({"samples": samples, "mean_of_k": mean_of_k}) == {}
+    assert flag("ssim", 0.01, 0.05) == FLAG_AVERAGING and flag("ssim", -0.01, 0.05) == ""
+    assert flag("hd95", -2.0, -0.5) == FLAG_AVERAGING and flag("hd95", 0.5, 2.0) == ""
+    assert flag("pixel_std", -0.02, -0.01) == FLAG_COLLAPSE and flag("pixel_std", -0.01, 0.01) == ""
+    assert flag("pairwise_dissimilarity", 0.1, 0.2) == "" and flag("frd_v0", -9.0, -1.0) == ""
+
+
+def test_flags_come_from_the_per_mask_differences_with_the_oracle():
+    """A row 0.1 SSIM above the oracle on every mask is flagged; one that straddles it (+-0.1 on alternate
+    masks) is not, although its mean is above; no oracle row, no flags."""
+    from utils.evaluation.comparison import _against_oracle
+
+    oracle = {"ssim": {m: 0.5 for m in range(8)}}
+    above = {"ssim": {"value": 0.6}}
+    _against_oracle(above, {"ssim": {m: 0.6 for m in range(8)}}, oracle, n_boot=200)
+    straddle = {"ssim": {"value": 0.51}}
+    _against_oracle(straddle, {"ssim": {m: 0.6 if m % 2 else 0.42 for m in range(8)}}, oracle, n_boot=200)
+    assert above["ssim"]["vs_oracle"]["difference"] == pytest.approx(0.1)
+    rows = {"samples": straddle, "mean_of_k": above, "oracle": {"ssim": {"value": 0.5}}}
+    assert flags(rows) == {"samples": {}, "mean_of_k": {"ssim": FLAG_AVERAGING}}
+    assert flags({"samples": {"ssim": {"value": 0.6}}}) == {"samples": {}}
 
 
 # ---- the phantoms' oracle ---------------------------------------------------------------------------------------
@@ -385,3 +398,19 @@ def test_frd_equals_the_frd_score_cli(version, tmp_path):
         assert frechet_radiomics_distance(features_a, features_a, version) == pytest.approx(itself, abs=1e-7)
     else:
         assert frechet_radiomics_distance(features_a, features_a, version) == -np.inf
+
+
+def test_every_distribution_row_scores_one_image_per_mask_of_the_same_masks():
+    """K = 2 samples for masks 0 and 2, one for mask 1: the distribution sets of samples, oracle, mean of K and
+    real all hold masks 0 and 2 once (N = 2 each): the first sample, the first oracle image, the mean, the real
+    image; the paired rows keep every sample."""
+    images = torch.arange(5, dtype=torch.float32).reshape(5, 1, 1, 1).expand(5, 1, 4, 4) / 10
+    indices = np.array([0, 1, 2, 0, 2])
+    real = torch.full((3, 1, 4, 4), 0.9) * torch.arange(1, 4).reshape(3, 1, 1, 1)
+    sets = build_sets(images, indices, None, real, images + 0.05, groups(indices))
+    assert torch.equal(sets["samples"].distribution, images[[0, 2]])
+    assert torch.equal(sets["oracle"].distribution, (images + 0.05)[[0, 2]])
+    means = torch.stack([(images[0] + images[3]) / 2, (images[2] + images[4]) / 2])
+    assert torch.allclose(sets["mean_of_k"].images, means)
+    assert torch.equal(sets["real"].images, real[[0, 2]]) and sets["real"].indices.tolist() == [0, 2]
+    assert len(sets["samples"].images) == len(sets["oracle"].images) == 5

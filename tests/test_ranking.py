@@ -7,13 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from utils.evaluation.ranking import ORDER, label_painting, verdict
+from utils.evaluation.ranking import label_painting, verdict
+
+ORDER = ("real", "oracle", "samples", "mean of K", "painting")
 
 
 def test_verdict_needs_the_whole_order_and_a_growing_blur():
     good = {name: {"frd_v0": float(i)} for i, name in enumerate(ORDER)}
     good.update({"blur 1": {"frd_v0": 0.5}, "blur 2": {"frd_v0": 0.7}})
     assert verdict(good, "frd_v0", ["blur 1", "blur 2"]) == {"order": True, "blur": True}
+    ties = {**good, "real": {"frd_v0": 1.5}}  # real and oracle are both perfect: either may come first
+    assert verdict(ties, "frd_v0", [])["order"] is True
+    assert verdict({**good, "real": {"frd_v0": 2.5}}, "frd_v0", [])["order"] is False  # real behind the samples
     swapped = {**good, "painting": {"frd_v0": 2.5}}  # the painting ahead of the mean of K (3.0)
     assert verdict(swapped, "frd_v0", ["blur 1", "blur 2"])["order"] is False
     assert verdict(good, "frd_v0", ["blur 2", "blur 1"])["blur"] is False

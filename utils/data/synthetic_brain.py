@@ -91,8 +91,9 @@ def brain_affine(size: int) -> np.ndarray:
 def render_brain(size: int, seed: int, index: int, redraw: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Patient ``index``: ``(image uint8 [D, H, W], mask uint8 [D, H, W], hemisphere 0 left | 1 right)``.
 
-    ``redraw`` k >= 0: the same head, ventricles and tumour (the mask bit for bit), with tissue texture,
-    intensities and noise drawn from ``default_rng([seed, index, REDRAW_STREAM + k])`` (the evaluation's oracle).
+    ``redraw`` k >= 0: the same head and tumour (the mask bit for bit), with the ventricles' size, tissue
+    texture, intensities and noise drawn from ``default_rng([seed, index, REDRAW_STREAM + k])`` (the evaluation's
+    oracle; the head's shape stays, as the mask's brain region depends on it).
     """
     from scipy import ndimage
 
@@ -104,12 +105,14 @@ def render_brain(size: int, seed: int, index: int, redraw: int | None = None) ->
     head = _ellipsoid_radius(grid, head_centre, head_axes)
     brain = head <= 0.88
     hemisphere = int(rng.integers(2))
-    ventricles = _ventricles(grid, head_centre, u(0.8, 1.3))
+    ventricle_scale = u(0.8, 1.3)
     mask = _tumour(grid, rng, head_centre, head_axes, hemisphere) * brain
 
-    if redraw is not None:  # everything below is appearance
+    if redraw is not None:  # everything below is appearance, and the unlabelled ventricles' size
         rng = np.random.default_rng([seed, index, REDRAW_STREAM + redraw])
         u = rng.uniform
+        ventricle_scale = u(0.8, 1.3)
+    ventricles = _ventricles(grid, head_centre, ventricle_scale)
     texture = _smooth_field(rng, grid)
     image = np.where(head <= 1.0, 0.5, 0.0)
     tissue = np.where(head <= 0.78, u(0.3, 0.4), u(0.4, 0.5)) * np.exp(0.15 * texture)

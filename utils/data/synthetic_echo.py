@@ -93,14 +93,20 @@ def render_patient(size: int, seed: int, index: int, redraw: int | None = None
                    ) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     """The 4 frames of patient ``index``: ``[(view, phase, image uint8 [H,W], mask uint8 [H,W])]``.
 
-    ``redraw`` k >= 0 renders the same patient again with new tissue texture and speckle, drawn from
-    ``default_rng([seed, index, REDRAW_STREAM + k])``: anatomy, scanner settings and masks are those of
-    ``redraw=None`` bit for bit (the patient's own stream is still consumed draw for draw), the images are
-    another sample of what this phantom makes of those masks (the evaluation's oracle).
+    ``redraw`` k >= 0 renders the same patient again with a new appearance drawn from
+    ``default_rng([seed, index, REDRAW_STREAM + k])``: tissue texture, speckle and every setting the masks do not
+    fix (:data:`APPEARANCE`: gain, attenuation, gamma, tissue intensities, clutter, speckle size). Anatomy, view
+    geometry, the sector and the masks are those of ``redraw=None`` bit for bit (the patient's own stream is
+    still consumed draw for draw); so are the unlabelled right heart's shape and the sector, which a mask does
+    not fix either. The images are another sample of what this phantom makes of those masks (the evaluation's
+    oracle).
     """
     rng = np.random.default_rng([seed, index])
     noise_rng = rng if redraw is None else np.random.default_rng([seed, index, REDRAW_STREAM + redraw])
     p = _draw_patient(rng)
+    if noise_rng is not rng:
+        redrawn = _draw_patient(noise_rng)
+        p.update({k: redrawn[k] for k in APPEARANCE})
     grid = _grid(size)
     frames = []
     for view in VIEWS:
@@ -116,6 +122,9 @@ def _redrawn(rng: np.random.Generator, noise_rng: np.random.Generator, draw):
     """``draw(noise_rng)``, after ``draw(rng)`` when they differ, so ``rng`` is left where a plain render leaves it."""
     value = draw(rng)
     return value if noise_rng is rng else draw(noise_rng)
+
+
+APPEARANCE = ("gain", "attenuation", "gamma", "tissue", "myo", "blood", "pericardium", "clutter", "speckle")
 
 
 def _draw_patient(rng: np.random.Generator) -> dict:

@@ -30,5 +30,8 @@ def label(metric: str) -> str:
 
 
 def column(metric: str) -> str:
-    """A table header: the label and the arrow of the better direction."""
+    """A table header: the label and the arrow of the better direction; ≈ for diversity, which should match the
+    real data's (the oracle's), neither more nor less."""
+    if metric in DIVERSITY:
+        return f"{label(metric)}≈"
     return f"{label(metric)}{'↑' if HIGHER_IS_BETTER[metric] else '↓'}"

@@ -40,6 +40,7 @@ class ImageSet:
     paired: bool = True  # whether paired metrics against the mask's real image mean anything
     per_image: dict | None = None  # its paired metrics when already computed ({metric: [N]})
     cache_key: str | None = None  # real data (the same in every run of a study): features cached under this key
+    distribution: torch.Tensor | None = None  # the images the distribution metrics score (default: all)
 
 
 @dataclass
@@ -53,19 +54,26 @@ class Reference:
 
 def build_sets(images, indices, per_image: dict, real, oracle: torch.Tensor | None, grouped: dict
                ) -> dict[str, ImageSet]:
-    """The rows' image sets; ``per_image``: the samples' paired metrics; ``oracle`` matches ``images`` one to
-    one (None off phantom data); ``grouped``: :func:`utils.evaluation.diversity.groups` of ``indices`` ({}
-    when no mask has 2 samples)."""
+    """The rows' image sets; ``per_image``: the samples' paired metrics; ``real``: the split's real images by
+    mask index; ``oracle`` matches ``images`` one to one (None off phantom data); ``grouped``:
+    :func:`utils.evaluation.diversity.groups` of ``indices`` ({} when no mask has 2 samples).
+
+    The distribution metrics of every row score one image per mask, of the same masks (those with K samples):
+    the first sample (or oracle image) of each, the mean of its K samples, its real image. FRD, coverage and the
+    k-NN radii of precision/recall depend on N, and K samples of one mask would make each other's nearest
+    neighbours, so rows of different N, or with K per mask, would not be comparable."""
     from utils.evaluation.diversity import mean_of_samples
 
     indices = np.asarray(indices)
-    sets = {"samples": ImageSet(images, indices, per_image=per_image)}
+    used = np.array(list(grouped)) if grouped else np.unique(indices)
+    first = torch.as_tensor([np.flatnonzero(indices == i)[0] for i in used])
+    sets = {"samples": ImageSet(images, indices, per_image=per_image, distribution=images[first])}
     if grouped:
         means, mean_indices = mean_of_samples(images, grouped)
         sets["mean_of_k"] = ImageSet(means, mean_indices)
     if oracle is not None:
-        sets["oracle"] = ImageSet(oracle, indices, cache_key="oracle")
-    sets["real"] = ImageSet(real, np.arange(len(real)), paired=False, cache_key="split")
+        sets["oracle"] = ImageSet(oracle, indices, cache_key="oracle", distribution=oracle[first])
+    sets["real"] = ImageSet(real[torch.as_tensor(used)], used, paired=False, cache_key="split")
     return sets
 
 
@@ -81,24 +89,39 @@ def oracle_redraws(indices) -> np.ndarray:
 
 
 def row_metrics(s: ImageSet, real, masks, reference: Reference, extractors: dict, paired_fn, n_boot: int,
-                inception=None) -> dict[str, dict]:
-    """{metric: {"value", ...}} of one row: paired metrics (mean over images, 95% cluster-bootstrap interval over
-    masks), FRD per version, precision/recall/density/coverage, and per-mask diversity when K >= 2."""
+                inception=None) -> tuple[dict[str, dict], dict[str, dict[int, float]]]:
+    """({metric: {"value", ...}}, {metric: {mask: value}}) of one row: paired metrics (mean over images, 95%
+    cluster-bootstrap interval over masks), FRD per version, precision/recall/density/coverage, and per-mask
+    diversity when K >= 2; the second dict holds the per-mask values of the paired and diversity metrics."""
     from utils.evaluation.diversity import groups, per_mask_diversity
     from utils.evaluation.metrics import summarise
 
     out: dict[str, dict] = {}
+    per_mask: dict[str, dict[int, float]] = {}
     if s.paired:
         idx = torch.as_tensor(s.indices)
         per_image = s.per_image or paired_fn(s.images, real[idx], masks[idx])
         for name, values in per_image.items():
             out[name] = _summary(summarise(values, s.indices, n_boot=n_boot, seed=0))
-    out.update(distribution_metrics(s.images, reference, extractors, inception, s.cache_key))
+            per_mask[name] = _mask_means(np.asarray(values, np.float64), s.indices)
+    images = s.images if s.distribution is None else s.distribution
+    out.update(distribution_metrics(images, reference, extractors, inception, s.cache_key))
     grouped = groups(s.indices)
     if grouped:
         k = len(next(iter(grouped.values())))
         for name, values in per_mask_diversity(s.images, grouped).items():
             out[name] = {**_summary(summarise(values, n_boot=n_boot, seed=0)), "k": k}
+            per_mask[name] = dict(zip(grouped, values.tolist()))
+    return out, per_mask
+
+
+def _mask_means(values: np.ndarray, indices: np.ndarray) -> dict[int, float]:
+    """{mask: mean of its finite values} (masks whose values are all non-finite left out)."""
+    out = {}
+    for i in np.unique(indices):
+        v = values[indices == i]
+        if np.isfinite(v).any():
+            out[int(i)] = float(v[np.isfinite(v)].mean())
     return out
 
 
@@ -121,19 +144,29 @@ def distribution_metrics(images, reference: Reference, extractors: dict, incepti
                                                                                  *PRDC)}
     out: dict[str, dict] = {}
     for k, (version, extractor) in enumerate(extractors.items()):
-        feats, ref = features(extractor), reference.radiomic[version]
+        feats, ref = (_extracted(f) for f in (features(extractor), reference.radiomic[version]))
+        n = {"n": len(feats), "n_reference": len(ref), "n_failed": len(images) - len(feats)}
         out[f"frd_{version}"] = {"value": _finite(frechet_radiomics_distance(ref, feats, version)), **n}
-        if k == 0 and min(n.values()) > PRDC_K:
+        if k == 0 and min(len(feats), len(ref)) > PRDC_K:
             scores = prdc(*standardise(ref, feats))
             out.update({m: {"value": v, "space": f"radiomics {version}", **n} for m, v in scores.items()})
         elif k == 0:
             out.update({m: {"skipped": f"the k-NN balls (k = {PRDC_K}) need more than {PRDC_K} images per set, got "
                                        f"{n}"} for m in PRDC})
-    if inception is not None and reference.inception is not None and min(n.values()) > PRDC_K:
-        scores = prdc(reference.inception, features(inception))
-        out.update({f"{m}_inception": {"value": v, "space": "inception", "n": len(images),
-                                       "n_reference": len(reference.inception)} for m, v in scores.items()})
+    if inception is not None and reference.inception is not None:
+        if min(len(images), len(reference.inception)) > PRDC_K:
+            scores = prdc(reference.inception, features(inception))
+            out.update({f"{m}_inception": {"value": v, "space": "inception", "n": len(images),
+                                           "n_reference": len(reference.inception)} for m, v in scores.items()})
+        else:
+            out.update({f"{m}_inception": {"skipped": f"the k-NN balls need more than {PRDC_K} images per set"}
+                        for m in PRDC})
     return out
+
+
+def _extracted(features: np.ndarray) -> np.ndarray:
+    """The rows of images whose radiomic features could be extracted (a failed image is a row of NaN)."""
+    return features[~np.isnan(features).all(axis=1)]
 
 
 def _finite(x: float) -> float | None:
@@ -148,12 +181,44 @@ def _summary(s: dict) -> dict:
 def compare(sets: dict[str, ImageSet], real, masks, reference: Reference, extractors: dict, paired_fn,
             n_boot: int, inception=None) -> dict[str, dict]:
     """{row: row_metrics} for every row of ``sets``, in :data:`ROWS` order."""
-    rows = {}
+    rows, per_mask = {}, {}
     for name in ROWS:
         if name in sets:
             log.info("comparison row '%s': %d images", name, len(sets[name].images))
-            rows[name] = row_metrics(sets[name], real, masks, reference, extractors, paired_fn, n_boot, inception)
+            rows[name], per_mask[name] = row_metrics(sets[name], real, masks, reference, extractors, paired_fn,
+                                                     n_boot, inception)
+    if "oracle" in rows:
+        for name in ("samples", "mean_of_k"):
+            if name in rows:
+                _against_oracle(rows[name], per_mask[name], per_mask["oracle"], n_boot)
     return rows
+
+
+def _against_oracle(row: dict, mine: dict, oracle: dict, n_boot: int) -> None:
+    """Add ``vs_oracle`` ({"difference", "ci95", "flag"}) to each paired and diversity metric of ``row``: the mean
+    over masks of (row - oracle) per mask with a 95% bootstrap interval over masks, flagged only when that
+    interval excludes 0 (:func:`flag`)."""
+    from utils.evaluation.metrics import bootstrap_ci
+
+    for metric, values in mine.items():
+        common = [m for m in values if m in oracle.get(metric, {})]
+        if len(common) < 2:
+            continue
+        d = np.array([values[m] - oracle[metric][m] for m in common])
+        mean, lo, hi = bootstrap_ci(d, n_boot=n_boot, seed=0)
+        row[metric]["vs_oracle"] = {"difference": mean, "ci95": [lo, hi], "n_masks": len(common),
+                                    "flag": flag(metric, lo, hi)}
+
+
+def flag(metric: str, lo: float, hi: float) -> str:
+    """For an interval [lo, hi] of (model - oracle): :data:`FLAG_AVERAGING` when a paired metric is surely better
+    than a perfect sampler's (only averaging gets there), :data:`FLAG_COLLAPSE` when the diversity is surely
+    lower; else ""."""
+    from utils.evaluation.columns import DIVERSITY, HIGHER_IS_BETTER, PAIRED
+
+    if metric in PAIRED and (lo > 0 if HIGHER_IS_BETTER[metric] else hi < 0):
+        return FLAG_AVERAGING
+    return FLAG_COLLAPSE if metric in DIVERSITY and hi < 0 else ""
 
 
 def evaluate_rows(images, indices, per_image: dict, real, masks, records: list[dict], reference_images,
@@ -203,27 +268,9 @@ FLAG_COLLAPSE = "▼"  # less diverse than the oracle
 
 
 def flags(rows: dict[str, dict]) -> dict[str, dict[str, str]]:
-    """{row: {metric: flag}} for the model rows (samples, mean of K) that beat the oracle on a paired metric
-    (:data:`FLAG_AVERAGING`: above a perfect sampler, which only averaging achieves) or are less diverse than it
-    (:data:`FLAG_COLLAPSE`); nothing without an oracle row."""
-    from utils.evaluation.columns import DIVERSITY, HIGHER_IS_BETTER, PAIRED
-
-    oracle = rows.get("oracle")
-    out: dict[str, dict[str, str]] = {}
-    for name in ("samples", "mean_of_k"):
-        if oracle is None or name not in rows:
-            continue
-        out[name] = {}
-        for metric, cell in rows[name].items():
-            ref = oracle.get(metric, {}).get("value")
-            value = cell.get("value")
-            if ref is None or value is None:
-                continue
-            if metric in PAIRED and (value > ref if HIGHER_IS_BETTER[metric] else value < ref):
-                out[name][metric] = FLAG_AVERAGING
-            elif metric in DIVERSITY and value < ref:
-                out[name][metric] = FLAG_COLLAPSE
-    return out
+    """{row: {metric: flag}} of the model rows, from their ``vs_oracle`` intervals; nothing without an oracle."""
+    return {name: {m: c["vs_oracle"]["flag"] for m, c in rows[name].items() if c.get("vs_oracle", {}).get("flag")}
+            for name in ("samples", "mean_of_k") if name in rows}
 
 
 def comparison_markdown(rows: dict[str, dict]) -> str:
@@ -240,11 +287,15 @@ def comparison_markdown(rows: dict[str, dict]) -> str:
             cells.append("–" if value is None else f"{value:.4g}{marks.get(name, {}).get(m, '')}")
         lines.append(f"| {ROW_LABELS[name]} | " + " | ".join(cells) + " |")
     k = next((r[m]["k"] for r in rows.values() for m in DIVERSITY if m in r), None)
-    lines += ["", f"{FLAG_AVERAGING} above a perfect sampler (the oracle) on a paired metric: averaging, not "
-              f"fidelity. {FLAG_COLLAPSE} less diverse than the oracle.",
-              "Paired metrics reward a blurred average (the mean-of-K row); the distribution metrics (FRD, "
-              "precision/recall/density/coverage against the reference set) and the diversity among the "
-              f"{k or 'K'} samples of a mask do not. "
-              "FRD is about 0 (v0) or very negative (v1, a log) for identical sets; the real row is the "
-              "reference's own real-vs-real value, the floor a model can reach with this many images."]
+    n = next((r[m]["n"] for r in rows.values() for m in DISTRIBUTION if "n" in r.get(m, {})), None)
+    lines += ["", f"{FLAG_AVERAGING} better than a perfect sampler (the oracle) on a paired metric, the 95% "
+              "bootstrap interval over masks of the per-mask difference excluding 0: only averaging gets there. "
+              f"{FLAG_COLLAPSE} less diverse than the oracle, by the same test.",
+              "Paired metrics (one image against the real image of its mask, all samples) reward a blurred "
+              f"average: compare the mean-of-K row. Diversity: among the {k or 'K'} samples of each mask. "
+              f"Distribution metrics: {n or 'N'} images per row, one per mask of the same masks (the first sample, "
+              "the mean of K, the first oracle image, the real image), against the training split; the real row "
+              "is the floor at that N. FRD v0 ranked blur and averaging behind the samples on the quickstart "
+              "model, v1 did not (README, 'Which FRD to believe'). FRD of identical sets: about 0 (v0), -inf (v1, "
+              "a log; shown as –)."]
     return "\n".join(lines)

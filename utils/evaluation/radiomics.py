@@ -55,10 +55,21 @@ class RadiomicsExtractor:
 
         with tempfile.TemporaryDirectory(prefix="comet_frd_") as tmp:
             files = write_images(images, Path(tmp))
-            return np.stack([self._features(f, images.ndim - 2)
-                             for f in tqdm(files, desc=f"{self.name} radiomics", unit="img", leave=False)])
+            rows = [self._features(f, images.ndim - 2)
+                    for f in tqdm(files, desc=f"{self.name} radiomics", unit="img", leave=False)]
+        failed = [i for i, r in enumerate(rows) if r is None]
+        if len(failed) == len(rows):
+            raise ValueError(f"pyradiomics extracted no {self.name} features from any of the {len(rows)} images "
+                             "(all constant?)")
+        if failed:
+            log.warning("%s: no radiomic features for %d of %d images (constant images?), e.g. image %d; they are "
+                        "left out of FRD and precision/recall", self.name, len(failed), len(rows), failed[0])
+        width = next(len(r) for r in rows if r is not None)
+        return np.stack([np.full(width, np.nan) if r is None else r for r in rows])
 
-    def _features(self, path: Path, dims: int) -> np.ndarray:
+    def _features(self, path: Path, dims: int) -> np.ndarray | None:
+        """The features of one image file, or None when pyradiomics cannot compute them (a constant image:
+        its histogram has no width, ``ValueError``)."""
         from frd_score import frd
 
         if dims not in self._extractors:
@@ -68,8 +79,11 @@ class RadiomicsExtractor:
                 logging.getLogger(name).setLevel(logging.ERROR)
             self._extractors[dims] = frd.get_feature_extractor(frd_version=self.version, image_dim=dims)
         with _quiet():
-            out = frd.process_image_mask_pair((path, None), feature_extractor=self._extractors[dims],
-                                              frd_version=self.version)
+            try:
+                out = frd.process_image_mask_pair((path, None), feature_extractor=self._extractors[dims],
+                                                  frd_version=self.version)
+            except ValueError:
+                return None
         if out is None:  # only for a mask of <= 1 voxel, which a whole-image mask never is
             raise ValueError(f"frd_score extracted no features from {path}")
         return np.asarray(out[0], dtype=np.float64)

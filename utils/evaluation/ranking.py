@@ -7,15 +7,17 @@ EVAL_DIR is an evaluate.py output directory of a phantom dataset (its samples/sa
 K >= 2 samples per mask). Every set below is scored against the training split (the reference) with FRD v0,
 FRD v1 and precision/recall/density/coverage in the v0 radiomic space:
 
-    real        the split's real images (the reference's own real-vs-real value)
-    oracle      a second real image of each sample's mask (the phantom's redraw): a perfect sampler
-    samples     the generated images
+    real        the real image of each mask (the reference's own real-vs-real value)
+    oracle      a second real image of each mask (the phantom's redraw): a perfect sampler
+    samples     the first generated image of each mask
     mean of K   per mask, the mean of its K samples: a blurred average, not an image
     painting    each label painted with its mean training intensity, blurred (sigma 2 px): a collapsed model
     blur s      the real images blurred with a Gaussian of sigma s px
 
-A metric passes when it orders real < oracle < samples < mean of K < painting (lower is better) and grows
-with the blur. Writes ranking.md and ranking.json in --output_dir (default: EVAL_DIR).
+Every set holds one image per mask, of the same masks (distribution metrics depend on N). A metric passes
+when it orders {real, oracle} < samples < mean of K < painting (lower is better; real and oracle are both
+perfect, so either may come first) and grows with the blur. Writes ranking.md and ranking.json in
+--output_dir (default: EVAL_DIR).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 log = logging.getLogger("comet.ranking")
 
-ORDER = ("real", "oracle", "samples", "mean of K", "painting")  # best to worst, as a person would rank them
+TIERS = (("real", "oracle"), ("samples",), ("mean of K",), ("painting",))  # best to worst, as a person ranks them
 PAINT_SIGMA = 2.0
 
 
@@ -68,12 +70,15 @@ def score_sets(sets: dict[str, torch.Tensor], reference: torch.Tensor) -> dict[s
 
 
 def verdict(scores: dict[str, dict], metric: str, blur_names: list[str]) -> dict:
-    """Whether ``metric`` (lower is better) orders :data:`ORDER` and grows along ``blur_names`` (real first)."""
-    def ordered(names):
-        values = [scores[n].get(metric) for n in names if n in scores]
-        return None not in values and all(a < b for a, b in zip(values, values[1:]))
+    """Whether ``metric`` (lower is better) puts every set of each of :data:`TIERS` below every set of the next,
+    and grows along ``blur_names`` (real first)."""
+    def ordered(tiers):
+        values = [[scores.get(n, {}).get(metric) for n in tier] for tier in tiers]
+        if any(v is None for tier in values for v in tier):
+            return False
+        return all(max(a) < min(b) for a, b in zip(values, values[1:]))
 
-    return {"order": ordered(ORDER), "blur": ordered(["real", *blur_names])}
+    return {"order": ordered(TIERS), "blur": ordered([("real",), *((b,) for b in blur_names)])}
 
 
 def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -100,9 +105,12 @@ def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], 
         oracle = oracle_set(records, config["data_args"].get("synthetic"), indices)
     except OracleUnavailable as e:
         raise SystemExit(f"error: {eval_dir}: no oracle ({e}); the check needs phantom data") from None
-    masks = stack(records, "mask")[torch.as_tensor(indices)]
-    sets = {"real": real, "oracle": oracle, "samples": images, "mean of K": mean_of_samples(images, grouped)[0],
-            "painting": label_painting(masks, reference, reference_masks)}
+    used = torch.as_tensor(list(grouped))  # one image per mask, the same masks in every set
+    first = torch.as_tensor([int(p[0]) for p in grouped.values()])
+    real = real[used]
+    sets = {"real": real, "oracle": oracle[first], "samples": images[first],
+            "mean of K": mean_of_samples(images, grouped)[0],
+            "painting": label_painting(stack(records, "mask")[used], reference, reference_masks)}
     sets.update({f"blur {s:g}": blurred(real, s) for s in blur_sigmas})
     return sets, reference
 
@@ -116,7 +124,8 @@ def ranking_markdown(scores: dict, verdicts: dict, sizes: dict[str, int]) -> str
     for name, row in scores.items():
         lines.append(f"| {name} | {sizes[name]} | " + " | ".join(
             "–" if row.get(m) is None else f"{row[m]:.4g}" for m in metrics) + " |")
-    lines += ["", f"Expected order (lower FRD is better): {' < '.join(ORDER)}; and FRD growing with the blur."]
+    order = " < ".join("{" + ", ".join(t) + "}" if len(t) > 1 else t[0] for t in TIERS)
+    lines += ["", f"Expected order (lower FRD is better): {order}; and FRD growing with the blur."]
     lines += [f"- {column(m)}: order {'PASS' if v['order'] else 'FAIL'}, blur {'PASS' if v['blur'] else 'FAIL'}"
               for m, v in verdicts.items()]
     return "\n".join(lines)

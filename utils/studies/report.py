@@ -32,17 +32,16 @@ def _cell(c: dict | None, signed: bool = False, flag: str = "") -> str:
     return text + (" *" if c.get("excludes_zero") else "")
 
 
-def _flag(metric: str, mean: float, oracle: dict) -> str:
-    """▲ for a paired score above the oracle's (only averaging gets there), ▼ for less diversity than it."""
-    from utils.evaluation.columns import DIVERSITY, HIGHER_IS_BETTER, PAIRED
-    from utils.evaluation.comparison import FLAG_AVERAGING, FLAG_COLLAPSE
+def _flag(metric: str, cell: dict, oracle: dict) -> str:
+    """▲ for a paired score surely above the oracle's (only averaging gets there), ▼ for surely less diversity:
+    the 95% t-interval over seeds of (row - oracle) excludes 0 (:func:`utils.evaluation.comparison.flag`)."""
+    from utils.evaluation.comparison import flag
+    from utils.studies.tables import t_interval
 
-    ref = oracle.get(metric)
-    if ref is None:
+    if metric not in oracle or len(cell["per_seed"]) < 2:
         return ""
-    if metric in PAIRED and (mean > ref if HIGHER_IS_BETTER[metric] else mean < ref):
-        return FLAG_AVERAGING
-    return FLAG_COLLAPSE if metric in DIVERSITY and mean < ref else ""
+    d = t_interval([v - oracle[metric] for v in cell["per_seed"]])
+    return flag(metric, d["lo"], d["hi"])
 
 
 def _tables(spec: StudySpec, summary: dict, shown: list[str]) -> list[str]:
@@ -52,7 +51,7 @@ def _tables(spec: StudySpec, summary: dict, shown: list[str]) -> list[str]:
     rows, oracle, base = summary["rows"], summary["oracle"], spec.baseline_row
     head = ["| Method | " + " | ".join(column(m) for m in shown) + " |", "|---|" + "---|" * len(shown)]
     lines = [*head, *(f"| {r.name} | " + " | ".join(
-        _cell(rows[r.name].get(m), flag=_flag(m, rows[r.name][m]["mean"], oracle) if m in rows[r.name] else "")
+        _cell(rows[r.name].get(m), flag=_flag(m, rows[r.name][m], oracle) if m in rows[r.name] else "")
         for m in shown) + " |" for r in spec.rows)]
     if oracle:
         lines.append("| *oracle: a perfect sampler* | " + " | ".join(
@@ -83,14 +82,18 @@ def results_markdown(spec: StudySpec, summary: dict, command: str) -> str:
     beyond = [m for m in shown if m in COMPARED]
     if beyond:
         lines += ["", "## Distribution and diversity (what averaging cannot buy)", "",
-                  "FRD: Fréchet Radiomics Distance to the training split (v0: 94 radiomic features; v1: 464, a log); "
-                  "Prec/Rec/Dens/Cov: precision, recall, density, coverage in the v0 radiomic space; 1-SSIM(K) "
-                  "and pixel std(K): diversity among the samples of one mask.", "",
+                  "FRD: Fréchet Radiomics Distance to the training split (v0: 94 radiomic features, the one that "
+                  "ranks blur and averaging behind samples; v1: the package default, 398 features of 2-D images, "
+                  "a log); Prec/Rec/Dens/Cov: precision, recall, density, coverage in the v0 radiomic space; all "
+                  "on one image per mask. 1-SSIM(K) and pixel std(K): diversity among the samples of one mask.",
+                  "",
                   *_tables(spec, summary, beyond)]
     if summary["oracle"]:
         lines += ["", "▲: above a perfect sampler on a paired metric (only an average of plausible images gets "
-                  "there); ▼: less diverse than a perfect sampler. The oracle is a second real image of each "
-                  "mask rendered by the phantom (evaluate.py's oracle row)."]
+                  "there); ▼: less diverse than a perfect sampler; each only where the 95% t-interval over seeds "
+                  "of (row - oracle) excludes 0. The oracle is a second real image of each mask rendered by the "
+                  "phantom with a new appearance (evaluate.py's oracle row). ≈: diversity should match the "
+                  "oracle's."]
     detectable = [f"{label(m)} {summary['detectable'][m]:.3g}" for m in shown if summary["detectable"].get(m)]
     if detectable:
         lines += ["", f"Smallest difference from {spec.baseline_row} this design detects with 80% power (two-sided "

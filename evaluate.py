@@ -415,6 +415,9 @@ def _comparison(args, config: dict, dataset: dict, records: list[dict], real, ma
     if problem:
         log.warning("skipping the comparison rows: %s", problem)
         return {"skipped": problem}
+    if records is dataset["train"]:
+        log.warning("the evaluated split is the training split, the distribution metrics' reference: the real "
+                    "row compares the reference with itself")
     reference = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in dataset["train"]]))
     score = paired_volume_metrics if images.ndim == 5 else paired_metrics
     return evaluate_rows(images, indices.numpy(), per_image, real, masks, records, reference,

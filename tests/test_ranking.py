@@ -62,3 +62,15 @@ def test_on_the_phantom_frd_v0_ranks_averages_paintings_and_blur_behind_perfect_
     assert perfect < frd["mean of K"] < frd["painting"], frd
     assert frd["real"] < frd["blur 1"] < frd["blur 3"], frd
     assert "order" in (tmp_path / "eval" / "ranking.md").read_text()
+
+
+def test_volumes_are_refused_with_the_reason(tmp_path):
+    from utils.evaluation.ranking import main
+
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    np.savez(samples / "samples.npz", images=np.zeros((2, 1, 4, 4, 4), np.float32), indices=np.array([0, 0]),
+             masks=np.zeros((2, 1, 4, 4, 4), np.uint8))
+    (samples / "manifest.json").write_text(json.dumps({"config": {"data_args": {}}, "split": "test"}))
+    with pytest.raises(SystemExit, match="2-D images only"):
+        main([str(tmp_path)])

@@ -92,6 +92,9 @@ def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], 
     manifest = json.loads((samples / "manifest.json").read_text())
     with np.load(samples / "samples.npz") as z:
         images, indices = torch.from_numpy(z["images"]), z["indices"]
+    if images.ndim != 4:
+        raise SystemExit(f"error: {samples / 'samples.npz'} holds volumes {list(images.shape[1:])}; the ranking "
+                         "check blurs and paints 2-D images only")
     config = manifest["config"]
     dataset = load_dataset(config["data_args"]["path"])
     records, train = dataset[manifest["split"]], dataset["train"]

@@ -216,9 +216,12 @@ def _metrics_png(spec: StudySpec, summary: dict, path: Path) -> None:
                 ax.errorbar([x], [c["mean"]], yerr=[[c["mean"] - c["lo"]], [c["hi"] - c["mean"]]], fmt="o",
                             color="k", capsize=4)
             ax.plot([x] * len(c["per_seed"]), c["per_seed"], ".", color="tab:blue", alpha=0.6)
+        if m in summary["oracle"]:
+            ax.axhline(summary["oracle"][m], color="tab:green", linestyle="--", label="oracle")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(column(m))
-    fig.suptitle(f"{spec.name}: mean over training seeds with 95% t-interval; dots: seeds")
+    oracle = "; dashed: a perfect sampler (the phantom's oracle)" if summary["oracle"] else ""
+    fig.suptitle(f"{spec.name}: mean over training seeds with 95% t-interval; dots: seeds{oracle}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

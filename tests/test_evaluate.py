@@ -97,12 +97,14 @@ def test_all_seven_metrics_with_random_weight_extractors_and_the_cache(tiny_run,
 @pytest.mark.slow
 def test_with_inception_weights_precision_and_recall_also_come_in_inception_space(tiny_run, tmp_path, no_weights,
                                                                                  random_inception_file):
-    assert _eval(tiny_run, tmp_path / "a", "--inception_weights", str(random_inception_file[0]),
-                 "--skip_missing_metrics", comparison=True) == 0
+    # 2 samples for each of the 8 test masks: 8 images per distribution row, over the k = 5 of the k-NN balls
+    assert _eval(tiny_run, tmp_path / "a", "--inception_weights", str(random_inception_file[0]), "--num_samples",
+                 "16", "--samples_per_mask", "2", "--skip_missing_metrics", comparison=True) == 0
     rows = json.loads((tmp_path / "a" / "metrics.json").read_text())["comparison"]["rows"]
     for row in ("samples", "oracle", "real"):
         for m in ("precision", "recall", "density", "coverage"):
             assert rows[row][f"{m}_inception"]["space"] == "inception" and 0 <= rows[row][f"{m}_inception"]["value"]
+    assert rows["samples"]["precision_inception"]["n"] == 8  # one image per mask
     assert rows["samples"]["precision_inception"]["n_reference"] == 16  # the training split, in Inception space
     assert rows["real"]["recall_inception"]["value"] > 0  # the test split's images lie near the training split's
 

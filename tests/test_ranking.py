@@ -43,8 +43,8 @@ def test_on_the_phantom_frd_v0_ranks_averages_paintings_and_blur_behind_perfect_
     from utils.evaluation.ranking import main
 
     data = tmp_path / "data.npz"
-    synthetic = {"size": 32, "patients": [4, 1, 3], "seed": 0}
-    ensure_synthetic_dataset(data, 32, (4, 1, 3), 0)
+    synthetic = {"size": 32, "patients": [8, 1, 8], "seed": 0}  # 32 masks: FRD at 12 images was noise
+    ensure_synthetic_dataset(data, 32, (8, 1, 8), 0)
     records = load_dataset(data)["test"]
     indices = np.arange(2 * len(records)) % len(records)
     images = np.concatenate([oracle_images(records, synthetic, 10 + j) for j in range(2)]) / 255.0

@@ -315,8 +315,8 @@ def test_evaluate_compares_volumes_with_3d_radiomics_and_says_why_there_is_no_or
     c = json.loads((out / "metrics.json").read_text())["comparison"]
     assert "no data_args.synthetic" in c["oracle"] and list(c["rows"]) == ["samples", "mean_of_k", "real"]
     samples = c["rows"]["samples"]
-    assert samples["frd_v0"]["n"] == 6 and samples["pixel_std"]["k"] == 3 and "pairwise_dissimilarity" not in samples
-    assert "k-NN balls" in samples["precision"]["skipped"]  # the tiny training split has 4 volumes
+    assert samples["frd_v0"]["n"] == 2 and samples["pixel_std"]["k"] == 3 and "pairwise_dissimilarity" not in samples
+    assert "k-NN balls" in samples["precision"]["skipped"]  # 2 volumes per row, 4 in the training split
     assert c["rows"]["mean_of_k"]["ssim"]["n"] == 2 and c["rows"]["real"]["frd_v1"]["n"] == 2
 
 

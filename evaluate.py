@@ -41,7 +41,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -207,10 +206,6 @@ def _read_npz(path: Path):
                          f"{expected}") from None
 
 
-def _finite(x):
-    return x if x is None or math.isfinite(x) else None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -241,6 +236,7 @@ def run(args) -> int:
 
     from utils.config import sampling_overrides
     from utils.data.dataset_io import load_dataset, normalise_image
+    from utils.evaluation.comparison import summary_cell
     from utils.evaluation.feature_extractors import FeatureCache
     from utils.evaluation.metrics import paired_metrics, summarise
     from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
@@ -328,9 +324,7 @@ def run(args) -> int:
         per_image = paired_metrics(images, paired, masks, tolerance=args.surface_dice_tolerance)
     metrics: dict[str, dict] = {m: {"skipped": reason} for m, reason in skipped.items()}
     for name in per_image:  # resampled by source image: samples sharing a mask are not independent
-        s = summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0)
-        metrics[name] = {"value": _finite(s["mean"]), "n": s["n"], "n_masks": s["n_clusters"],
-                         "ci95": [_finite(s["ci95_lo"]), _finite(s["ci95_hi"])]}
+        metrics[name] = summary_cell(summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0))
     if volumes:
         metrics.setdefault("ms_ssim", {"skipped": ms_ssim_problem(images.shape)})
         metrics["mmd"] = ({"value": mmd(paired, images), "n": len(images)} if len(images) > 1 else
@@ -401,13 +395,10 @@ def _comparison(args, config: dict, dataset: dict, records: list[dict], real, ma
                 per_image: dict, cache, inception) -> dict:
     """:func:`utils.evaluation.comparison.evaluate_rows` for this evaluation (the training split as the
     reference), or ``{"skipped": reason}``."""
-    import numpy as np
-    import torch
-
-    from utils.data.dataset_io import normalise_image
     from utils.evaluation.comparison import evaluate_rows
     from utils.evaluation.metrics import paired_metrics
     from utils.evaluation.radiomics import radiomics_problem
+    from utils.evaluation.segmenter import split_tensors
     from utils.evaluation.volume_metrics import paired_volume_metrics
 
     problem = radiomics_problem() or (None if dataset.get("train") else
@@ -418,7 +409,7 @@ def _comparison(args, config: dict, dataset: dict, records: list[dict], real, ma
     if records is dataset["train"]:
         log.warning("the evaluated split is the training split, the distribution metrics' reference: the real "
                     "row compares the reference with itself")
-    reference = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in dataset["train"]]))
+    reference = split_tensors(dataset["train"])[0]
     score = paired_volume_metrics if images.ndim == 5 else paired_metrics
     return evaluate_rows(images, indices.numpy(), per_image, real, masks, records, reference,
                          config.get("data_args", {}).get("synthetic"),

@@ -102,7 +102,7 @@ def row_metrics(s: ImageSet, real, masks, reference: Reference, extractors: dict
         idx = torch.as_tensor(s.indices)
         per_image = s.per_image or paired_fn(s.images, real[idx], masks[idx])
         for name, values in per_image.items():
-            out[name] = _summary(summarise(values, s.indices, n_boot=n_boot, seed=0))
+            out[name] = summary_cell(summarise(values, s.indices, n_boot=n_boot, seed=0))
             per_mask[name] = _mask_means(np.asarray(values, np.float64), s.indices)
     images = s.images if s.distribution is None else s.distribution
     out.update(distribution_metrics(images, reference, extractors, inception, s.cache_key))
@@ -110,7 +110,7 @@ def row_metrics(s: ImageSet, real, masks, reference: Reference, extractors: dict
     if grouped:
         k = len(next(iter(grouped.values())))
         for name, values in per_mask_diversity(s.images, grouped).items():
-            out[name] = {**_summary(summarise(values, n_boot=n_boot, seed=0)), "k": k}
+            out[name] = {**summary_cell(summarise(values, n_boot=n_boot, seed=0)), "k": k}
             per_mask[name] = dict(zip(grouped, values.tolist()))
     return out, per_mask
 
@@ -173,7 +173,9 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def _summary(s: dict) -> dict:
+def summary_cell(s: dict) -> dict:
+    """A per-image metric's cell of metrics.json from :func:`utils.evaluation.metrics.summarise`: value, n, masks
+    and the 95% interval, non-finite numbers as None (JSON has no inf)."""
     finite = [None if v is None else _finite(v) for v in (s["mean"], s["ci95_lo"], s["ci95_hi"])]
     return {"value": finite[0], "n": s["n"], "n_masks": s["n_clusters"], "ci95": finite[1:]}
 

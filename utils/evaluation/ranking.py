@@ -83,10 +83,11 @@ def verdict(scores: dict[str, dict], metric: str, blur_names: list[str]) -> dict
 
 def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(the sets of the module docstring, the reference images) from an evaluate.py output directory."""
-    from utils.data.dataset_io import load_dataset, normalise_image
+    from utils.data.dataset_io import load_dataset
     from utils.data.oracle import OracleUnavailable
     from utils.evaluation.comparison import oracle_set
     from utils.evaluation.diversity import groups, mean_of_samples
+    from utils.evaluation.segmenter import split_tensors
 
     samples = eval_dir / "samples"
     manifest = json.loads((samples / "manifest.json").read_text())
@@ -98,9 +99,7 @@ def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], 
     config = manifest["config"]
     dataset = load_dataset(config["data_args"]["path"])
     records, train = dataset[manifest["split"]], dataset["train"]
-    stack = lambda rs, key: torch.from_numpy(np.stack([normalise_image(r[key]) if key == "image" else  # noqa: E731
-                                                       np.asarray(r[key], np.uint8) for r in rs]))
-    real, reference, reference_masks = stack(records, "image"), stack(train, "image"), stack(train, "mask")
+    (real, split_masks), (reference, reference_masks) = split_tensors(records), split_tensors(train)
     grouped = groups(indices)
     if not grouped:
         raise SystemExit(f"error: {samples}: every mask has one sample; evaluate with --samples_per_mask K >= 2")
@@ -113,7 +112,7 @@ def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], 
     real = real[used]
     sets = {"real": real, "oracle": oracle[first], "samples": images[first],
             "mean of K": mean_of_samples(images, grouped)[0],
-            "painting": label_painting(stack(records, "mask")[used], reference, reference_masks)}
+            "painting": label_painting(split_masks[used], reference, reference_masks)}
     sets.update({f"blur {s:g}": blurred(real, s) for s in blur_sigmas})
     return sets, reference
 

@@ -38,16 +38,14 @@ compares voxels.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from utils.cli import docstring_parser
-from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES
-from utils.evaluation.columns import COMPARED, HIGHER_IS_BETTER, METRICS, METRICS_3D
+from utils.cli import add_checkpoint_arguments, add_sampler_argument, configure_logging, docstring_parser
+from utils.evaluation.columns import COMPARED, METRICS, METRICS_3D
+from utils.methods import samplers
 
 log = logging.getLogger("comet.evaluate")
 
@@ -61,12 +59,7 @@ NOT_FOR_VOLUMES = {  # 2-D-only parts, recorded as skipped when the data are vol
 def build_parser() -> argparse.ArgumentParser:
     p = docstring_parser(__doc__)
     src = p.add_argument_group("what to evaluate")
-    src.add_argument("--checkpoint", help="a .ckpt file or a run directory (generates the samples)")
-    src.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
-    src.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
-    src.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                     help="change one key of the checkpoint's config, e.g. --set data_args.path=other.npz; allowed: "
-                          + ", ".join(INFERENCE_OVERRIDES))
+    add_checkpoint_arguments(src)  # the model that generates the samples
     src.add_argument("--samples", help="an inferer.py samples.npz to evaluate without generating")
     src.add_argument("--data_path", help="dataset of the real images (default: the checkpoint's data_args.path)")
     src.add_argument("--split", default="test", help="split of masks and real images (default: %(default)s)")
@@ -79,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "them (studies use K >= 4)")
     gen.add_argument("--num_steps", type=int,
                      help="sampler steps (default: the checkpoint's sampling_args.num_steps, 10 when shipped)")
-    gen.add_argument("--method", choices=ALL_SAMPLERS,
-                     help="sampler, one of the checkpoint's method's (default: the checkpoint's, e.g. euler)")
+    add_sampler_argument(gen, samplers())
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     gen.add_argument("--batch_size", type=int, help="generation batch (default: 64 on GPU, 8 on CPU; volumes 1)")
     audit = p.add_argument_group("is the synthetic data useful and safe?")
@@ -146,69 +138,9 @@ def _extractors(args, device: str, volumes: bool) -> tuple[dict, dict]:
     return {k: build(path, device) for k, (build, path) in found.items()}, skipped
 
 
-SAMPLE_ARRAYS = ("images", "masks", "indices")
-
-
-def _load_samples(path: Path):
-    """images (N, 1, H, W) or volumes (N, 1, D, H, W) float in [0, 1], masks of their shape (integer), indices
-    (N,) of an inferer.py samples.npz, and the manifest.json beside it; anything else stops with the file named."""
-    import numpy as np
-    import torch
-
-    images, masks, indices = _read_npz(path)
-    expected = "expected an inferer.py samples.npz"
-    for ok, problem in (
-        (images.ndim in (4, 5) and images.shape[0] >= 1 and images.shape[1] == 1,
-         f"images have shape {list(images.shape)}, expected [N, 1, H, W] or [N, 1, D, H, W] with N >= 1"),
-        (masks.shape == images.shape, f"masks have shape {list(masks.shape)}, images {list(images.shape)}"),
-        (indices.shape == images.shape[:1], f"indices have shape {list(indices.shape)}, expected [{len(images)}]"),
-        (images.dtype.kind == "f", f"images are {images.dtype}, expected float"),
-        (masks.dtype.kind in "iu", f"masks are {masks.dtype}, expected integer labels"),
-    ):
-        if not ok:
-            raise SystemExit(f"error: {path}: {problem}; {expected}")
-    if not np.isfinite(images).all():
-        raise SystemExit(f"error: {path}: images hold NaN or inf; {expected} (images in [0, 1])")
-    if images.min() < 0 or images.max() > 1:
-        raise SystemExit(f"error: {path}: images span [{images.min():.4g}, {images.max():.4g}], expected [0, 1]")
-    if indices.dtype.kind not in "iu":
-        raise SystemExit(f"error: {path} was generated from label-map files, which have no paired real "
-                         "images; evaluate samples generated from a dataset split")
-    manifest_path = path.with_name("manifest.json")
-    try:
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {manifest_path}: not valid JSON ({e}); expected inferer.py's manifest") from None
-    return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(indices), manifest
-
-
-def _read_npz(path: Path):
-    """The images, masks and indices arrays of ``path``, or SystemExit naming the file."""
-    import zipfile
-    import zlib
-
-    import numpy as np
-
-    expected = "expected an inferer.py samples.npz"
-    if not path.is_file():
-        raise SystemExit(f"error: {path}: no such file; {expected}")
-    try:
-        z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise SystemExit(f"error: {path}: holds a single .npy array, not an .npz archive; {expected}")
-        with z:
-            missing = sorted(set(SAMPLE_ARRAYS) - set(z.files))
-            if missing:
-                raise SystemExit(f"error: {path} lacks {missing}; {expected}")
-            return tuple(z[k] for k in SAMPLE_ARRAYS)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, a pickle
-        raise SystemExit(f"error: {path}: cannot read as an .npz archive ({type(e).__name__}: {e}); "
-                         f"{expected}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if (args.num_samples is not None and args.num_samples < 1) or (args.num_steps is not None and args.num_steps < 1):
         raise SystemExit("error: --num_samples and --num_steps must be >= 1")
     if not args.surface_dice_tolerance > 0:
@@ -222,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     from utils.config import ConfigError
     from utils.data.dataset_io import DatasetError
     from utils.generation.checkpoints import CheckpointError
+    from utils.generation.outputs import SamplesError
 
     try:
         return run(args)
-    except (CheckpointError, ConfigError, DatasetError) as e:  # all raised before anything is written
+    except (CheckpointError, ConfigError, DatasetError, SamplesError) as e:  # all raised before anything is written
         raise SystemExit(f"error: {e}") from None
 
 
@@ -234,33 +167,33 @@ def run(args) -> int:
     import numpy as np
     import torch
 
-    from utils.config import sampling_overrides
     from utils.data.dataset_io import load_dataset, normalise_image
     from utils.evaluation.comparison import summary_cell
     from utils.evaluation.feature_extractors import FeatureCache
     from utils.evaluation.metrics import paired_metrics, summarise
+    from utils.evaluation.report import report, write_results
     from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
-    from utils.generation.checkpoints import load_module
     from utils.generation.generate import default_batch_size, generate
-    from utils.generation.outputs import write_samples
+    from utils.generation.outputs import read_samples, write_samples
+    from utils.methods import load_module, resolve_checkpoint, sampling_overrides
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manifest, module, ckpt = {}, None, None
     if args.samples:
         samples = Path(args.samples)
-        images, masks, indices, manifest = _load_samples(samples)
+        images, masks, indices, manifest = read_samples(samples)
         data_path = args.data_path or manifest.get("config", {}).get("data_args", {}).get("path")
         split = manifest.get("split") or args.split
         out_dir = Path(args.output_dir or samples.parent / "eval")
-        steps, method, seed = manifest.get("num_inference_steps"), manifest.get("method"), manifest.get("seed")
+        steps, sampler, seed = manifest.get("num_inference_steps"), manifest.get("sampler"), manifest.get("seed")
+        method = manifest.get("method")
         ckpt = manifest.get("checkpoint")
     else:
-        from inferer import resolve_checkpoint
-
-        ckpt = resolve_checkpoint(args)
-        module = load_module(ckpt, device, args.overrides + sampling_overrides(args.num_steps, args.method))
+        ckpt = resolve_checkpoint(args.checkpoint, args.which, args.config_path)
+        module = load_module(ckpt, device, args.overrides + sampling_overrides(args.num_steps, args.sampler))
         data_path, split = args.data_path or module.cfg.data_args.path, args.split
-        steps, method, seed = module.cfg.sampling_args.num_steps, module.cfg.sampling_args.method, args.seed
+        steps, sampler, seed = module.cfg.sampling_args.num_steps, module.cfg.sampling_args.sampler, args.seed
+        method = module.cfg.method
         out_dir = Path(args.output_dir or Path(ckpt).parent / f"eval_{Path(ckpt).stem}_{split}_{steps}steps")
     if not data_path:
         raise SystemExit("error: no dataset for the real images; pass --data_path")
@@ -300,9 +233,10 @@ def run(args) -> int:
                 classes = sample_classes(module.class_names, source, indices)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
-        result = generate(module, masks, torch.arange(n), seed, steps, method, batch, [device], classes=classes)
+        result = generate(module, masks, torch.arange(n), seed, steps, sampler, batch, [device], classes=classes)
         images = result.images
         manifest = {"checkpoint": str(ckpt), "num_samples": n, "num_inference_steps": steps, "method": method,
+                    "sampler": sampler,
                     "seed": seed, "nfe_per_image": result.nfe, "seconds_per_image": result.seconds / n,
                     "split": split, "config": module.hparams["config"]}
         grids = [_record_grid(records[i]) for i in indices.tolist()] if volumes else None
@@ -339,7 +273,7 @@ def run(args) -> int:
     results = {
         "metrics": {m: metrics[m] for m in (*(METRICS_3D if volumes else METRICS), *COMPARED) if m in metrics},
         "num_samples": len(images), "num_masks": len(set(indices.tolist())),
-        "num_steps": steps, "method": method, "seed": seed,
+        "num_steps": steps, "method": method, "sampler": sampler, "seed": seed,
         "checkpoint": str(ckpt) if ckpt else None, "dataset": str(data_path), "split": split,
         "num_real": len(records), "surface_dice_tolerance_px": args.surface_dice_tolerance,
         "weights_sha256": weights, "device": device,
@@ -496,103 +430,6 @@ def _memorisation(dataset: dict, images, out_dir: Path) -> dict:
 
 def _cache_dir(args) -> Path:
     return Path(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
-
-
-def write_results(out_dir: Path, results: dict, per_image: dict, indices, images, real, masks,
-                  num_classes: int) -> None:
-    """metrics.json, per_image.csv (a row per volume for volumes), report.md and best_worst.png (by SSIM;
-    volumes by their three mid-slices) in ``out_dir``."""
-    import numpy as np
-
-    from utils.images import display_tiles, grid_image, mask_to_unit, save_png
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-    with open(out_dir / "per_image.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sample", "source_index", *per_image])
-        for i in range(len(indices)):
-            w.writerow([i, int(indices[i]), *(f"{values[i]:.6g}" for values in per_image.values())])
-    (out_dir / "report.md").write_text(report(results) + "\n")
-    order = np.argsort(per_image["ssim"])
-    k = min(8, len(order))
-    rows = []
-    for pick in (order[::-1][:k], order[:k]):  # best, then worst
-        pick = list(pick)
-        rows += [display_tiles(x) for x in (mask_to_unit(masks[pick], num_classes), real[pick], images[pick])]
-    labels = [f"{which} SSIM: mask" for which in ("best", "worst") for _ in range(3)]
-    labels[1::3], labels[2::3] = ["real"] * 2, ["generated"] * 2
-    save_png(grid_image(rows, row_labels=labels), out_dir / "best_worst.png")
-
-
-def report(results: dict) -> str:
-    """The metrics table, then the mask fidelity and memorisation sections when they were computed."""
-    parts = [report_table(results)]
-    if "comparison" in results:
-        parts += ["", comparison_section(results)]
-    if "skipped_2d_only" in results:
-        parts += ["", "Skipped on volumes: " + "; ".join(f"{k} ({v})" for k, v in results["skipped_2d_only"].items())]
-    if "mask_fidelity" in results:
-        from utils.evaluation.segmenter import fidelity_table
-
-        f = results["mask_fidelity"]
-        parts += ["", f"## Mask fidelity (segmenter {f['segmenter']})", "",
-                  f"Each generated image segmented and scored against the mask that conditioned it (gen, N = "
-                  f"{f['n']}), next to the same segmenter on the {f['n_real']} real images with their own masks "
-                  f"(real: the ceiling). Means over images; NSD at {f['tolerance_px']:g} px; 95% CIs in "
-                  "metrics.json.", "", fidelity_table(f)]
-    if "memorisation" in results:
-        from utils.evaluation.memorisation import report_section
-
-        m = results["memorisation"]
-        parts += ["", f"Memorisation audit skipped: {m['skipped']}" if "skipped" in m else report_section(m)]
-    return "\n".join(parts)
-
-
-def comparison_section(results: dict) -> str:
-    """The samples beside what averaging, a perfect sampler and the real data score (or why it was skipped)."""
-    c = results["comparison"]
-    if "skipped" in c:
-        return f"Comparison rows skipped: {c['skipped']}"
-    from utils.evaluation.comparison import comparison_markdown
-
-    oracle = "" if c["oracle"] == "used" else f" ({c['oracle']})"
-    return "\n".join(["## Beyond paired metrics", "",
-                      f"Distribution metrics against the {c['n_reference']} images of the training split (the "
-                      f"reference); diversity among the samples of each mask{oracle}.", "",
-                      comparison_markdown(c["rows"])])
-
-
-def report_table(results: dict) -> str:
-    """The paper's results table (markdown; the metrics of ``results["metrics"]`` in their order), with N samples,
-    the number of masks and the 95% intervals."""
-    names = {"b_dice": "B-Dice", "surface_dice": f"NSD@{results['surface_dice_tolerance_px']:g}px",
-             "fid_3d": "3D-FID", "fid_2p5d": "2.5D-FID", "ms_ssim": "MS-SSIM"}
-    shown = [m for m in results["metrics"] if m in METRICS or m in METRICS_3D]
-    head = "| " + " | ".join(f"{names.get(m, m.upper())}{'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in shown) + " |"
-    cells, notes = [], []
-    for m in shown:
-        r = results["metrics"][m]
-        if "skipped" in r:
-            cells.append("skipped")
-            notes.append(f"- {names.get(m, m.upper())} skipped: {r['skipped'].split(': tried')[0].split('. ')[0]} "
-                         "(details in metrics.json)")
-        else:
-            v = r["value"]
-            cells.append("inf" if v is None else f"{v:.4g}")
-            extra = f", 95% CI [{r['ci95'][0]:.4g}, {r['ci95'][1]:.4g}]" if r.get("ci95") and None not in r[
-                "ci95"] else ""
-            real = f" vs {r['n_real']} real" if "n_real" in r else ""
-            masks = f" of {r['n_masks']} masks" if "n_masks" in r else ""
-            planes = ", planes " + ", ".join(f"{p} {v:.4g}" for p, v in r["planes"].items()) if "planes" in r else ""
-            notes.append(f"- {names.get(m, m.upper())}: N = {r['n']}{masks}{real}{extra}{planes}")
-    lines = [f"Evaluation of {results['checkpoint']} on split '{results['split']}' of {results['dataset']}: "
-             f"{results['num_samples']} samples of {results['num_masks']} distinct masks, {results['num_steps']} "
-             f"{results['method']} steps, seed {results['seed']}", "", head, "|" + "---|" * len(shown),
-             "| " + " | ".join(cells) + " |", "", *notes,
-             f"- CI: 95% cluster-bootstrap interval over the {results['num_masks']} source images; "
-             "noise and masks only, not training seeds"]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -36,25 +36,18 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import docstring_parser
-from utils.config import ALL_SAMPLERS, INFERENCE_OVERRIDES, SAMPLERS
+from utils.cli import add_checkpoint_arguments, add_sampler_argument, configure_logging, docstring_parser
+from utils.methods import samplers
 
 log = logging.getLogger("comet.inferer")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = docstring_parser(__doc__)
-    p.add_argument("--checkpoint", help="a .ckpt file or a run directory (default: the run of --config_path)")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
-    p.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="change one key of the checkpoint's config, e.g. --set data_args.path=other.npz; allowed: "
-                        + ", ".join(INFERENCE_OVERRIDES))
+    add_checkpoint_arguments(p)
     p.add_argument("--num_samples", type=int, help="images to generate (default: one per mask)")
     p.add_argument("--num_inference_steps", type=int, help="sampler steps (default: the config's, 10)")
-    p.add_argument("--method", choices=ALL_SAMPLERS,
-                   help="sampler, one of the checkpoint's method's ("
-                        + "; ".join(f"{m}: {', '.join(s)}" for m, s in SAMPLERS.items()) + "; default: the config's)")
+    add_sampler_argument(p, samplers())
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
     p.add_argument("--masks", help="folder of PNG/NPY label maps (3-D: NIfTI masks), or a dataset file, instead of "
@@ -89,17 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_checkpoint(args) -> Path:
-    from utils.config import load_config
-    from utils.generation.checkpoints import find_checkpoint
-
-    if args.checkpoint:
-        return find_checkpoint(args.checkpoint, args.which)
-    if not args.config_path:
-        raise SystemExit("error: give --checkpoint (a .ckpt or run directory) or --config_path")
-    return find_checkpoint(load_config(args.config_path).run_dir, args.which)
-
-
 def pick_devices(count: int) -> list[str]:
     import torch
 
@@ -112,7 +94,7 @@ def pick_devices(count: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.t0 is not None and not args.reference:
         raise SystemExit("error: --t0 needs --reference")
     if args.feature_guidance and not args.reference:
@@ -141,17 +123,16 @@ def run(args) -> int:
     """Load, generate, write; bad inputs raise the errors ``main`` reports, before anything is written."""
     import torch
 
-    from utils.config import sampling_overrides
     from utils.data.masks import load_masks
-    from utils.generation.checkpoints import load_module
     from utils.generation.classes import sample_classes
     from utils.generation.generate import default_batch_size, generate
+    from utils.methods import load_module, resolve_checkpoint, sampling_overrides
 
-    ckpt = resolve_checkpoint(args)
+    ckpt = resolve_checkpoint(args.checkpoint, args.which, args.config_path)
     devices = pick_devices(args.devices)
-    module = load_module(ckpt, devices[0], args.overrides + sampling_overrides(args.num_inference_steps, args.method))
+    module = load_module(ckpt, devices[0], args.overrides + sampling_overrides(args.num_inference_steps, args.sampler))
     cfg = module.cfg
-    steps, method = cfg.sampling_args.num_steps, cfg.sampling_args.method
+    steps, sampler = cfg.sampling_args.num_steps, cfg.sampling_args.sampler
     out_dir = Path(args.output_dir or cfg.run_dir / f"samples_{args.split}_{steps}steps")
     if args.export:
         from utils.generation.outputs import export_paths
@@ -173,22 +154,23 @@ def run(args) -> int:
     batch = args.batch_size or default_batch_size(devices[0], cfg.model_args.spatial_dims == 3)
     references, reference_record = reference_images(args, module, n)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
-             ckpt, n, source.description, steps, method, args.seed, batch, ", ".join(devices))
-    result = generate(module, masks, torch.arange(n), args.seed, steps, method, batch, devices,
+             ckpt, n, source.description, steps, sampler, args.seed, batch, ", ".join(devices))
+    result = generate(module, masks, torch.arange(n), args.seed, steps, sampler, batch, devices,
                       batch_invariant=args.batch_invariant, references=references,
                       t0=reference_record["t0"] if references is not None else 0.0,
                       feature_guidance=args.feature_guidance, classes=classes)
 
-    from utils.evaluation.feature_extractors import sha256_file
+    from utils.files import sha256_file
 
     manifest = {
         "checkpoint": str(ckpt.resolve()), "checkpoint_sha256": sha256_file(ckpt), "config": module.hparams["config"],
-        "num_samples": n, "num_inference_steps": steps, "method": method, "seed": args.seed,
+        "num_samples": n, "num_inference_steps": steps, "method": cfg.method, "sampler": sampler,
+        "seed": args.seed,
         "nfe_per_image": result.nfe, "seconds": round(result.seconds, 3),
         "seconds_per_image": round(result.seconds / n, 5), "device": devices, "batch_size": batch,
         "batch_invariant": args.batch_invariant, "mask_source": source.description,
         "split": None if args.masks else args.split,
-        "ema": module.ema is not None, "generation_method": cfg.method, "reference": reference_record,
+        "ema": module.ema is not None, "reference": reference_record,
         "guidance_scale": cfg.sampling_args.guidance_scale,
     }
     if classes is not None:

@@ -18,7 +18,7 @@ import logging
 import shlex
 import sys
 
-from utils.cli import docstring_parser
+from utils.cli import configure_logging, docstring_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from utils.config import ConfigError
     from utils.studies.report import write_report
     from utils.studies.runner import run_study
@@ -43,7 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if not args.report_only:
-        run_study(spec)
+        import evaluate
+        import trainer
+
+        run_study(spec, trainer.main, evaluate.main)
     command = shlex.join(["python", "study.py", *(argv if argv is not None else sys.argv[1:])])
     path = write_report(spec, command)
     print(path.read_text())

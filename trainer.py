@@ -17,17 +17,9 @@ import logging.handlers
 import sys
 from pathlib import Path
 
+from utils.cli import LOG_FORMAT
+
 log = logging.getLogger("comet.trainer")
-
-# Keys that may change between a run and its resumption (they do not change what is learned).
-RESUMABLE_CHANGES = {
-    "train_args.max_epochs", "train_args.max_steps", "train_args.devices", "train_args.num_nodes",
-    "train_args.accelerator", "data_args.num_workers", "train_args.limit_train_batches",
-    "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
-    # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
-    "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "train_args.memory_limit_gb",
-}
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -39,9 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train_args.lr=2e-4 (repeatable)")
     return p
-
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(rank: int) -> logging.handlers.MemoryHandler:
@@ -77,14 +66,6 @@ def resolve_devices(train, cuda_count: int) -> tuple[str, int]:
     return "cpu", train.devices or 1
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """The Lightning precision to train with: fp16 mixed precision needs a GPU, so the CPU uses 32-bit."""
-    if accelerator == "cpu" and precision == "16-mixed":
-        log.warning("fp16 mixed precision needs a GPU; training in 32-bit on the CPU")
-        return "32-true"
-    return precision
-
-
 def accumulation_steps(effective_batch: int, batch_size: int, world_size: int) -> int:
     """Gradient accumulation that keeps ``effective_batch`` for this number of processes (at least 1)."""
     per_step = batch_size * world_size
@@ -99,7 +80,8 @@ def has_checkpoint(run_dir: Path) -> bool:
 def saved_config(path: Path) -> dict | None:
     """The plain config dict saved at ``path`` (through the dataclasses, so keys added to the code since
     read as their defaults), or None when there is none."""
-    from utils.config import config_to_dict, load_config
+    from utils.config import config_to_dict
+    from utils.methods import load_config
 
     return config_to_dict(load_config(path)) if path.is_file() else None
 
@@ -111,8 +93,9 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
     directory whose run has a checkpoint and another configuration (beyond RESUMABLE_CHANGES) is refused;
     one whose earlier start left no checkpoint is taken over, and the log says what changed.
     """
-    from utils.config import config_diff, dump_config
+    from utils.config import RESUMABLE_CHANGES, config_diff, dump_config
     from utils.distributed import wait_for
+    from utils.files import atomic_path
 
     run_dir = cfg.run_dir
     path, last = run_dir / "config.yaml", run_dir / "last.ckpt"
@@ -136,9 +119,8 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
         raise SystemExit(f"error: {run_dir} exists, is not empty and has no config.yaml; not writing into it. "
                          "Choose another name with --set run_name=NAME.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("config.yaml.tmp")
-    dump_config(cfg, tmp)
-    tmp.replace(path)  # other ranks never read half a file
+    with atomic_path(path) as tmp:  # other ranks never read half a file
+        dump_config(cfg, tmp)
     return last if last.exists() else None
 
 
@@ -172,8 +154,9 @@ def log_budget(train, train_images: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    from utils.config import ConfigError, config_to_dict, load_config
+    from utils.config import ConfigError, config_to_dict
     from utils.distributed import launch_rank
+    from utils.methods import load_config
 
     rank = launch_rank()
     log_buffer = setup_logging(rank)
@@ -194,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         t = cfg.train_args
         pl.seed_everything(t.seed, workers=True)
         dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
-        module = method_class(cfg.method).for_data(config_dict, dm)
+        module = method_class(cfg.method).for_data(cfg, dm)
         if cfg.model_args.spatial_dims == 3:  # a volume too large fails here, not inside the first step
             check_training_memory(module, resolve_devices(t, torch.cuda.device_count())[0])
         resume = prepare_run_dir(cfg, config_dict, rank)
@@ -217,6 +200,9 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.strategies import DDPStrategy
+
+    from utils.methods.sample_grid import SampleGrid
+    from utils.precision import resolve_precision
 
     t = cfg.train_args
     accelerator, devices = resolve_devices(t, torch.cuda.device_count())
@@ -244,6 +230,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
                         save_top_k=-1, filename="epoch{epoch:03d}", auto_insert_metric_name=False),
         LearningRateMonitor(),
         TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
+        SampleGrid(),
     ]
     loggers = [TensorBoardLogger(cfg.run_dir, name="", version="tensorboard"),
                CSVLogger(cfg.run_dir, name="", version="csv")]

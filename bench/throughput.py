@@ -205,10 +205,9 @@ def baseline(cfg, batch: int, args, device) -> tuple[dict, dict]:
     from flow_matching.path import AffineProbPath
     from flow_matching.path.scheduler import CondOTScheduler
 
-    from trainer import resolve_precision
     from utils.methods.networks import VelocityAdapter, build_model
     from utils.methods.ode_sampler import sample
-    from utils.precision import autocast
+    from utils.precision import autocast, resolve_precision
 
     precision = resolve_precision(BASELINE.precision, "gpu" if device.type == "cuda" else "cpu")
     model_cfg = dataclasses.replace(cfg.model_args, use_flash_attention=BASELINE.flash)
@@ -253,11 +252,11 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     """The framework's training step (Lightning, as trainer.py) and sampling (generate, as inferer.py)."""
     import torch
 
-    from trainer import resolve_precision
-    from utils.config import config_from_dict, config_to_dict
+    from utils.config import config_to_dict
     from utils.data.datamodule import EchoDataModule
     from utils.generation.generate import generate
-    from utils.methods import method_class
+    from utils.methods import config_from_dict, method_class
+    from utils.precision import resolve_precision
 
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     precision = resolve_precision(setting.precision, accelerator)
@@ -274,7 +273,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed,
                         spatial_dims=run_cfg.model_args.spatial_dims)
-    module = method_class(run_cfg.method).for_data(config_to_dict(run_cfg), dm)
+    module = method_class(run_cfg.method).for_data(run_cfg, dm)
     info, train = {"precision": precision, "optimizer": "-"}, {}
     if "train" in args.tasks:
         train = train_framework(module, dm, precision, setting, batch, args, device, workdir)
@@ -283,7 +282,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
         return train, {}
     module.to(device).eval()  # Lightning moves the module back to the CPU after fit
     masks = dm.train_set.mask[: batch * args.sample_batches]
-    where, sampler = [str(module.device)], run_cfg.sampling_args.method
+    where, sampler = [str(module.device)], run_cfg.sampling_args.sampler
 
     def sample(n: int) -> None:
         generate(module, masks[:n], torch.arange(n), 0, args.steps, sampler, batch, where, progress=False)
@@ -445,11 +444,14 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise SystemExit(f"error: {output} exists; pass --overwrite to replace it")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from utils.cli import configure_logging
+
+    configure_logging()
 
     import torch
 
-    from utils.config import ConfigError, load_config
+    from utils.config import ConfigError
+    from utils.methods import load_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""Med-DT-FM's distillation term, as pure functions (shared/MED_DT_FM.md 3.2):
+"""Med-DT-FM's distillation term, as pure functions:
 
     L_DT = sum_i lambda_i * mean((P_i(B_i) - Ebar_i(x_1))^2),   Ebar_i = (E_i - mu_i) / sigma_i per channel,
 

@@ -30,7 +30,7 @@ def time_effect(config_path: str, overrides: list[str] = ()) -> float:
     layers (the zero convolutions and the UNet's output layer) woken up; near 0 when the network cannot see t."""
     import torch
 
-    from utils.config import load_config
+    from utils.methods import load_config
     from utils.methods.networks import build_model
 
     cfg = load_config(config_path, list(overrides))

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from conftest import time_effect, tiny_overrides
 
-from utils.config import ConfigError, config_to_dict, load_config
-from utils.methods.prior import gaussian_blur, gaussian_kernel1d, warm_start_prior
+from utils.config import ConfigError
+from utils.methods import load_config
+from utils.methods.flow_matching.prior import gaussian_blur, gaussian_kernel1d, warm_start_prior
 
 TINY_3D = "configs/tiny_3d.yaml"
 N = 16  # tiny_3d's image_size
@@ -149,7 +150,8 @@ def test_spacing_needs_one_entry_per_axis():
 
 
 def test_volumes_smaller_than_the_3d_ssim_window_are_refused_naming_the_key():
-    from utils.config import config_from_dict, read_yaml_mapping
+    from utils.config import read_yaml_mapping
+    from utils.methods import config_from_dict
 
     values = read_yaml_mapping(TINY_3D)
     values["data_args"] = {**values["data_args"], "image_size": 8, "synthetic": None}  # a data file of 8^3 volumes
@@ -161,9 +163,9 @@ def test_volumes_smaller_than_the_3d_ssim_window_are_refused_naming_the_key():
 
 # --- memory ------------------------------------------------------------------------------------------------------
 def tiny_module(overrides=()):
-    from utils.methods.flow_matching import FlowMatchingModule
+    from utils.methods.flow_matching.module import FlowMatchingModule
 
-    return FlowMatchingModule(config_to_dict(load_config(TINY_3D, list(overrides))), [-1.0, -0.3, 0.3, 1.0])
+    return FlowMatchingModule(load_config(TINY_3D, list(overrides)), [-1.0, -0.3, 0.3, 1.0])
 
 
 def test_memory_estimate_grows_with_the_volume_and_the_batch():
@@ -252,16 +254,16 @@ def test_logged_sample_ssim_of_volumes_is_evaluate_pys_3d_ssim(tiny_3d_run):
 
     from utils.data.datamodule import EchoDataModule
     from utils.evaluation.volume_metrics import ssim_per_volume
-    from utils.generation.checkpoints import load_module
     from utils.generation.generate import generate
     from utils.images import to_unit
+    from utils.methods import load_module
 
     run = tiny_3d_run / "runs" / "tiny_3d"
     module = load_module(run / "last.ckpt")  # saved after the last epoch's sample grid
     cfg = module.cfg
     val = EchoDataModule(cfg.data_args, 2, 0, spatial_dims=3).val_set
     n, s = cfg.train_args.num_sample_images, cfg.sampling_args
-    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.method, n,
+    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.sampler, n,
                       ["cpu"], progress=False).images
     with open(run / "csv" / "metrics.csv") as f:
         logged = [float(r["val/sample_ssim"]) for r in csv.DictReader(f) if r.get("val/sample_ssim")][-1]
@@ -496,11 +498,11 @@ def test_prior_spacing_must_be_the_spacing_of_the_fitted_volumes(tmp_path, caplo
     keeps its spacing, which is then accepted (and its absence warned about)."""
     from utils.data.datamodule import EchoDataModule
     from utils.data.dataset_io import save_dataset
-    from utils.methods.flow_matching import FlowMatchingModule
+    from utils.methods.flow_matching.module import FlowMatchingModule
 
     def module(path, spacing):
         cfg = load_config(TINY_3D, [f"data_args.path={path}", f"prior_args.spacing={spacing}"])
-        return FlowMatchingModule.for_data(config_to_dict(cfg), EchoDataModule(cfg.data_args, 2, 0,
+        return FlowMatchingModule.for_data(cfg, EchoDataModule(cfg.data_args, 2, 0,
                                                                                spatial_dims=3))
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,8 @@ from conftest import tiny_overrides
 import evaluate
 import inferer
 import trainer
-from utils.config import dump_config, load_config
+from utils.config import dump_config
+from utils.methods import load_config
 
 
 class NotAWeight:

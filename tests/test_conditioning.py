@@ -8,13 +8,14 @@ import pytest
 import torch
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 
-from utils.config import ConditioningConfig, ConfigError, config_to_dict, inference_config, load_config
+from utils.config import ConditioningConfig, ConfigError, config_to_dict
 from utils.data.datamodule import class_names
 from utils.data.layout import VIEW_PHASE_CLASSES, DatasetError
 from utils.data.masks import MaskError, MaskSource
 from utils.generation.classes import sample_classes
 from utils.images import to_unit
-from utils.methods.flow_matching import FlowMatchingModule
+from utils.methods import inference_config, load_config
+from utils.methods.flow_matching.module import FlowMatchingModule
 from utils.methods.networks import (
     TIME_SCALE,
     VelocityAdapter,
@@ -54,7 +55,7 @@ def network(mode: str, mask_input_: str = "scalar", seed: int = 0):
 def module(*sets: str) -> FlowMatchingModule:
     cfg = tiny(*sets)
     names = NAMES if cfg.conditioning_args.uses_class else None
-    m = FlowMatchingModule(config_to_dict(cfg), [-1.0, -0.6, 0.4, -0.8], names)
+    m = FlowMatchingModule(cfg, [-1.0, -0.6, 0.4, -0.8], names)
     randomise(m.model)
     return m.eval()
 
@@ -109,7 +110,7 @@ def test_guidance_is_flow_matchings_alone():
 
 def test_inference_may_change_the_guidance_scale_but_not_the_mode():
     trained = config_to_dict(tiny("conditioning_args.mask_dropout=0.1"))
-    assert inference_config(trained, ["sampling_args.guidance_scale=2"], "ckpt")["sampling_args"]["guidance_scale"] == 2
+    assert inference_config(trained, ["sampling_args.guidance_scale=2"], "ckpt").sampling_args.guidance_scale == 2
     with pytest.raises(ConfigError, match="--set conditioning_args.mode cannot change at inference"):
         inference_config(trained, ["conditioning_args.mode=mask+class"], "ckpt")
     with pytest.raises(ConfigError, match="guidance_scale must be 1 unless training dropped"):
@@ -363,7 +364,7 @@ def test_sample_classes_from_the_flag_a_file_or_the_records(tmp_path):
 
 # --- the measurements' pieces ---------------------------------------------------------------------------------
 def test_the_classifier_learns_a_separable_task_and_the_scores_count_right():
-    from utils.evaluation.conditioning import ClassifierRecipe, confusion, predict, train_classifier, view_accuracy
+    from utils.studies.conditioning import ClassifierRecipe, confusion, predict, train_classifier, view_accuracy
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(64) % 2

@@ -12,7 +12,8 @@ import inferer
 import trainer
 from utils.data.dataset_io import load_dataset
 from utils.data.layout import VIEW_PHASE_CLASSES
-from utils.generation.checkpoints import find_checkpoint, load_module
+from utils.generation.checkpoints import find_checkpoint
+from utils.methods import load_module
 
 MODES = {
     "class": ["conditioning_args.mode=class", "prior_args.alpha=0", "conditioning_args.class_dropout=0.2"],
@@ -107,7 +108,7 @@ def test_a_checkpoint_from_before_the_modes_still_loads_and_makes_the_same_image
 @pytest.mark.slow
 @pytest.mark.parametrize("mode_run", ["mask+class"], indirect=True)  # a class and a dropped mask: both measurements
 def test_the_measurements_run_on_a_tiny_model(mode_run, tmp_path):
-    from utils.evaluation import conditioning
+    from utils.studies import conditioning
 
     _, run = mode_run
     common = ["--checkpoint", str(run), "--which", "last", "--output", str(tmp_path)]

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import ConfigError, config_to_dict, load_config
+from utils.config import ConfigError, config_to_dict
+from utils.methods import load_config
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -29,7 +30,7 @@ def test_seed_recipe_values():
     assert (c.prior_args.alpha, c.prior_args.kernel_size, c.prior_args.sigma) == (0.3, 15, 5.0)
     k = c.contrastive_args
     assert (k.temperature, k.weight, k.warmup_epochs, k.target) == (0.07, 0.01, 5, "velocity")
-    assert (c.sampling_args.num_steps, c.sampling_args.method) == (10, "euler")
+    assert (c.sampling_args.num_steps, c.sampling_args.sampler) == (10, "euler")
     assert c.data_args.path == "data/camus_dataset.pkl"
 
 
@@ -67,7 +68,7 @@ def test_unknown_section(tmp_path):
     ("run_name: x\nprior_args:\n  kernel_size: 4\n", r"prior_args.kernel_size must be a positive odd"),
     ("run_name: x\ncontrastive_args:\n  target: velocityy\n", r"contrastive_args.target must be one of"),
     ("run_name: x\nmodel_args:\n  channels: [32, 64]\n", r"model_args.num_res_blocks needs one entry per level"),
-    ("run_name: x\nsampling_args:\n  method: dopri5\n", r"sampling_args.method must be one of"),
+    ("run_name: x\nsampling_args:\n  method: dopri5\n", r"sampling_args.sampler must be one of"),
     ("train_args: {}\n", r"missing required key run_name"),
     ("run_name: x\nresblock_updown: 1\n", r"unknown key resblock_updown"),
 ])
@@ -104,31 +105,27 @@ def test_an_unknown_method_is_named(tmp_path):
         load_config(_write(tmp_path, "run_name: x\nmethod: gan\n"))
 
 
-def test_a_section_of_another_method_is_refused(tmp_path, monkeypatch):
-    from utils import config
-
-    monkeypatch.setitem(config.METHOD_SECTIONS, "other", ())
-    monkeypatch.setitem(config.SAMPLERS, "other", ("one_pass",))
-    text = "run_name: x\nmethod: other\nprior_args:\n  alpha: 0.3\n"
-    with pytest.raises(ConfigError, match="prior_args belongs to method flow_matching, not to method other"):
-        load_config(_write(tmp_path, text))
-    cfg = load_config(_write(tmp_path, "run_name: x\nmethod: other\n"))
-    assert cfg.prior_args is None and cfg.sampling_args.method == "one_pass"
-    assert "prior_args" not in config_to_dict(cfg)
-
-
 def test_the_method_sections_and_sampler_default_to_the_methods():
     cfg = load_config("configs/tiny.yaml", ["sampling_args.num_steps=3"])
     assert cfg.method == "flow_matching" and cfg.prior_args is not None and cfg.contrastive_args is not None
     values = config_to_dict(cfg)
-    del values["prior_args"], values["sampling_args"]["method"], values["method"]
-    from utils.config import config_from_dict
+    del values["prior_args"], values["sampling_args"]["sampler"], values["method"]
+    from utils.methods import config_from_dict
 
     again = config_from_dict(values)  # a config (or checkpoint) from before `method` existed
-    assert again.method == "flow_matching" and again.sampling_args.method == "euler"
+    assert again.method == "flow_matching" and again.sampling_args.sampler == "euler"
     assert again.prior_args == type(cfg.prior_args)()
 
 
+def test_the_samplers_old_name_still_loads_with_one_line_and_both_names_are_refused(tmp_path, caplog):
+    path = _write(tmp_path, "run_name: x\nsampling_args:\n  method: midpoint\n")
+    with caplog.at_level("WARNING"):
+        assert load_config(path).sampling_args.sampler == "midpoint"
+    assert caplog.text.count("sampling_args.method is now called sampling_args.sampler") == 1
+    with pytest.raises(ConfigError, match="sampling_args.method is the old name of sampling_args.sampler"):
+        load_config(_write(tmp_path, "run_name: x\nsampling_args:\n  method: midpoint\n  sampler: euler\n"))
+
+
 def test_a_sampler_of_another_method_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match=r"sampling_args.method must be one of \['euler'.*for method flow_matching"):
-        load_config("configs/tiny.yaml", ["sampling_args.method=ddim"])
+    with pytest.raises(ConfigError, match=r"sampling_args.sampler must be one of \['euler'.*for method flow_matching"):
+        load_config("configs/tiny.yaml", ["sampling_args.sampler=ddim"])

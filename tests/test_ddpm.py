@@ -14,17 +14,19 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 import inferer
 import trainer
-from utils.config import ConfigError, DDPMConfig, config_to_dict, load_config
-from utils.generation.checkpoints import find_checkpoint, load_module
-from utils.methods.ddpm import DDPMModule
-from utils.methods.diffusion_sampler import noise_schedule, sample, sampling_scheduler, step
+from utils.config import ConfigError, config_to_dict
+from utils.generation.checkpoints import find_checkpoint
+from utils.methods import load_config, load_module
+from utils.methods.ddpm.config import DDPMConfig
+from utils.methods.ddpm.module import DDPMModule
+from utils.methods.ddpm.sampler import noise_schedule, sample, sampling_scheduler, step
 from utils.seeding import SampleNoise, fixed_times, noise_for_indices
 
 
 def tiny_ddpm_values(**ddpm_args) -> dict:
     """configs/tiny.yaml as a ddpm config: its data, network and budget, the method's defaults."""
     values = yaml.safe_load(open("configs/tiny.yaml"))
-    del values["prior_args"], values["contrastive_args"], values["sampling_args"]["method"]
+    del values["prior_args"], values["contrastive_args"], values["sampling_args"]["sampler"]
     return {**values, "method": "ddpm", "ddpm_args": ddpm_args}
 
 
@@ -119,8 +121,7 @@ def test_a_step_is_monais_own_step_given_the_same_noise(sampler, eta, prediction
 def tiny_module(tmp_path_factory):
     """The tiny ddpm network (eta 0.5), untrained; the ControlNet nudged off its no-op start so the mask matters."""
     torch.manual_seed(0)
-    module = DDPMModule(config_to_dict(load_config(write_config(tmp_path_factory.mktemp("cfg"),
-                                                                tiny_ddpm_values(eta=0.5)))))
+    module = DDPMModule(load_config(write_config(tmp_path_factory.mktemp("cfg"), tiny_ddpm_values(eta=0.5))))
     for p in module.model.controlnet.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     return module.eval()
@@ -183,7 +184,7 @@ def test_val_loss_is_the_training_mse_at_fixed_timesteps_and_noise(tiny_module, 
 
 def test_config_keys_are_checked_and_named(tmp_path):
     cfg = load_config(write_config(tmp_path, tiny_ddpm_values()))
-    assert cfg.ddpm_args == DDPMConfig() and cfg.sampling_args.method == "ddim" and cfg.prior_args is None
+    assert cfg.ddpm_args == DDPMConfig() and cfg.sampling_args.sampler == "ddim" and not hasattr(cfg, "prior_args")
     for change, message in [({"eta": 1.5}, "ddpm_args.eta must be in \\[0, 1\\], got 1.5"),
                             ({"beta_start": 0.1, "beta_end": 0.01}, "ddpm_args.beta_start and beta_end must"),
                             ({"prediction_type": "sample"}, "ddpm_args.prediction_type must be one of"),
@@ -192,8 +193,8 @@ def test_config_keys_are_checked_and_named(tmp_path):
             load_config(write_config(tmp_path, tiny_ddpm_values(**change)))
     with pytest.raises(ConfigError, match="prior_args belongs to method flow_matching, not to method ddpm"):
         load_config(write_config(tmp_path, {**tiny_ddpm_values(), "prior_args": {"alpha": 0.3}}))
-    with pytest.raises(ConfigError, match="sampling_args.method must be one of \\['ddim', 'ddpm'\\]"):
-        load_config(write_config(tmp_path, tiny_ddpm_values()), ["sampling_args.method=euler"])
+    with pytest.raises(ConfigError, match="sampling_args.sampler must be one of \\['ddim', 'ddpm'\\]"):
+        load_config(write_config(tmp_path, tiny_ddpm_values()), ["sampling_args.sampler=euler"])
 
 
 def test_the_shipped_configs_are_comets_with_the_diffusion_model():
@@ -204,7 +205,7 @@ def test_the_shipped_configs_are_comets_with_the_diffusion_model():
         for d in (a, b):
             for key in ("run_name", "method", "prior_args", "contrastive_args", "conditioning_args", "ddpm_args"):
                 d.pop(key, None)
-            d["sampling_args"].pop("method")
+            d["sampling_args"].pop("sampler")
         assert a == b
 
 
@@ -225,7 +226,7 @@ def ddpm_run(tmp_path_factory, tiny_data):
 def test_a_trained_run_is_rebuilt_from_its_checkpoint_alone(ddpm_run):
     module = load_module(find_checkpoint(ddpm_run))
     assert isinstance(module, DDPMModule) and module.cfg.method == "ddpm"
-    assert module.cfg.ddpm_args == DDPMConfig() and module.cfg.sampling_args.method == "ddim"
+    assert module.cfg.ddpm_args == DDPMConfig() and module.cfg.sampling_args.sampler == "ddim"
     log = (ddpm_run / "train.log").read_text()
     assert "diffusion: 1000 steps, linear_beta from 0.0001 to 0.02, predicts epsilon" in log
 
@@ -257,11 +258,11 @@ def test_inferer_generates_with_the_checkpoints_sampler_and_refuses_flow_matchin
     out = tmp_path / "default"
     assert inferer.main(["--checkpoint", str(ddpm_run), "--num_samples", "3", "--output_dir", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["method"], manifest["num_inference_steps"], manifest["nfe_per_image"]) == ("ddim", 3, 3)
-    assert manifest["generation_method"] == "ddpm"
+    assert (manifest["sampler"], manifest["num_inference_steps"], manifest["nfe_per_image"]) == ("ddim", 3, 3)
+    assert manifest["method"] == "ddpm"
     out = tmp_path / "ddpm"
-    assert inferer.main(["--checkpoint", str(ddpm_run), "--num_samples", "2", "--method", "ddpm",
+    assert inferer.main(["--checkpoint", str(ddpm_run), "--num_samples", "2", "--sampler", "ddpm",
                          "--num_inference_steps", "3", "--output_dir", str(out)]) == 0
-    assert json.loads((out / "manifest.json").read_text())["method"] == "ddpm"
-    with pytest.raises(SystemExit, match="sampling_args.method must be one of \\['ddim', 'ddpm'\\] for method ddpm"):
+    assert json.loads((out / "manifest.json").read_text())["sampler"] == "ddpm"
+    with pytest.raises(SystemExit, match="sampling_args.sampler must be one of \\['ddim', 'ddpm'\\] for method ddpm"):
         inferer.main(["--checkpoint", str(ddpm_run), "--method", "euler", "--output_dir", str(tmp_path / "x")])

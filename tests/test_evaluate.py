@@ -160,7 +160,8 @@ def test_set_changes_the_real_images_dataset_only(tiny_run, tiny_data, tmp_path,
     import shutil
 
     from utils.config import config_diff
-    from utils.generation.checkpoints import find_checkpoint, load_module
+    from utils.generation.checkpoints import find_checkpoint
+    from utils.methods import load_module
 
     copy = tmp_path / "copy.npz"
     shutil.copy(tiny_data, copy)

@@ -8,9 +8,10 @@ import torch
 
 import inferer
 from utils.data.dataset_io import load_dataset, to_uint8, validate_dataset
-from utils.generation.checkpoints import find_checkpoint, load_module
+from utils.generation.checkpoints import find_checkpoint
 from utils.generation.generate import generate
 from utils.generation.outputs import export_dataset
+from utils.methods import load_module
 
 
 def _export(tiny_run, path, *extra):

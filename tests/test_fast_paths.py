@@ -15,10 +15,11 @@ import warnings
 import pytest
 import torch
 
-from utils.config import config_to_dict, load_config
+from utils.config import config_to_dict
 from utils.generation.generate import generate
+from utils.methods import config_from_dict, load_config
 from utils.methods.base import use_fused_adam
-from utils.methods.flow_matching import FlowMatchingModule
+from utils.methods.flow_matching.module import FlowMatchingModule
 from utils.methods.networks import build_model, compile_blocks, count_parameters, repeated_blocks
 from utils.precision import autocast
 
@@ -39,7 +40,7 @@ def tiny_module(**sections) -> FlowMatchingModule:
     values = config_to_dict(TINY)
     for section, keys in sections.items():
         values[section].update(keys)
-    module = FlowMatchingModule(values, LABEL_VALUES)
+    module = FlowMatchingModule(config_from_dict(values), LABEL_VALUES)
     randomise(module.model)
     return module
 

@@ -12,9 +12,10 @@ import inferer
 from utils.config import config_diff
 from utils.data.masks import load_masks
 from utils.generation import generate as generation
-from utils.generation.checkpoints import CheckpointError, find_checkpoint, load_module
+from utils.generation.checkpoints import CheckpointError, find_checkpoint
 from utils.generation.generate import generate, same_device
 from utils.images import to_unit
+from utils.methods import load_module
 from utils.seeding import noise_for_indices
 
 
@@ -96,7 +97,8 @@ def test_cli_writes_every_output(tiny_run, tmp_path):
     assert z["masks"].shape == (5, 1, 32, 32) and z["indices"].tolist() == [0, 1, 2, 3, 4 % 8]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["nfe_per_image"] == 2 and manifest["num_inference_steps"] == 2
-    assert manifest["method"] == "euler" and len(manifest["checkpoint_sha256"]) == 64
+    assert (manifest["method"], manifest["sampler"]) == ("flow_matching", "euler")
+    assert len(manifest["checkpoint_sha256"]) == 64
     assert manifest["config"]["run_name"] == "tiny"
     assert len(list((out / "png").glob("*.png"))) == 5 and (out / "grid.png").exists()
     from utils.data.dataset_io import load_pickle_safely
@@ -231,15 +233,15 @@ def test_set_changes_only_the_key_it_names(tiny_run, tiny_data, tmp_path):
 
 def test_set_num_steps_keeps_the_checkpoints_method(tiny_run, tmp_path):
     ckpt = torch.load(tiny_run / "last.ckpt", map_location="cpu", weights_only=True)
-    ckpt["hyper_parameters"]["config"]["sampling_args"]["method"] = "midpoint"  # not the default
+    ckpt["hyper_parameters"]["config"]["sampling_args"]["sampler"] = "midpoint"  # not the default
     torch.save(ckpt, tmp_path / "midpoint.ckpt")
     out = tmp_path / "out"
     assert inferer.main(["--checkpoint", str(tmp_path / "midpoint.ckpt"), "--num_samples", "1",
                          "--output_dir", str(out), "--set", "sampling_args.num_steps=2"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["config"]["sampling_args"] == {"num_steps": 2, "method": "midpoint", "precision": "32-true",
+    assert manifest["config"]["sampling_args"] == {"num_steps": 2, "sampler": "midpoint", "precision": "32-true",
                                                    "guidance_scale": 1.0}
-    assert manifest["method"] == "midpoint" and manifest["nfe_per_image"] == 4
+    assert manifest["sampler"] == "midpoint" and manifest["nfe_per_image"] == 4
 
 
 @pytest.mark.parametrize("override", ["model_args.channels=[8,16]", "prior_args.alpha=0.1"])
@@ -248,3 +250,17 @@ def test_set_of_a_key_the_network_depends_on_is_refused(tiny_run, tmp_path, over
     with pytest.raises(SystemExit, match=rf"^error: --set {key} cannot change at inference: .*allowed: data_args.path"):
         _run(tiny_run, tmp_path, "--output_dir", str(tmp_path / "out"), "--set", override)
     assert not (tmp_path / "out").exists()
+
+
+def test_samples_of_the_previous_manifest_layout_read_in_todays_names(tmp_path):
+    """Manifests written before the sampler's rename called the sampler ``method`` and the method
+    ``generation_method``; read_samples gives today's ``sampler`` and ``method``, and leaves new ones alone."""
+    from utils.generation.outputs import read_samples
+
+    np.savez(tmp_path / "samples.npz", images=np.full((2, 1, 8, 8), 0.5, np.float32),
+             masks=np.zeros((2, 1, 8, 8), np.uint8), indices=np.arange(2))
+    (tmp_path / "manifest.json").write_text(json.dumps({"method": "ddim", "generation_method": "ddpm"}))
+    manifest = read_samples(tmp_path / "samples.npz")[3]
+    assert (manifest["method"], manifest["sampler"]) == ("ddpm", "ddim") and "generation_method" not in manifest
+    (tmp_path / "manifest.json").write_text(json.dumps({"method": "spade", "sampler": "generator"}))
+    assert read_samples(tmp_path / "samples.npz")[3] == {"method": "spade", "sampler": "generator"}

@@ -13,12 +13,13 @@ from flow_matching.path.scheduler import CondOTScheduler
 from torch.utils.data import DataLoader
 
 from losses.distillation import channel_moments, distillation_loss, standardise
-from utils.config import ConfigError, ModelConfig, config_from_dict, config_to_dict
+from utils.config import ConfigError, ModelConfig, config_to_dict
+from utils.methods import config_from_dict
 from utils.methods.base import MethodSetupError
-from utils.methods.bridged import BridgedVelocityField, bridge_channels
-from utils.methods.med_dt_fm import MedDTFMModule, adversarial_weight
+from utils.methods.med_dt_fm.bridged import BridgedVelocityField, bridge_channels
+from utils.methods.med_dt_fm.module import MedDTFMModule, adversarial_weight
+from utils.methods.med_dt_fm.ukan_training import encoder_statistics
 from utils.methods.networks import TIME_SCALE
-from utils.methods.ukan_training import encoder_statistics
 from utils.seeding import SampleNoise
 
 
@@ -32,7 +33,7 @@ def values(train_args: dict | None = None, **med_dt_fm_args) -> dict:
 
 def module(train_args: dict | None = None, seed: int = 0, **med_dt_fm_args) -> MedDTFMModule:
     torch.manual_seed(seed)
-    return MedDTFMModule(config_to_dict(config_from_dict(values(train_args, **med_dt_fm_args))))
+    return MedDTFMModule(config_from_dict(values(train_args, **med_dt_fm_args)))
 
 
 def randomise_zero_layers(net: BridgedVelocityField) -> None:
@@ -256,7 +257,7 @@ def test_adv_only_late_t_and_after_warmup(monkeypatch):
 
 
 def test_no_dt_no_adv_is_plain_flow_matching(monkeypatch):
-    from utils.methods.flow_matching import FlowMatchingModule
+    from utils.methods.flow_matching.module import FlowMatchingModule
 
     m = module(alpha=0.0, lambdas=[0.0, 0.0, 0.0, 0.0])
     randomise_zero_layers(m.model)
@@ -264,7 +265,7 @@ def test_no_dt_no_adv_is_plain_flow_matching(monkeypatch):
     for section in ("med_dt_fm_args", "ukan_args"):
         fm_values.pop(section)
     fm_values.update(method="flow_matching", prior_args={"alpha": 0.0}, contrastive_args={"weight": 0.0})
-    plain = FlowMatchingModule(config_to_dict(config_from_dict(fm_values)), [0.0] * 4)
+    plain = FlowMatchingModule(config_from_dict(fm_values), [0.0] * 4)
     plain.model.load_state_dict(m.model.state_dict(), strict=False)  # the UNet and ControlNet
     x_1, mask = torch.rand(4, 1, 32, 32) * 2 - 1, masks()
     t, x_0 = fixed_draws(torch.rand(4, generator=torch.Generator().manual_seed(2)))({"x_1": x_1}, 0)
@@ -355,7 +356,7 @@ def with_ukan_args(m: MedDTFMModule, **changes) -> MedDTFMModule:
 
 
 def test_segmenter_pretrain_learns_and_uses_the_train_split(monkeypatch):
-    import utils.methods.med_dt_fm as med
+    import utils.methods.med_dt_fm.module as med
 
     m = with_ukan_args(module(), steps=60, lr=1e-2)
     train, val = phantom(16, 0), phantom(8, 1)
@@ -380,14 +381,13 @@ def test_stage_0_runs_for_a_new_run_only(monkeypatch, tmp_path):
 
     ran = []
     monkeypatch.setattr(MedDTFMModule, "pretrain_segmenter", lambda self, train, val: ran.append(train))
-    config = config_to_dict(config_from_dict({**values(), "output_dir": str(tmp_path)}))
+    config = config_from_dict({**values(), "output_dir": str(tmp_path)})
     MedDTFMModule.for_data(config, Data())
     assert ran == [Data.train_set]
     (tmp_path / "meddtfm_tiny").mkdir()
     (tmp_path / "meddtfm_tiny" / "last.ckpt").touch()  # a resumed run: its checkpoint holds the segmenter
     MedDTFMModule.for_data(config, Data())
-    no_dt = config_to_dict(config_from_dict({**values(lambdas=[0, 0, 0, 0]), "run_name": "no_dt",
-                                             "output_dir": str(tmp_path)}))
+    no_dt = config_from_dict({**values(lambdas=[0, 0, 0, 0]), "run_name": "no_dt", "output_dir": str(tmp_path)})
     MedDTFMModule.for_data(no_dt, Data())  # nothing reads the segmenter's features
     assert len(ran) == 1
 
@@ -465,4 +465,4 @@ def test_config_validation_of_the_network_and_sections():
         config_from_dict({**values(), "method": "flow_matching"})
     cfg = config_from_dict({k: v for k, v in values().items() if k not in ("med_dt_fm_args", "ukan_args")})
     assert cfg.med_dt_fm_args.lambdas == (0.25,) * 4 and cfg.ukan_args.widths == (128, 160, 256)
-    assert cfg.sampling_args.method == "euler"
+    assert cfg.sampling_args.sampler == "euler"

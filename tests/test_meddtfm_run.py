@@ -17,9 +17,10 @@ from conftest import ROOT, tiny_overrides
 
 import trainer
 from utils.data.masks import load_masks
-from utils.generation.checkpoints import load_module, read_checkpoint
+from utils.generation.checkpoints import read_checkpoint
 from utils.generation.generate import generate
-from utils.methods.med_dt_fm import MedDTFMModule
+from utils.methods import load_module
+from utils.methods.med_dt_fm.module import MedDTFMModule
 
 pytestmark = pytest.mark.slow
 EPOCHS = 4
@@ -89,7 +90,7 @@ def test_checkpoint_roundtrip(run, tiny_data):
 def test_inferer_reference_guided(run, tiny_data, tmp_path):
     import inferer
     from utils.data.dataset_io import load_dataset
-    from utils.evaluation.feature_extractors import sha256_file
+    from utils.files import sha256_file
 
     run_dir, _ = run
     out = tmp_path / "ref"

@@ -15,6 +15,7 @@ import evaluate
 from utils.evaluation import feature_extractors as fe
 from utils.evaluation import metrics
 from utils.evaluation import volume_metrics as vm
+from utils.files import sha256_file
 
 SHAPE = (20, 24, 22)  # D, H, W: unequal sides catch swapped axes; >= 20 for MS-SSIM
 
@@ -183,7 +184,7 @@ def test_r3d_weights_are_found_by_flag_env_and_hub_cache(random_r3d_file, tmp_pa
 def test_r3d_fid_of_a_set_against_itself_is_zero_and_grows_with_a_shift(random_r3d_file, volumes):
     real, _ = volumes
     extractor = fe.R3DExtractor(random_r3d_file, batch_size=3)
-    assert extractor.weights_files == {fe.R3D_FILE_NAME: fe.sha256_file(random_r3d_file)}
+    assert extractor.weights_files == {fe.R3D_FILE_NAME: sha256_file(random_r3d_file)}
     feats = extractor(real)
     assert feats.shape == (4, 512) and feats.dtype == np.float64
     assert metrics.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-5 * np.trace(np.cov(feats.T)))
@@ -285,7 +286,7 @@ def test_evaluate_real_volumes_against_themselves(tmp_path, no_metric_weights, r
     real = np.load(data)["test_images"].reshape(3, -1) / 255
     assert m["mmd"]["value"] == pytest.approx(-2 * trace_cov(real) / 3, rel=1e-6)  # unbiased: below 0
     assert set(out["skipped_2d_only"]) == {"kid", "cmmd"}
-    assert out["weights_sha256"] == {"r3d-18-kinetics400": {fe.R3D_FILE_NAME: fe.sha256_file(random_r3d_file)}}
+    assert out["weights_sha256"] == {"r3d-18-kinetics400": {fe.R3D_FILE_NAME: sha256_file(random_r3d_file)}}
     assert out["memorisation"]["n"] == 3
     header = (tmp_path / "a" / "per_image.csv").read_text().splitlines()[0]
     assert header == "sample,source_index,ssim,ms_ssim,psnr,b_dice,surface_dice,hd95"

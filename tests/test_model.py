@@ -6,7 +6,7 @@ from conftest import time_effect
 from monai.networks.nets import controlnet as monai_controlnet
 from monai.networks.nets import diffusion_model_unet as monai_unet
 
-from utils.config import load_config
+from utils.methods import load_config
 from utils.methods.networks import build_model
 
 NUM_CLASSES = 4

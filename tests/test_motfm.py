@@ -9,8 +9,9 @@ import torch
 import yaml
 
 import inferer
-from utils.config import ConditioningConfig, load_config
+from utils.config import ConditioningConfig
 from utils.data.dataset_io import load_dataset, normalise_image
+from utils.methods import load_config
 from utils.methods.networks import build_model
 from utils.motfm.__main__ import main as motfm_main
 from utils.seeding import noise_for_indices
@@ -90,7 +91,7 @@ def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data
     assert config["conditioning_args"]["mode"] == "mask+class" and config["model_args"]["channels"] == [8, 8]
     t = config["train_args"]
     assert (t["max_epochs"], t["batch_size"], t["sample_every_n_epochs"], t["num_sample_images"]) == (1, 2, 5, 3)
-    assert config["sampling_args"] == {"num_steps": STEPS, "method": "euler", "precision": "32-true",
+    assert config["sampling_args"] == {"num_steps": STEPS, "sampler": "euler", "precision": "32-true",
                                        "guidance_scale": 1.0}
     assert inferer.main(["--checkpoint", str(out / "imported.ckpt"), "--num_samples", "3",
                          "--output_dir", str(tmp_path / "samples")]) == 0

@@ -3,7 +3,7 @@ import math
 import torch
 
 from utils.data.datamodule import scaled_label_values
-from utils.methods.prior import gaussian_blur, gaussian_kernel1d, warm_start_prior
+from utils.methods.flow_matching.prior import gaussian_blur, gaussian_kernel1d, warm_start_prior
 from utils.seeding import noise_for_indices
 
 VALUES = torch.tensor([0.1, -0.8, 0.6, -0.7])
@@ -84,8 +84,8 @@ def test_zero_padding_is_torch_conv2d_with_zero_padding_as_in_the_seed_code():
 
 
 def test_unit_labels_encode_the_seeds_min_max_masks(tiny_data):
-    from utils.config import load_config
     from utils.data.datamodule import EchoDataModule
+    from utils.methods import load_config
 
     cfg = load_config("configs/tiny.yaml", [f"data_args.path={tiny_data}"])
     dm = EchoDataModule(cfg.data_args, 4, 0)

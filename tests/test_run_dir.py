@@ -11,7 +11,8 @@ import yaml
 from conftest import tiny_overrides
 
 import trainer
-from utils.config import config_to_dict, load_config
+from utils.config import config_to_dict
+from utils.methods import load_config
 
 
 def _args(tmp, **extra):

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 
 import trainer
 from losses.adversarial import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss, kl_divergence
-from utils.config import ConfigError, config_from_dict, config_to_dict
-from utils.methods.spade import SpadeModule
+from utils.config import ConfigError
+from utils.methods import config_from_dict
+from utils.methods.spade.module import SpadeModule
 from utils.seeding import SampleNoise
 
 SPADE_ARGS = {"channels": [8, 16], "hidden_channels": 8, "d_channels": 8, "d_num": 1, "d_num_layers": 3}
@@ -28,14 +29,14 @@ def spade_values(train_args: dict | None = None, **spade_args) -> dict:
         values = yaml.safe_load(f)
     for section in ("prior_args", "contrastive_args"):
         values.pop(section)
-    values["sampling_args"].pop("method")
+    values["sampling_args"].pop("sampler")
     values["train_args"].update(train_args or {})
     values.update(method="spade", spade_args={**SPADE_ARGS, **spade_args})
     return values
 
 
 def spade_module(train_args: dict | None = None, **spade_args) -> SpadeModule:
-    return SpadeModule(config_to_dict(config_from_dict(spade_values(train_args, **spade_args))))
+    return SpadeModule(config_from_dict(spade_values(train_args, **spade_args)))
 
 
 def spade_yaml(tmp_path, **spade_args):
@@ -206,22 +207,20 @@ def vgg_file(tmp_path):
 
 
 def test_perceptual_loss_is_off_by_default_and_needs_a_file():
-    module = SpadeModule.for_data(config_to_dict(config_from_dict(spade_values())), None)
+    module = SpadeModule.for_data(config_from_dict(spade_values()), None)
     assert module.perceptual is None and module.cfg.spade_args.perceptual_weight == 0
     with pytest.raises(ConfigError, match=r"spade_args.perceptual_weights must name a local file .*vgg19-dcbb9e9d"):
         config_from_dict(spade_values(perceptual_weight=10.0))
 
 
 def test_perceptual_weights_file_missing_is_named(tmp_path):
-    values = config_to_dict(config_from_dict(spade_values(perceptual_weight=10.0,
-                                                          perceptual_weights=str(tmp_path / "none.pth"))))
+    values = config_from_dict(spade_values(perceptual_weight=10.0, perceptual_weights=str(tmp_path / "none.pth")))
     with pytest.raises(FileNotFoundError, match=r"spade_args.perceptual_weights: .*none.pth not found"):
         SpadeModule.for_data(values, None)
 
 
 def test_perceptual_loss_from_a_local_file_loads_and_gives_a_gradient(tmp_path):
-    values = config_to_dict(config_from_dict(spade_values(perceptual_weight=10.0,
-                                                          perceptual_weights=str(vgg_file(tmp_path)))))
+    values = config_from_dict(spade_values(perceptual_weight=10.0, perceptual_weights=str(vgg_file(tmp_path))))
     module = SpadeModule.for_data(values, None)
     fake = (torch.rand(2, 1, 32, 32) * 2 - 1).requires_grad_()
     loss = module.perceptual(fake, torch.rand(2, 1, 32, 32) * 2 - 1)
@@ -245,8 +244,8 @@ def test_unet_checks_do_not_fire_for_spade_and_spade_checks_name_their_keys():
         config_from_dict(spade_values(channels=[8] * 6))
     with pytest.raises(ConfigError, match=r"image_size must be >= 64 for a deepest discriminator of 4 layers"):
         config_from_dict(spade_values(d_num=2, d_num_layers=2))
-    with pytest.raises(ConfigError, match=r"sampling_args.method must be one of \['generator'\]"):
-        config_from_dict({**spade_values(), "sampling_args": {"method": "euler"}})
+    with pytest.raises(ConfigError, match=r"sampling_args.sampler must be one of \['generator'\]"):
+        config_from_dict({**spade_values(), "sampling_args": {"sampler": "euler"}})
     with pytest.raises(ConfigError, match="spade_args belongs to method spade"):
         config_from_dict({**spade_values(), "method": "flow_matching"})
 
@@ -291,7 +290,7 @@ def test_trainer_steps_the_generator_max_steps_times_and_accumulates_itself(spad
 @pytest.mark.slow
 def test_checkpoint_alone_rebuilds_it_and_the_inferer_generates_one_pass(spade_run, tmp_path):
     import inferer
-    from utils.generation.checkpoints import load_module
+    from utils.methods import load_module
 
     run, _ = spade_run
     module = load_module(run / "last.ckpt")
@@ -299,7 +298,7 @@ def test_checkpoint_alone_rebuilds_it_and_the_inferer_generates_one_pass(spade_r
     out = tmp_path / "out"
     assert inferer.main(["--checkpoint", str(run), "--output_dir", str(out), "--num_samples", "3"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["nfe_per_image"] == 1 and manifest["method"] == "generator"
+    assert manifest["nfe_per_image"] == 1 and manifest["sampler"] == "generator"
 
 
 @pytest.mark.slow

@@ -74,6 +74,26 @@ def test_a_bad_study_file_names_the_key(tmp_path, tiny_data):
         load_study(_study(tmp_path, tiny_data), ["rows=[{name: '+ warm start', set: [prior_args.alpah=1]}]"])
 
 
+def test_a_run_trained_before_the_samplers_rename_counts_as_done(tmp_path, tiny_data):
+    """A done/ marker holding ``sampling_args.method`` (the sampler's old name) is the same setting, not a change;
+    a real change is still refused."""
+    from utils.config import config_to_dict
+    from utils.studies.runner import _finished, _mark
+    from utils.studies.spec import row_config
+
+    spec = load_study(_study(tmp_path, tiny_data))
+    row = spec.rows[0]
+    record = config_to_dict(row_config(spec, row, 0))
+    old = json.loads(json.dumps(record))
+    old["sampling_args"]["method"] = old["sampling_args"].pop("sampler")
+    _mark(spec, row, 0, "train", old)
+    assert _finished(spec, row, 0, "train", record)
+    old["train_args"]["lr"] = 0.5
+    _mark(spec, row, 0, "train", old)
+    with pytest.raises(SystemExit, match=r"trained with a different setting \(differs in: train_args.lr\)"):
+        _finished(spec, row, 0, "train", record)
+
+
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch):
     import evaluate

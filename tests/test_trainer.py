@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, tiny_overrides
 
 import trainer
-from utils.config import load_config
+from utils.methods import load_config
 
 
 def _metrics(run_dir):
@@ -124,7 +124,7 @@ def test_ddp_with_two_cpu_processes_gathers_the_other_ranks_negatives(tmp_path, 
 
 
 def test_ema_weights_are_kept_and_used_for_sampling(tmp_path, tiny_data):
-    from utils.generation.checkpoints import load_module
+    from utils.methods import load_module
 
     args = ["--config_path", "configs/tiny.yaml"]
     for s in tiny_overrides(tmp_path, **{"data_args.path": tiny_data, "train_args.ema_decay": 0.5,
@@ -166,15 +166,15 @@ def _val_loss(module, network):
 def test_logged_sample_ssim_is_evaluate_pys_ssim(tiny_run):
     from utils.data.datamodule import EchoDataModule
     from utils.evaluation.metrics import ssim_per_image
-    from utils.generation.checkpoints import load_module
     from utils.generation.generate import generate
     from utils.images import to_unit
+    from utils.methods import load_module
 
     module = load_module(tiny_run / "last.ckpt")  # saved after the last epoch's sample grid
     cfg = module.cfg
     val = EchoDataModule(cfg.data_args, 4, 0).val_set
     n, s = cfg.train_args.num_sample_images, cfg.sampling_args
-    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.method, n,
+    images = generate(module, val.mask[:n], torch.arange(n), cfg.train_args.seed, s.num_steps, s.sampler, n,
                       ["cpu"], progress=False).images
     logged = [float(r["val/sample_ssim"]) for r in _metrics(tiny_run) if r.get("val/sample_ssim")][-1]
     assert logged == pytest.approx(float(ssim_per_image(images, to_unit(val.x_1[:n])).mean()), abs=1e-6)

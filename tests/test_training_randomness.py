@@ -9,11 +9,12 @@ import torch
 from conftest import tiny_overrides
 
 import trainer
-import utils.methods.contrastive_keys as contrastive_keys
+import utils.methods.flow_matching.contrastive_keys as contrastive_keys
 from losses.contrastive_flow import info_nce_from_cosines
-from utils.config import ConfigError, config_to_dict, load_config
-from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
-from utils.methods.flow_matching import FlowMatchingModule
+from utils.config import ConfigError
+from utils.methods import load_config
+from utils.methods.flow_matching.contrastive_keys import ContrastiveKeys, valid_keys
+from utils.methods.flow_matching.module import FlowMatchingModule
 
 
 def _train(tmp, data, **extra) -> Path:
@@ -25,7 +26,7 @@ def _train(tmp, data, **extra) -> Path:
 
 
 def test_two_ranks_draw_different_t_and_noise_and_epochs_differ():
-    module = FlowMatchingModule(config_to_dict(load_config("configs/tiny.yaml")), [0.0, -0.5, 0.5, -0.4])
+    module = FlowMatchingModule(load_config("configs/tiny.yaml"), [0.0, -0.5, 0.5, -0.4])
     x_1 = torch.zeros(4, 1, 32, 32)
     draws = {}
     for rank in (0, 1):
@@ -141,7 +142,7 @@ def test_ddp_ranks_draw_their_own_noise_and_see_each_others_keys(tmp_path, tiny_
 
     cfg = load_config("configs/tiny.yaml", [f"data_args.path={tiny_data}"])
     dm = EchoDataModule(cfg.data_args, 4, 0)
-    module = RecordingModule(config_to_dict(cfg), dm.label_values("mean_intensity"), str(tmp_path))
+    module = RecordingModule(cfg, dm.label_values("mean_intensity"), str(tmp_path))
     pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
                enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
                num_sanity_val_steps=0).fit(module, datamodule=dm)

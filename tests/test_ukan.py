@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.methods.ukan import UKAN, KANLinear
+from utils.methods.med_dt_fm.ukan import UKAN, KANLinear
 
 
 def count(module: nn.Module) -> int:

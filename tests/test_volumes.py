@@ -394,8 +394,8 @@ def test_a_dataset_of_the_other_dimensionality_is_refused(tmp_path, tiny_data):
 
 
 def test_a_3d_config_builds_the_brain_phantom_when_the_file_is_missing(tmp_path):
-    from utils.config import load_config
     from utils.data.datamodule import load_training_data
+    from utils.methods import load_config
 
     cfg = load_config("configs/tiny.yaml", ["model_args.spatial_dims=3", "data_args.image_size=16",
                                             "data_args.synthetic.size=16", f"data_args.path={tmp_path / 'b.npz'}"])
@@ -404,7 +404,8 @@ def test_a_3d_config_builds_the_brain_phantom_when_the_file_is_missing(tmp_path)
 
 
 def test_spatial_dims_and_the_phantom_size_are_checked():
-    from utils.config import ConfigError, load_config
+    from utils.config import ConfigError
+    from utils.methods import load_config
 
     with pytest.raises(ConfigError, match="model_args.spatial_dims must be 2 or 3, got 4"):
         load_config("configs/tiny.yaml", ["model_args.spatial_dims=4"])

@@ -1,8 +1,14 @@
-"""The command-line entry points' shared argument-parser construction (standard library only)."""
+"""The command-line entry points' shared pieces: parser construction, the checkpoint and sampler arguments,
+and logging (standard library and utils.config only)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+
+from utils.config import INFERENCE_OVERRIDES
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def docstring_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -11,3 +17,28 @@ def docstring_parser(doc: str, prog: str | None = None) -> argparse.ArgumentPars
     description, _, epilog = doc.partition("\n\n")
     return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def configure_logging(level: int = logging.INFO, timestamps: bool = True) -> None:
+    """Log records to the console as every CLI of the project shows them."""
+    logging.basicConfig(level=level, format=LOG_FORMAT if timestamps else "%(levelname)s %(name)s: %(message)s")
+
+
+def add_checkpoint_arguments(group) -> None:
+    """--checkpoint, --which, --config_path and --set (inference overrides): which trained model to load
+    (:func:`utils.methods.resolve_checkpoint`, :func:`utils.methods.load_module`)."""
+    group.add_argument("--checkpoint", help="a .ckpt file or a run directory (default: the run of --config_path)")
+    group.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
+    group.add_argument("--config_path", help="config whose run directory holds the checkpoint, when no --checkpoint")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="change one key of the checkpoint's config, e.g. --set data_args.path=other.npz; "
+                            "allowed: " + ", ".join(INFERENCE_OVERRIDES))
+
+
+def add_sampler_argument(group, samplers: dict[str, tuple[str, ...]]) -> None:
+    """--sampler (old name --method), one of the checkpoint's method's ``samplers`` ({method: its samplers})."""
+    choices = tuple(dict.fromkeys(s for names in samplers.values() for s in names))
+    group.add_argument("--sampler", "--method", dest="sampler", choices=choices, metavar="SAMPLER",
+                       help="sampler, one of the checkpoint's method's ("
+                            + "; ".join(f"{m}: {', '.join(s)}" for m, s in samplers.items())
+                            + "; default: the checkpoint's sampling_args.sampler). --method is its old name")

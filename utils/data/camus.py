@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from utils.cli import configure_logging
+
+    configure_logging(timestamps=False)
     from utils.data.dataset_info import format_summary
     from utils.data.dataset_io import save_dataset
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from utils.data.folder_dataset import load_folder_dataset
 from utils.data.layout import SPLITS, DatasetError, as_labels
+from utils.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -286,14 +287,11 @@ def save_dataset(path: str | Path, data: dict[str, list[dict]], overwrite: bool 
             elif with_affine:
                 raise DatasetError(f"{path}: {with_affine} of {len(records)} '{split}' records have an affine; "
                                    "a .npz split stores an affine for every record or for none")
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        tmp.replace(path)
+        with atomic_path(path, ".tmp.npz") as tmp:
+            np.savez_compressed(tmp, **arrays)
     elif suffix in (".pkl", ".pickle"):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-        tmp.replace(path)
     else:
         raise DatasetError(f"{path}: unknown dataset format '{suffix}' (expected .npz or .pkl)")
     return path

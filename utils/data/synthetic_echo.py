@@ -417,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from utils.cli import configure_logging
+
+    configure_logging(timestamps=False)
     nifti = args.dims == 3 and args.output.suffix == ""
     if not nifti and args.output.suffix.lower() not in (".npz", ".pkl", ".pickle"):
         parser.error(f"--output {args.output}: expected a .npz or .pkl file"

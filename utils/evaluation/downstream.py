@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import docstring_parser
+from utils.cli import configure_logging, docstring_parser
 from utils.evaluation.segmenter import (
     SCORES,
     Recipe,
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if not 0 < args.fraction < 1 or args.steps < 1:
         raise SystemExit(f"error: need 0 < --fraction < 1 and --steps >= 1, got {args.fraction}, {args.steps}")
     if (Path(args.output) / "downstream.json").exists() and not args.overwrite:

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.files import atomic_path, sha256_file
+
 logger = logging.getLogger(__name__)
 
 INCEPTION_ENV = "COMET_INCEPTION_WEIGHTS"
@@ -60,15 +62,6 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 class MissingWeightsError(FileNotFoundError):
     """Weights for a metric are not on disk; the message says what was tried and how to fix it."""
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def inception_hub_path() -> Path:
@@ -321,8 +314,7 @@ class FeatureCache:
             return feats
         feats = extractor(images01)
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, feats)
-        tmp.replace(path)  # atomic: a killed run never leaves a truncated cache file
+        with atomic_path(path, ".tmp.npy") as tmp:  # a killed run never leaves a truncated cache file
+            np.save(tmp, feats)
         logger.info("cached %s features of split %s at %s", extractor.name, split, path)
         return feats

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.cli import docstring_parser
+from utils.cli import configure_logging, docstring_parser
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from utils.data.dataset_io import load_dataset
     from utils.data.layout import DatasetError
     from utils.evaluation.segmenter import split_tensors

@@ -134,14 +134,14 @@ def ranking_markdown(scores: dict, verdicts: dict, sizes: dict[str, int]) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from utils.cli import docstring_parser
+    from utils.cli import configure_logging, docstring_parser
 
     p = docstring_parser(__doc__, prog="python -m utils.evaluation.ranking")
     p.add_argument("eval_dir", help="an evaluate.py output directory (phantom data, K >= 2 samples per mask)")
     p.add_argument("--output_dir", help="where to write ranking.md/json (default: EVAL_DIR)")
     p.add_argument("--blur", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="blur sigmas in px (default: 1 2 4)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     eval_dir = Path(args.eval_dir)
     if not (eval_dir / "samples" / "samples.npz").is_file():
         raise SystemExit(f"error: {eval_dir} holds no samples/samples.npz; pass an evaluate.py output directory")

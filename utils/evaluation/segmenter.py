@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import docstring_parser
+from utils.cli import configure_logging, docstring_parser
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def train_on_dataset(data_path: str | Path, recipe: Recipe = Recipe(), tolerance
                      num_classes: int = 4) -> tuple[torch.nn.Module, dict, dict]:
     """Train on ``data_path``'s train split; returns the network, the data description and the test scores."""
     from utils.data.dataset_io import load_dataset, validate_dataset
-    from utils.evaluation.feature_extractors import sha256_file
+    from utils.files import sha256_file
 
     data = load_dataset(data_path)
     validate_dataset(data, data_path, num_classes=num_classes, splits=("train", "test"))
@@ -212,7 +212,7 @@ def cached_segmenter(data_path: str | Path, cache_dir: str | Path, num_classes: 
     for the same data file (by SHA-256) and recipe, otherwise trained now and stored there."""
     import hashlib
 
-    from utils.evaluation.feature_extractors import sha256_file
+    from utils.files import sha256_file
 
     recipe = Recipe()
     key = hashlib.sha256(f"{sha256_file(data_path)} {asdict(recipe)} {num_classes}".encode()).hexdigest()[:16]
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     if args.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     if (Path(args.output) / CHECKPOINT).exists() and not args.overwrite:

@@ -1,4 +1,5 @@
-"""Checkpoints: finding one in a run directory, reading it safely, rebuilding its method from it alone."""
+"""Checkpoints: finding one in a run directory and reading it safely (utils.methods.load_module rebuilds its
+method)."""
 
 from __future__ import annotations
 
@@ -66,29 +67,3 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     if not isinstance(ckpt.get("state_dict"), dict):
         raise CheckpointError(f"{path}: has no state_dict; expected a .ckpt written by trainer.py")
     return ckpt
-
-
-def load_module(checkpoint: str | Path, device: str | torch.device = "cpu", overrides: list[str] = ()):
-    """Rebuild the trained method (any :class:`utils.methods.base.SynthesisMethod`) from a checkpoint alone,
-    with inference ``--set`` overrides applied; in eval mode on ``device``.
-
-    Raises :class:`CheckpointError` for a file that is not a usable COMET checkpoint and
-    :class:`utils.config.ConfigError` for a refused or invalid override; both name the file or key.
-    """
-    from utils.config import inference_config
-    from utils.methods import method_class
-
-    ckpt = read_checkpoint(checkpoint)
-    hp = dict(ckpt["hyper_parameters"])
-    config = inference_config(hp.pop("config"), list(overrides), f"{checkpoint}'s config")
-    module = method_class(config["method"])(config, **hp)
-    try:
-        result = module.load_state_dict(ckpt["state_dict"], strict=False)
-    except RuntimeError as e:  # a tensor of another shape
-        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise CheckpointError(f"{checkpoint}: weights do not fit the network of its config ({detail})") from e
-    for what, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
-        if keys:
-            raise CheckpointError(f"{checkpoint}: state_dict does not match its config: {len(keys)} {what} "
-                                  f"key(s), e.g. {keys[0]}")
-    return module.to(device).eval()

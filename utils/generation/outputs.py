@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +146,70 @@ def export_dataset(path: str | Path, images: torch.Tensor, masks: torch.Tensor, 
     manifest_path.write_text(json.dumps({**manifest, "dataset": str(path), "split": split,
                                          "num_records": len(records)}, indent=2, default=str) + "\n")
     return path
+
+
+class SamplesError(ValueError):
+    """A samples file that cannot be read or evaluated; the message names the file and what was expected."""
+
+
+def upgrade_manifest(manifest: dict) -> dict:
+    """A manifest of an earlier layout in today's names: there ``method`` was the sampler and
+    ``generation_method`` the method; now ``sampler`` and ``method``."""
+    if "generation_method" not in manifest:
+        return manifest
+    manifest = dict(manifest)
+    manifest["sampler"], manifest["method"] = manifest.get("method"), manifest.pop("generation_method")
+    return manifest
+
+
+SAMPLE_ARRAYS = ("images", "masks", "indices")
+
+
+def read_samples(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """images (N, 1, H, W) or volumes (N, 1, D, H, W) float in [0, 1], masks of their shape (integer), indices
+    (N,) of an inferer.py samples.npz, and the manifest.json beside it (in today's names: :func:`upgrade_manifest`);
+    anything else is a :class:`SamplesError` naming the file."""
+    images, masks, indices = _read_npz(path)
+    expected = "expected an inferer.py samples.npz"
+    for ok, problem in (
+        (images.ndim in (4, 5) and images.shape[0] >= 1 and images.shape[1] == 1,
+         f"images have shape {list(images.shape)}, expected [N, 1, H, W] or [N, 1, D, H, W] with N >= 1"),
+        (masks.shape == images.shape, f"masks have shape {list(masks.shape)}, images {list(images.shape)}"),
+        (indices.shape == images.shape[:1], f"indices have shape {list(indices.shape)}, expected [{len(images)}]"),
+        (images.dtype.kind == "f", f"images are {images.dtype}, expected float"),
+        (masks.dtype.kind in "iu", f"masks are {masks.dtype}, expected integer labels"),
+    ):
+        if not ok:
+            raise SamplesError(f"{path}: {problem}; {expected}")
+    if not np.isfinite(images).all():
+        raise SamplesError(f"{path}: images hold NaN or inf; {expected} (images in [0, 1])")
+    if images.min() < 0 or images.max() > 1:
+        raise SamplesError(f"{path}: images span [{images.min():.4g}, {images.max():.4g}], expected [0, 1]")
+    if indices.dtype.kind not in "iu":
+        raise SamplesError(f"{path} was generated from label-map files, which have no paired real "
+                         "images; evaluate samples generated from a dataset split")
+    manifest_path = path.with_name("manifest.json")
+    try:
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SamplesError(f"{manifest_path}: not valid JSON ({e}); expected inferer.py's manifest") from None
+    return torch.from_numpy(images), torch.from_numpy(masks), torch.from_numpy(indices), upgrade_manifest(manifest)
+
+
+def _read_npz(path: Path):
+    """The images, masks and indices arrays of ``path``, or a SamplesError naming the file."""
+    expected = "expected an inferer.py samples.npz"
+    if not path.is_file():
+        raise SamplesError(f"{path}: no such file; {expected}")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise SamplesError(f"{path}: holds a single .npy array, not an .npz archive; {expected}")
+        with z:
+            missing = sorted(set(SAMPLE_ARRAYS) - set(z.files))
+            if missing:
+                raise SamplesError(f"{path} lacks {missing}; {expected}")
+            return tuple(z[k] for k in SAMPLE_ARRAYS)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # truncated, corrupt, a pickle
+        raise SamplesError(f"{path}: cannot read as an .npz archive ({type(e).__name__}: {e}); "
+                         f"{expected}") from None

@@ -51,7 +51,7 @@ def _sized(image: np.ndarray, where: str, image_size: int, resize: bool) -> torc
 
 def load_references(path: str | Path, split: str, image_size: int, resize: bool = False) -> ReferenceSource:
     """Reference images from a PNG/NPY file, a folder of them (sorted by name), or a dataset's ``split``."""
-    from utils.evaluation.feature_extractors import sha256_file
+    from utils.files import sha256_file
 
     path = Path(path)
     if not path.exists():

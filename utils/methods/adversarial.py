@@ -25,6 +25,7 @@ import torch
 from pytorch_lightning.strategies import ParallelStrategy
 
 from losses.adversarial import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss
+from utils.config import RunConfig
 from utils.methods.base import SynthesisMethod, use_fused_adam
 from utils.methods.networks import count_parameters
 
@@ -95,8 +96,8 @@ class AdversarialMethod(SynthesisMethod):
 
     optimizer_steps_per_generator_step = 2
 
-    def __init__(self, config: dict):
-        super().__init__(config)
+    def __init__(self, cfg: RunConfig, **hyperparameters):
+        super().__init__(cfg, **hyperparameters)
         self.automatic_optimization = False
 
     def losses(self, batch: dict, batch_idx: int) -> Losses:

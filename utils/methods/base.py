@@ -10,26 +10,21 @@ Trainer, inferer, evaluate and the benchmark call only these:
 - ``parameter_counts()`` and ``describe()`` for the log.
 
 The base class holds what the methods share: the typed config, the EMA of the generating network
-``self.model``, per-(rank, epoch, batch) training randomness, the validation sample grid, the
-first-step timing of compiled blocks, and the default optimizer. A method is one subclass in
-``utils/methods/`` registered in :mod:`utils.methods`, and one section of :mod:`utils.config`.
+``self.model``, per-(rank, epoch, batch) training randomness, the first-step timing of compiled blocks, and
+the default optimizer (the validation sample grid is a callback: :mod:`utils.methods.sample_grid`). A method is
+one subclass in package ``utils/methods/<name>/`` registered in :mod:`utils.methods`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_only
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from utils.config import config_from_dict
-from utils.evaluation.metrics import psnr_per_image, ssim_per_image
-from utils.generation.generate import generate
-from utils.images import display_tiles, grid_image, mask_to_unit, save_png, to_unit
+from utils.config import RunConfig, config_to_dict
 from utils.methods.networks import count_parameters
 from utils.seeding import SampleNoise, noise_for_indices, seeded_generator
 
@@ -47,37 +42,22 @@ def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> b
     return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
 
 
-def sample_scores(gen01: torch.Tensor, real01: torch.Tensor) -> dict[str, float]:
-    """``val/sample_ssim`` and ``val/sample_psnr``: evaluate.py's SSIM and PSNR of generated against real, each
-    pair ``(N, 1, H, W)`` or ``(N, 1, D, H, W)`` in [0, 1], averaged. Volumes get the 3-D SSIM
-    (:func:`utils.evaluation.volume_metrics.ssim_per_volume`), not the 2-D SSIM of their mid-slices; volumes
-    with a side under its window get PSNR only."""
-    scores = {}
-    if gen01.ndim == 5:
-        from utils.evaluation.volume_metrics import SSIM_WINDOW, ssim_per_volume
-
-        if min(gen01.shape[2:]) >= SSIM_WINDOW:
-            scores["val/sample_ssim"] = float(ssim_per_volume(gen01, real01).mean())
-    else:
-        scores["val/sample_ssim"] = float(ssim_per_image(gen01, real01).mean())
-    scores["val/sample_psnr"] = float(psnr_per_image(gen01, real01).mean())
-    return scores
-
-
 class SynthesisMethod(pl.LightningModule):
     """A mask-conditional image generator trained with Lightning; subclasses build ``self.model``.
 
-    ``config`` is the plain-dict form of :class:`utils.config.Config`; it (and any extra hyperparameter a
-    subclass takes) is saved in the checkpoint, which alone rebuilds the module.
+    Built from the method's validated run config (:class:`utils.config.RunConfig`), whose plain dict is saved
+    in the checkpoint with any extra hyperparameter a subclass takes: the checkpoint alone rebuilds the module
+    (:func:`utils.methods.load_module`).
     """
 
     # Lightning's global_step counts every optimizer.step() (Lightning issue #17958): a method that steps
     # other optimizers (a discriminator) with each generator step says how many steps that makes.
     optimizer_steps_per_generator_step = 1
 
-    def __init__(self, config: dict):
+    def __init__(self, cfg: RunConfig, **hyperparameters):
         super().__init__()
-        self.cfg = config_from_dict(config, "checkpoint config")
+        self.cfg = cfg
+        self.save_hyperparameters({"config": config_to_dict(cfg), **hyperparameters})
         self.ema: AveragedModel | None = None
         self._steps_before_batch = 0
         self._compiled_blocks = 0
@@ -87,9 +67,9 @@ class SynthesisMethod(pl.LightningModule):
         self.accumulate_grad_batches = 1
 
     @classmethod
-    def for_data(cls, config: dict, datamodule) -> SynthesisMethod:
+    def for_data(cls, cfg: RunConfig, datamodule) -> SynthesisMethod:
         """The module to train on ``datamodule`` (a method whose hyperparameters come from the data overrides)."""
-        return cls(config)
+        return cls(cfg)
 
     # --- the interface ------------------------------------------------------------------------------
     def validation_loss(self, batch: dict) -> torch.Tensor:
@@ -194,40 +174,6 @@ class SynthesisMethod(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         loss = self.validation_loss(batch)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["x_1"].shape[0])
-
-    def on_validation_epoch_end(self):
-        every = self.cfg.train_args.sample_every_n_epochs
-        last = self.current_epoch + 1 >= self.trainer.max_epochs
-        if self.trainer.sanity_checking or not ((self.current_epoch + 1) % every == 0 or last):
-            return
-        metrics = self._sample_grid()
-        if metrics:
-            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
-
-    @rank_zero_only
-    def _sample_grid(self) -> dict:
-        """Sample the first validation masks; write mask | real | generated as PNG and to TensorBoard."""
-        ds = self.trainer.datamodule.val_set
-        n = min(self.cfg.train_args.num_sample_images, len(ds))
-        mask, s = ds.mask[:n], self.cfg.sampling_args
-        # the inferer's path: noise of (seed, i), the method's sampler, under sampling_args.precision
-        gen01 = generate(self, mask, torch.arange(n), self.cfg.train_args.seed, s.num_steps, s.method,
-                         batch_size=n, devices=[str(self.device)], progress=False,
-                         classes=ds.classes[:n] if self.class_names else None).images
-        real01 = to_unit(ds.x_1[:n])
-        scores = sample_scores(gen01, real01)  # volumes scored whole, as evaluate.py scores them
-        # volumes: each shown by its three orthogonal mid-slices
-        mask01 = mask_to_unit(mask, self.cfg.data_args.num_classes)
-        grid = grid_image([display_tiles(x) for x in (mask01, real01, gen01)], row_labels=["mask", "real", "generated"])
-        out = Path(self.trainer.default_root_dir) / "samples" / f"epoch{self.current_epoch:04d}.png"
-        save_png(grid, out)
-        if self.logger is not None and hasattr(self.logger.experiment, "add_image"):
-            self.logger.experiment.add_image("samples/mask_real_generated", grid, self.global_step,
-                                             dataformats="HW")
-        units = {"val/sample_ssim": "SSIM {:.3f}", "val/sample_psnr": "PSNR {:.2f} dB"}
-        log.info("epoch %d: sample grid %s (%s on %d validation masks)", self.current_epoch, out,
-                 ", ".join(units[k].format(v) for k, v in scores.items()), n)
-        return scores
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Under bf16 there is no loss scaler, so the gradients are already true and are clipped here by norm:

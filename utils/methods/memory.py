@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.config import Config, ConfigError
+from utils.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def saved_activation_bytes(network: torch.nn.Module, inputs: tuple, conditions: 
 def estimate_training_memory(module) -> MemoryEstimate:
     """The :class:`MemoryEstimate` of one training step of ``module`` (a flow-matching module) at its config's
     ``train_args.batch_size`` and ``data_args.image_size`` (N^spatial_dims voxels)."""
-    cfg: Config = module.cfg
+    cfg: RunConfig = module.cfg
     b, n, dims = cfg.train_args.batch_size, cfg.data_args.image_size, cfg.model_args.spatial_dims
     with torch.device("meta"):
         network = module.build_network()

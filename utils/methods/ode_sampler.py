@@ -8,6 +8,9 @@ from flow_matching.solver import ODESolver
 
 from utils.methods.networks import VelocityAdapter
 
+# Network evaluations per step of each fixed-grid ODE solver.
+NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun3": 3, "rk4": 4}
+
 
 def reference_steps(num_steps: int, t0: float) -> int:
     """Steps from t0 to 1 at the N-step grid's step size: round((1 - t0) N); N at t0 = 0, none at t0 = 1."""

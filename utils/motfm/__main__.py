@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import docstring_parser
+from utils.cli import configure_logging, docstring_parser
 
 log = logging.getLogger("comet.motfm")
 CHECKPOINT = "imported.ckpt"
@@ -73,11 +73,12 @@ def data_facts(config: dict, image_range, class_names) -> tuple[tuple[float, flo
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     import torch
 
-    from utils.config import ConfigError, config_from_dict, dump_config, read_yaml_mapping
+    from utils.config import ConfigError, dump_config, read_yaml_mapping
     from utils.data.layout import DatasetError
+    from utils.methods import config_from_dict
     from utils.motfm.convert import MotfmError, import_run
 
     out = Path(args.output)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from utils.config import config_from_dict, config_to_dict
+from utils.config import config_to_dict
+from utils.methods import config_from_dict, method_class
 
 # MOTFM model_args -> ours (the same name unless given); keys not here and not in _MOTFM_ONLY are refused.
 _MODEL_KEYS = {"num_channels": "channels", "num_res_blocks": "num_res_blocks",
@@ -77,7 +78,7 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
                        "sample_every_n_epochs": int(train.get("val_freq", 10)),
                        "checkpoint_every_n_epochs": int(train.get("val_freq", 10)),
                        "num_sample_images": int(train.get("num_val_samples", 8))},
-        "sampling_args": {"num_steps": max(num_steps, 1), "method": solver.get("method", "euler")},
+        "sampling_args": {"num_steps": max(num_steps, 1), "sampler": solver.get("method", "euler")},
     }
     return config_to_dict(config_from_dict(values, source))
 
@@ -114,7 +115,6 @@ def import_run(checkpoint: str | Path, config: dict, run_dir: Path, num_labels: 
                config_source: str) -> tuple[dict, dict]:
     """Our checkpoint dict and config dict for a MOTFM checkpoint and its parsed YAML ``config``."""
     from utils.data.datamodule import scaled_label_values
-    from utils.methods.flow_matching import FlowMatchingModule
 
     values = translate_config(config, run_dir, num_labels, image_size, config_source)
     try:
@@ -132,7 +132,8 @@ def import_run(checkpoint: str | Path, config: dict, run_dir: Path, num_labels: 
                              f"names were given ({', '.join(class_names)})")
     labels = [round(float(v), 6) for v in scaled_label_values(num_labels)]  # unused: the prior is noise (alpha 0)
     motfm = {"time_floor": time_floor, "image_range": [float(image_range[0]), float(image_range[1])]}
-    module = FlowMatchingModule(values, labels, class_names if uses_class else None, motfm)
+    module = method_class("flow_matching")(config_from_dict(values, config_source), labels,
+                                           class_names if uses_class else None, motfm)
     load_old(module.model.unet, unet, "UNet", str(checkpoint))
     if module.model.controlnet is None:
         if controlnet:

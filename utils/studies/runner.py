@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 from utils.config import config_to_dict
+from utils.files import write_text_atomic
 from utils.studies.spec import RowSpec, StudySpec, row_config, row_overrides, run_name
 
 log = logging.getLogger("comet.study")
@@ -34,13 +36,14 @@ def _marker(spec: StudySpec, row: RowSpec, seed: int, stage: str) -> Path:
 
 def _finished(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict) -> bool:
     """Whether ``stage`` finished with this very ``record`` (config or protocol); a changed one is refused."""
-    from trainer import RESUMABLE_CHANGES
-    from utils.config import config_diff
+    from utils.config import RESUMABLE_CHANGES, config_diff
+    from utils.methods import upgrade
 
     path = _marker(spec, row, seed, stage)
     if not path.is_file():
         return False
-    changed = [k for k in config_diff(json.loads(path.read_text()), record) if k not in RESUMABLE_CHANGES]
+    done = upgrade(json.loads(path.read_text()), announce=False)  # a marker written before the sampler's rename
+    changed = [k for k in config_diff(done, record) if k not in RESUMABLE_CHANGES]
     if changed:
         raise SystemExit(f"error: study {spec.name}: row '{row.name}' seed {seed} was {stage}ed with a different "
                          f"setting (differs in: {', '.join(changed)}). Nothing was changed. Rename the study or "
@@ -51,34 +54,33 @@ def _finished(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict
 def _mark(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict) -> None:
     path = _marker(spec, row, seed, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
-def train(spec: StudySpec, row: RowSpec, seed: int) -> None:
-    import trainer
-
+def train_argv(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
+    """trainer.py's command line for this row and seed."""
     args = ["--config_path", spec.trained_row(row).config or spec.config]
     for item in row_overrides(spec, row, seed):
         args += ["--set", item]
-    trainer.main(args)
+    return args
 
 
-def evaluate(spec: StudySpec, row: RowSpec, seed: int) -> None:
-    import evaluate as evaluate_cli
-
+def evaluate_argv(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
+    """evaluate.py's command line for this row and seed: the study's protocol on the run's best checkpoint."""
     e, out = spec.evaluation, eval_dir(spec, row, seed)
-    evaluate_cli.main(["--checkpoint", str(row_config(spec, row, seed).run_dir), "--which", "best",
-                       "--num_samples", str(e.num_samples), "--samples_per_mask", str(e.samples_per_mask),
-                       "--num_steps", str(spec.num_steps(row)),
-                       "--seed", str(e.noise_seed), "--split", e.split, "--n_boot", str(e.n_boot),
-                       "--skip_missing_metrics", "--output_dir", str(out), "--overwrite",  # ours: a killed try
-                       *(["--segmenter", e.segmenter] if e.segmenter else [])])
+    return ["--checkpoint", str(row_config(spec, row, seed).run_dir), "--which", "best",
+            "--num_samples", str(e.num_samples), "--samples_per_mask", str(e.samples_per_mask),
+            "--num_steps", str(spec.num_steps(row)),
+            "--seed", str(e.noise_seed), "--split", e.split, "--n_boot", str(e.n_boot),
+            "--skip_missing_metrics", "--output_dir", str(out), "--overwrite",  # ours: a killed try
+            *(["--segmenter", e.segmenter] if e.segmenter else [])]
 
 
-def run_study(spec: StudySpec) -> None:
-    """Train and evaluate every (row, seed) not done yet, logging one line per stage with the time left."""
+def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: Callable[[list[str]], object]) -> None:
+    """Train and evaluate every (row, seed) not done yet, logging one line per stage with the time left.
+
+    ``train`` and ``evaluate`` are the command lines' entry points (trainer.main, evaluate.main), given by the
+    caller: a study runs exactly what a user would type."""
     todo = jobs(spec)
     records = {(row.name, seed): config_to_dict(row_config(spec, row, seed)) for row, seed in todo}
     protocol = {row.name: {**asdict(spec.evaluation), "num_steps": spec.num_steps(row)} for row in spec.rows}
@@ -95,7 +97,10 @@ def run_study(spec: StudySpec) -> None:
             continue
         log.info("%s ...", where)
         t0 = time.perf_counter()
-        (train if stage == "train" else evaluate)(spec, row, seed)
+        if stage == "train":
+            train(train_argv(spec, row, seed))
+        else:
+            evaluate(evaluate_argv(spec, row, seed))
         _mark(spec, row, seed, stage, record)
         spent[stage].append(time.perf_counter() - t0)
         log.info("%s: done in %s (study %s so far; about %s left)", where, _clock(spent[stage][-1]),

@@ -21,7 +21,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.config import Config, ConfigError, build_dataclass, load_config, read_yaml_mapping
+from utils.config import ConfigError, RunConfig, build_dataclass, read_yaml_mapping
+from utils.methods import load_config
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def row_overrides(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
             f"output_dir={spec.study_dir / 'runs'}"]
 
 
-def row_config(spec: StudySpec, row: RowSpec, seed: int) -> Config:
+def row_config(spec: StudySpec, row: RowSpec, seed: int) -> RunConfig:
     """The resolved config of ``row`` trained with ``seed``."""
     try:
         return load_config(spec.trained_row(row).config or spec.config, row_overrides(spec, row, seed))

@@ -2,7 +2,7 @@
 arXiv 2406.02918): the segmentation network whose frozen encoder gives Med-DT-FM its distillation targets.
 
 A clean-room re-implementation from the paper's and the public repository's architecture description
-(shared/MED_DT_FM.md section 2); no code copied. With widths (d0, d1, d2) and an H x W input:
+(Seg_UKAN/archs.py, class ``UKAN``, read, not copied). With widths (d0, d1, d2) and an H x W input:
 
 - s1..s3: ``ConvLayer`` (2 x conv3x3-BN-ReLU), then maxpool 2 and ReLU: d0/8, d0/4, d0 channels at H/2, H/4, H/8;
 - s4, s5 (tokenised KAN stages): ``PatchEmbed`` (conv3x3 stride 2 + LayerNorm), one :class:`KANBlock`,

@@ -20,9 +20,9 @@ from monai.networks.nets import MultiScalePatchDiscriminator, SPADENet
 
 from losses.adversarial import kl_divergence
 from losses.perceptual import PerceptualLoss, vgg19_features
-from utils.config import SpadeConfig
 from utils.images import to_unit
 from utils.methods.adversarial import AdversarialMethod, Losses, one_hot
+from utils.methods.spade.config import SpadeConfig, SpadeRunConfig
 from utils.seeding import SampleNoise
 
 
@@ -40,9 +40,8 @@ def build_discriminator(cfg: SpadeConfig, num_classes: int, image_size: int) -> 
 
 
 class SpadeModule(AdversarialMethod):
-    def __init__(self, config: dict):
-        super().__init__(config)
-        self.save_hyperparameters()
+    def __init__(self, cfg: SpadeRunConfig):
+        super().__init__(cfg)
         s, d = self.cfg.spade_args, self.cfg.data_args
         self.model = build_generator(s, d.num_classes, d.image_size)
         self.discriminator = build_discriminator(s, d.num_classes, d.image_size)
@@ -50,9 +49,9 @@ class SpadeModule(AdversarialMethod):
         self.perceptual: PerceptualLoss | None = None  # training only: see for_data
 
     @classmethod
-    def for_data(cls, config: dict, datamodule) -> SpadeModule:
+    def for_data(cls, cfg: SpadeRunConfig, datamodule) -> SpadeModule:
         """The module to train; it reads the perceptual loss's weights file (a checkpoint does not need it)."""
-        module = cls(config)
+        module = cls(cfg)
         s = module.cfg.spade_args
         if s.perceptual_weight > 0:
             module.perceptual = PerceptualLoss(vgg19_features(s.perceptual_weights, "spade_args.perceptual_weights"))

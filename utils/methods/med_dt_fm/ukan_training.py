@@ -14,8 +14,8 @@ import math
 import torch
 
 from losses.distillation import channel_moments
-from utils.config import UKANConfig
-from utils.methods.ukan import UKAN
+from utils.methods.med_dt_fm.config import UKANConfig
+from utils.methods.med_dt_fm.ukan import UKAN
 
 log = logging.getLogger(__name__)
 

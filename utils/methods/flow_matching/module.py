@@ -16,10 +16,12 @@ from flow_matching.path import AffineProbPath
 from flow_matching.path.scheduler import CondOTScheduler
 
 from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
-from utils.config import NFE_PER_STEP, ConfigError
+from utils.config import ConfigError
 from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
-from utils.methods.contrastive_keys import ContrastiveKeys, valid_keys
+from utils.methods.flow_matching.config import FlowMatchingRunConfig
+from utils.methods.flow_matching.contrastive_keys import ContrastiveKeys, valid_keys
+from utils.methods.flow_matching.prior import spacing_mismatch, warm_start_prior
 from utils.methods.networks import (
     ConditionalVelocityField,
     VelocityAdapter,
@@ -27,8 +29,7 @@ from utils.methods.networks import (
     compile_blocks,
     controlnet_parameter_counts,
 )
-from utils.methods.ode_sampler import sample
-from utils.methods.prior import spacing_mismatch, warm_start_prior
+from utils.methods.ode_sampler import NFE_PER_STEP, sample
 from utils.seeding import SampleNoise, fixed_times, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,9 @@ class FlowMatchingModule(SynthesisMethod):
     did, and its outputs are MOTFM's min-max units, image = lo + x (hi - lo) in [0, 1]. All are saved in the
     checkpoint with the config."""
 
-    def __init__(self, config: dict, label_values: list[float], class_names: list[str] | None = None,
+    def __init__(self, cfg: FlowMatchingRunConfig, label_values: list[float], class_names: list[str] | None = None,
                  motfm: dict | None = None):
-        super().__init__(config)
-        self.save_hyperparameters()
+        super().__init__(cfg, label_values=label_values, class_names=class_names, motfm=motfm)
         self.model = self.build_network()
         self.register_buffer("label_values", torch.tensor(label_values, dtype=torch.float32), persistent=False)
         self.path = AffineProbPath(scheduler=CondOTScheduler())
@@ -81,12 +81,11 @@ class FlowMatchingModule(SynthesisMethod):
                            time_floor=bool(motfm and motfm["time_floor"]))
 
     @classmethod
-    def for_data(cls, config: dict, datamodule) -> FlowMatchingModule:
-        label_values = datamodule.label_values(config["prior_args"]["mask_encoding"])
-        if config["prior_args"]["alpha"] > 0:
-            check_prior_spacing(tuple(config["prior_args"].get("spacing") or ()), datamodule)
-        uses_class = "class" in config.get("conditioning_args", {}).get("mode", "mask")
-        return cls(config, label_values, datamodule.class_names() if uses_class else None)
+    def for_data(cls, cfg: FlowMatchingRunConfig, datamodule) -> FlowMatchingModule:
+        label_values = datamodule.label_values(cfg.prior_args.mask_encoding)
+        if cfg.prior_args.alpha > 0:
+            check_prior_spacing(cfg.prior_args.spacing, datamodule)
+        return cls(cfg, label_values, datamodule.class_names() if cfg.conditioning_args.uses_class else None)
 
     @property
     def class_names(self) -> list[str]:

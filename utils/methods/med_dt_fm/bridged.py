@@ -1,5 +1,6 @@
 """Med-DT-FM's velocity field: the UNet + ControlNet of :mod:`utils.methods.networks` with its decoder cut into
-the paper's chain FM_0 -> BM_0 -> FM_1 -> BM_1 -> FM_2 -> BM_2 -> FM_3 -> BM_3 -> head (shared/MED_DT_FM.md 3.2).
+the paper's chain FM_0 -> BM_0 -> FM_1 -> BM_1 -> FM_2 -> BM_2 -> FM_3 -> BM_3 -> head (the reading
+in which each bridge B_i, not FM_i, feeds the next decoder block).
 
 - FM_0 = conv_in + down blocks + middle block (+ ControlNet residuals); FM_1..FM_3 = the first three up blocks;
   the remaining up blocks and ``out`` are the head, whose output is the velocity v.

@@ -12,8 +12,8 @@ test split's first ``--num_samples`` masks (noise of (seed, i): the same noise f
 surface Dice and SSIM against the real image of that mask are averaged, with the network evaluations per image.
 
 Examples:
-    python -m utils.evaluation.conditioning classes --checkpoint checkpoints/class_quickstart --output outputs/classes
-    python -m utils.evaluation.conditioning guidance --checkpoint checkpoints/guidance_quickstart \\
+    python -m utils.studies.conditioning classes --checkpoint checkpoints/class_quickstart --output outputs/classes
+    python -m utils.studies.conditioning guidance --checkpoint checkpoints/guidance_quickstart \\
         --scales 1 1.5 2 3 --output outputs/guidance
 
 Writes ``<command>.json`` and ``<command>.md`` in ``--output``.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.cli import docstring_parser
+from utils.cli import configure_logging, docstring_parser
 
 log = logging.getLogger("comet.conditioning")
 
@@ -122,11 +122,11 @@ def measure_classes(module, data: dict, per_class: int, seed: int, batch_size: i
         picks.append(rows[torch.arange(per_class) % len(rows)])
     pick = torch.cat(picks)
     s = module.cfg.sampling_args
-    result = generate(module, test_m[pick], torch.arange(len(pick)), seed, s.num_steps, s.method, batch_size,
+    result = generate(module, test_m[pick], torch.arange(len(pick)), seed, s.num_steps, s.sampler, batch_size,
                       [device], classes=test_y[pick])
     gen_pred = predict(net, result.images)
     return {
-        "class_names": names, "per_class": per_class, "seed": seed, "num_steps": s.num_steps, "sampler": s.method,
+        "class_names": names, "per_class": per_class, "seed": seed, "num_steps": s.num_steps, "sampler": s.sampler,
         "guidance_scale": s.guidance_scale, "nfe_per_image": result.nfe, "classifier": asdict(recipe),
         "real_test": {"n": len(test_y), "accuracy": float((real_pred == test_y).float().mean()),
                       "view_accuracy": view_accuracy(test_y, real_pred, names),
@@ -140,8 +140,8 @@ def measure_classes(module, data: dict, per_class: int, seed: int, batch_size: i
 def measure_guidance(checkpoint: Path, scales: list[float], data: dict, num_samples: int, seed: int,
                      batch_size: int, device: str) -> dict:
     from utils.evaluation.metrics import paired_metrics
-    from utils.generation.checkpoints import load_module
     from utils.generation.generate import generate
+    from utils.methods import load_module
 
     n = min(num_samples, len(data["test"]))
     images, masks, classes = _split(data["test"][:n])
@@ -149,7 +149,7 @@ def measure_guidance(checkpoint: Path, scales: list[float], data: dict, num_samp
     for w in scales:
         module = load_module(checkpoint, device, [f"sampling_args.guidance_scale={w}"])
         s = module.cfg.sampling_args
-        result = generate(module, masks, torch.arange(n), seed, s.num_steps, s.method, batch_size, [device],
+        result = generate(module, masks, torch.arange(n), seed, s.num_steps, s.sampler, batch_size, [device],
                           classes=classes if module.class_names else None)
         scores = paired_metrics(result.images, images, masks)
         rows.append({"guidance_scale": w, "nfe_per_image": result.nfe,
@@ -192,7 +192,7 @@ def guidance_markdown(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = docstring_parser(__doc__, prog="python -m utils.evaluation.conditioning")
+    p = docstring_parser(__doc__, prog="python -m utils.studies.conditioning")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("classes", "classify images generated for each class"),
                        ("guidance", "mask adherence for each guidance scale")):
@@ -216,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     from utils.config import ConfigError
     from utils.data.dataset_io import DatasetError, load_dataset
-    from utils.generation.checkpoints import CheckpointError, find_checkpoint, load_module
+    from utils.generation.checkpoints import CheckpointError, find_checkpoint
+    from utils.methods import load_module
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

@@ -20,10 +20,10 @@ from functools import partial
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, NoiseSchedules, Scheduler
 
-from utils.config import DDPMConfig
+from utils.methods.ddpm.config import DDPMConfig
 from utils.seeding import SampleNoise
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}  # sampling_args.method -> its MONAI scheduler
+SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}  # sampling_args.sampler -> its MONAI scheduler
 
 
 @NoiseSchedules.add_def("respaced", "a trained schedule on an ascending sub-sequence of its timesteps")

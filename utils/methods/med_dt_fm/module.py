@@ -1,5 +1,5 @@
-"""Med-DT-FM (shared/seeds/003), as read in shared/MED_DT_FM.md: flow matching with a bridged decoder distilled
-towards a frozen segmentation encoder, plus a small adversarial term.
+"""Med-DT-FM (the draft paper the project was specified from; README "Methods"): flow matching with a bridged
+decoder distilled towards a frozen segmentation encoder, plus a small adversarial term.
 
 Stage 0 (:meth:`MedDTFMModule.for_data`): a U-KAN segmenter is trained on the training split only, scored on the
 validation split (below ``ukan_args.min_val_dice`` the run stops), frozen, and its encoder's per-channel
@@ -13,7 +13,7 @@ Stage 1 (:meth:`MedDTFMModule.losses`), per batch, with x_0 ~ N(0, I), t ~ U[0, 
 
 (the D terms over the samples with t >= t_adv_min only)
 
-with (v, B_i) from :class:`utils.methods.bridged.BridgedVelocityField`, Ebar_i the standardised encoder
+with (v, B_i) from :class:`utils.methods.med_dt_fm.bridged.BridgedVelocityField`, Ebar_i the standardised encoder
 features of the clean image x_1 (float32, no gradient), x1_hat = ``path.velocity_to_target(v, x_t, t)``. The
 draft's objective has no L_FM (then nothing trains a velocity field); it is added here. G and D are stepped by
 :class:`utils.methods.adversarial.AdversarialMethod` (manual optimisation, accumulation and clipping in the
@@ -37,14 +37,14 @@ from flow_matching.path.scheduler import CondOTScheduler
 from pytorch_lightning.strategies import ParallelStrategy
 
 from losses.distillation import distillation_loss, standardise
-from utils.config import NFE_PER_STEP
 from utils.images import to_unit
 from utils.methods.adversarial import AdversarialMethod, Losses, PatchDiscriminator, one_hot
 from utils.methods.base import MethodSetupError
-from utils.methods.bridged import BridgedVelocityField, ProjectionHeads, bridge_channels
+from utils.methods.med_dt_fm.bridged import BridgedVelocityField, ProjectionHeads, bridge_channels
+from utils.methods.med_dt_fm.config import MedDTFMRunConfig
+from utils.methods.med_dt_fm.ukan_training import build_ukan, encoder_statistics, foreground_dice, predict, train_ukan
 from utils.methods.networks import VelocityAdapter, compile_blocks, count_parameters
-from utils.methods.ode_sampler import reference_steps, sample
-from utils.methods.ukan_training import build_ukan, encoder_statistics, foreground_dice, predict, train_ukan
+from utils.methods.ode_sampler import NFE_PER_STEP, reference_steps, sample
 from utils.seeding import SampleNoise, fixed_times
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,8 @@ def adversarial_weight(alpha: float, start_epoch: int, ramp_epochs: int, epoch: 
 
 
 class MedDTFMModule(AdversarialMethod):
-    def __init__(self, config: dict):
-        super().__init__(config)
-        self.save_hyperparameters()
+    def __init__(self, cfg: MedDTFMRunConfig):
+        super().__init__(cfg)
         m, d = self.cfg.med_dt_fm_args, self.cfg.data_args
         self.model = BridgedVelocityField(self.cfg.model_args, d.num_classes, m.cond_channels)
         self.encoder = build_ukan(self.cfg.ukan_args, d.num_classes).eval().requires_grad_(False)
@@ -109,9 +108,9 @@ class MedDTFMModule(AdversarialMethod):
 
     # --- stage 0 ------------------------------------------------------------------------------------
     @classmethod
-    def for_data(cls, config: dict, datamodule) -> MedDTFMModule:
+    def for_data(cls, cfg: MedDTFMRunConfig, datamodule) -> MedDTFMModule:
         """The module to train: stage 0 runs now, unless the run resumes (its checkpoint holds the segmenter)."""
-        module = cls(config)
+        module = cls(cfg)
         if not any(module.cfg.med_dt_fm_args.lambdas):
             log.info("stage 0 skipped: med_dt_fm_args.lambdas are all 0, so nothing reads the segmenter's features")
             return module
@@ -256,7 +255,7 @@ class MedDTFMModule(AdversarialMethod):
         x_t0 = t0 reference + (1 - t0) x_0 on the path, round((1 - t0) N) steps of the N-step grid's size up to
         t = 1. t0 = 0 is :meth:`generate` bit for bit; t0 = 1 returns the reference.
 
-        ``feature_guidance`` s > 0 (experimental, off by default: in the design note's prototype it moved samples
+        ``feature_guidance`` s > 0 (experimental, off by default: in a 200-step CPU prototype it moved samples
         *away* from the reference): each velocity becomes v - s ||v|| g / ||g|| per sample, g the gradient in
         x_t of sum_i lambda_i mse(P_i(B_i(x_t)), Ebar_i(reference)) (the projection heads and the frozen encoder).
         """

@@ -2,7 +2,7 @@
 
 The UNet + ControlNet of :mod:`utils.methods.networks`, given integer diffusion timesteps, predicts the noise
 (or the velocity) of x_t = sqrt(abar_t) * x_1 + sqrt(1 - abar_t) * eps under MONAI's DDPM schedule; images
-come from x_T = eps by the DDIM or DDPM sampler of :mod:`utils.methods.diffusion_sampler`.
+come from x_T = eps by the DDIM or DDPM sampler of :mod:`utils.methods.ddpm.sampler`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ import torch.nn.functional as F
 
 from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
-from utils.methods.diffusion_sampler import noise_schedule, sample
+from utils.methods.ddpm.config import DDPMRunConfig
+from utils.methods.ddpm.sampler import noise_schedule, sample
 from utils.methods.networks import build_model, compile_blocks, controlnet_parameter_counts
 from utils.seeding import SampleNoise, fixed_times
 
 
 class DDPMModule(SynthesisMethod):
-    def __init__(self, config: dict):
-        super().__init__(config)
-        self.save_hyperparameters()
+    def __init__(self, cfg: DDPMRunConfig):
+        super().__init__(cfg)
         self.model = build_model(self.cfg.model_args, self.cfg.data_args.num_classes)
         self.schedule = noise_schedule(self.cfg.ddpm_args)
         self.keep_ema()

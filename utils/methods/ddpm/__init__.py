@@ -1,0 +1,1 @@
+"""The ControlNet diffusion baseline: DDPM training on the UNet + ControlNet, DDIM/DDPM sampling."""

@@ -78,12 +78,12 @@ def has_checkpoint(run_dir: Path) -> bool:
 
 
 def saved_config(path: Path) -> dict | None:
-    """The plain config dict saved at ``path`` (through the dataclasses, so keys added to the code since
-    read as their defaults), or None when there is none."""
-    from utils.config import config_to_dict
-    from utils.methods import load_config
+    """The plain config dict saved at ``path`` (through the dataclasses, so keys added to the code since read as
+    what reproduces the saved run: :func:`utils.methods.as_written`), or None when there is none."""
+    from utils.config import config_to_dict, read_yaml_mapping
+    from utils.methods import as_written, config_from_dict
 
-    return config_to_dict(load_config(path)) if path.is_file() else None
+    return config_to_dict(config_from_dict(as_written(read_yaml_mapping(path)), str(path))) if path.is_file() else None
 
 
 def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.0) -> Path | None:

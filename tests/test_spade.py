@@ -9,6 +9,7 @@ import sys
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.utils.parametrize as parametrize
 import yaml
 from conftest import ROOT, tiny_overrides
 from torch.utils.data import DataLoader
@@ -17,6 +18,7 @@ import trainer
 from losses.adversarial import feature_matching_loss, hinge_discriminator_loss, hinge_generator_loss, kl_divergence
 from utils.config import ConfigError
 from utils.methods import config_from_dict
+from utils.methods.adversarial import one_hot
 from utils.methods.spade.module import SpadeModule
 from utils.seeding import SampleNoise
 
@@ -75,6 +77,75 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 # --- losses ---------------------------------------------------------------------------------------------------
+def normalised_convs(net: torch.nn.Module) -> list[str]:
+    return [name for name, m in net.named_modules() if parametrize.is_parametrized(m, "weight")]
+
+
+def convs(net: torch.nn.Module) -> list[str]:
+    return [name for name, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+@pytest.mark.parametrize("discriminator,d_num,d_num_layers", [("spade", 1, 3), ("spade", 2, 4), ("monai", 1, 3),
+                                                               ("monai", 2, 1)])
+def test_spectral_norm_sits_where_spades_code_puts_it(discriminator, d_num, d_num_layers):
+    """NVlabs/SPADE: G normalises every residual-block conv but not the SPADE modulation convs, the first layer
+    or the output conv; each D every conv but its first and its last. Counted here from the networks' structure."""
+    module = spade_module(discriminator=discriminator, d_num=d_num, d_num_layers=d_num_layers)
+    g, d = module.model, module.discriminator
+    modulation = [n for n in convs(g) if ".norm_" in n]  # SPADE's mlp_shared, mlp_gamma, mlp_beta
+    assert len(modulation) == 9 * len(SPADE_ARGS["channels"])  # 3 SPADE layers x 3 convs per block
+    assert len(normalised_convs(g)) == len(convs(g)) - len(modulation) - 2 == 3 * len(SPADE_ARGS["channels"])
+    assert not any(".norm_" in n for n in normalised_convs(g))
+    layers = d_num_layers * d_num if discriminator == "spade" else d_num_layers * d_num * (d_num + 1) // 2
+    assert len(normalised_convs(d)) == len(convs(d)) - 2 * d_num == layers - d_num * (discriminator == "spade")
+    plain = spade_module(spectral_norm=False)
+    assert not normalised_convs(plain.model) and not normalised_convs(plain.discriminator)
+
+
+def test_a_normalised_convolution_has_largest_singular_value_one():
+    module = spade_module().train()
+    x = torch.randn(2, 1, 32, 32)
+    cond = one_hot(masks(2), 4)
+    for _ in range(200):  # each training forward is one power iteration
+        module.discriminator(torch.cat([x, cond], 1))
+        module.model.decode(cond, None)
+    for net in (module.model, module.discriminator):
+        assert normalised_convs(net)
+        for name in normalised_convs(net):
+            weight = net.get_submodule(name).weight
+            sigma = torch.linalg.matrix_norm(weight.detach().flatten(1), ord=2)
+            assert abs(float(sigma) - 1) < 1e-3, name
+
+
+def test_an_averaged_copy_normalises_with_the_trained_networks_power_iteration():
+    """The EMA copy makes images in eval mode, where spectral norm does not iterate: without the trained network's
+    (u, v) it would divide its weights by a sigma estimated for the weights it was copied from."""
+    import copy
+
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from utils.methods.base import copy_power_iteration
+
+    torch.manual_seed(0)
+    live = spectral_norm(torch.nn.Conv2d(8, 16, 3))
+    average = copy.deepcopy(live)
+    with torch.no_grad():
+        live.parametrizations.weight.original.copy_(torch.randn(16, 8, 3, 3) * torch.linspace(0.1, 3, 16)[:, None,
+                                                                                                     None, None])
+    live.train()
+    for _ in range(100):
+        live(torch.randn(1, 8, 5, 5))
+    average.parametrizations.weight.original.data.copy_(live.parametrizations.weight.original)  # decay 0
+    average.eval()
+
+    def sigma():
+        return float(torch.linalg.matrix_norm(average.weight.detach().flatten(1), ord=2))
+
+    assert abs(sigma() - 1) > 0.05  # the vectors it was copied with are stale
+    copy_power_iteration(average, live)
+    assert abs(sigma() - 1) < 1e-3
+
+
 def test_hinge_losses_at_known_logits():
     real, fake = [torch.tensor([2.0, 0.5]), torch.tensor([-3.0])], [torch.tensor([-2.0, 0.5]), torch.tensor([1.0])]
     # D: scale 0: relu(1-2), relu(1-0.5) -> 0.25; relu(1-2), relu(1.5) -> 0.75; scale 1: 4 + 2; mean of 1 and 6
@@ -165,11 +236,12 @@ def test_one_step_trains_both_networks_and_each_step_moves_only_its_own():
 
 def test_k_micro_batches_give_the_update_of_one_k_times_larger_batch(monkeypatch):
     """Instance norm everywhere and batch-mean losses: the G and D updates agree to float, clipping included
-    (a tight clip, so that clipping the summed gradient once differs from clipping each micro-batch's)."""
+    (a tight clip, so that clipping the summed gradient once differs from clipping each micro-batch's). Without
+    spectral norm, whose power iteration runs once per forward: k micro-batches iterate k times, one batch once."""
     runs = {}
     for name, batch, k in (("large", 4, 1), ("accumulated", 2, 2)):
         torch.manual_seed(0)
-        module = spade_module({"gradient_clip_val": 1e-3})
+        module = spade_module({"gradient_clip_val": 1e-3}, spectral_norm=False)
         module.accumulate_grad_batches = k
         clips = []
 
@@ -243,7 +315,7 @@ def test_unet_checks_do_not_fire_for_spade_and_spade_checks_name_their_keys():
     with pytest.raises(ConfigError, match=r"data_args.image_size must be divisible by 64 for 6 spade_args.channels"):
         config_from_dict(spade_values(channels=[8] * 6))
     with pytest.raises(ConfigError, match=r"image_size must be >= 64 for a deepest discriminator of 4 layers"):
-        config_from_dict(spade_values(d_num=2, d_num_layers=2))
+        config_from_dict(spade_values(discriminator="monai", d_num=2, d_num_layers=2))
     with pytest.raises(ConfigError, match=r"sampling_args.sampler must be one of \['generator'\]"):
         config_from_dict({**spade_values(), "sampling_args": {"sampler": "euler"}})
     with pytest.raises(ConfigError, match="spade_args belongs to method spade"):
@@ -331,3 +403,19 @@ def test_ddp_with_two_cpu_processes(tmp_path, tiny_data):
     assert out.returncode == 0, out.stderr[-3000:]
     ckpt = torch.load(tmp_path / "runs" / "tiny" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2  # 16 images = 4 per process x 2 processes x 2 micro-batches: one G, one D step
+
+
+def test_a_config_written_before_spectral_norm_reads_as_what_it_trained():
+    """A checkpoint's or run directory's config holds every key it knew: one without spade_args.spectral_norm and
+    discriminator was trained without spectral norm on MONAI's discriminator. A config a person writes gets
+    today's defaults."""
+    from utils.config import config_to_dict
+    from utils.methods import as_written
+
+    written = config_to_dict(config_from_dict(spade_values()))
+    for key in ("spectral_norm", "discriminator"):
+        del written["spade_args"][key]
+    old = config_from_dict(as_written(written))
+    assert (old.spade_args.spectral_norm, old.spade_args.discriminator) == (False, "monai")
+    new = config_from_dict(written)
+    assert (new.spade_args.spectral_norm, new.spade_args.discriminator) == (True, "spade")

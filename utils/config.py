@@ -223,6 +223,9 @@ class RunConfig:
     UNET: ClassVar[bool] = False  # whether the method's network is model_args' UNet + ControlNet
     VOLUMES: ClassVar[bool] = False  # whether the method builds a 3-D network (model_args.spatial_dims 3)
     GUIDANCE: ClassVar[bool] = False  # whether the method has classifier-free guidance
+    # Keys added to the method after configs were written, each with the value that reproduces a written config
+    # (a checkpoint's, a run directory's config.yaml) that lacks it: such a config holds every key it knew.
+    WRITTEN_BEFORE: ClassVar[dict[str, object]] = {}
 
     def check(self, key):
         require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),

@@ -74,6 +74,21 @@ def upgrade(values: dict, announce: bool = True) -> dict:
     return {**values, "sampling_args": sampling}
 
 
+def as_written(values: dict) -> dict:
+    """A config that was written whole (a checkpoint's, a run directory's config.yaml) in today's layout: keys its
+    method gained since take the value that reproduces it (``WRITTEN_BEFORE``), not today's default."""
+    values = upgrade(values)
+    method = values.get("method", RunConfig.method)
+    if method not in METHODS:
+        return values
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for dotted, value in config_class(method).WRITTEN_BEFORE.items():
+        section, key = dotted.split(".")
+        if isinstance(values.get(section), dict):
+            values[section].setdefault(key, value)
+    return values
+
+
 def with_method_defaults(values: dict) -> dict:
     """``values`` with the method's sampler filled in; another method's section is an error naming its owner."""
     method = values.get("method", RunConfig.method)
@@ -112,7 +127,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def inference_config(config: dict, overrides: list[str], source: str) -> RunConfig:
-    """A checkpoint's ``config`` with each ``--set section.key=value`` changing exactly that key, validated.
+    """A checkpoint's ``config`` (:func:`as_written`) with each ``--set section.key=value`` changing exactly that
+    key, validated.
 
     Keys outside :data:`utils.config.INFERENCE_OVERRIDES` are refused with a :class:`ConfigError` naming the key.
     """
@@ -122,7 +138,7 @@ def inference_config(config: dict, overrides: list[str], source: str) -> RunConf
             raise ConfigError(f"--set {key} cannot change at inference: it changes what the trained network "
                               f"means (allowed: {', '.join(INFERENCE_OVERRIDES)})")
     where = f"{source} with --set {' '.join(overrides)}" if overrides else source
-    return config_from_dict(apply_overrides(upgrade(config), list(overrides)), where)
+    return config_from_dict(apply_overrides(as_written(config), list(overrides)), where)
 
 
 def sampling_overrides(num_steps: int | None, sampler: str | None) -> list[str]:

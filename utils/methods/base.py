@@ -42,6 +42,16 @@ def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> b
     return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
 
 
+def copy_power_iteration(average: torch.nn.Module, network: torch.nn.Module) -> None:
+    """Spectral norm's power-iteration vectors (u, v) of ``network`` into its averaged copy, which never iterates
+    (it only makes images, in eval mode) and so estimates its weights' largest singular value with the trained
+    network's current vectors instead of those it was copied with."""
+    live = dict(network.named_buffers())
+    for name, buffer in average.named_buffers():
+        if "parametrizations." in name and name.endswith(("._u", "._v")):
+            buffer.copy_(live[name])
+
+
 class SynthesisMethod(pl.LightningModule):
     """A mask-conditional image generator trained with Lightning; subclasses build ``self.model``.
 
@@ -164,6 +174,7 @@ class SynthesisMethod(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None and self.generator_steps() != self._steps_before_batch:  # once per generator step
             self.ema.update_parameters(self.model)
+            copy_power_iteration(self.ema.module, self.model)
         if self._time_first_step:
             if batch["x_1"].is_cuda:
                 torch.cuda.synchronize()

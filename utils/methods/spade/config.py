@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from utils.config import RunConfig, require
 
@@ -17,15 +17,23 @@ class SpadeConfig:
     train_args.lr is not used: the generator and discriminator learn at ``lr_g`` and ``lr_d`` (the paper's
     two time-scale rule: 1e-4 and 4e-4 with Adam betas (0, 0.999); NVlabs/SPADE's code uses betas (0, 0.9)).
     train_args.gradient_clip_val clips each of the two optimizers' gradients (0 = off; SPADE clips neither).
+
+    ``spectral_norm`` spectrally normalises the convolutions NVlabs/SPADE's released code normalises
+    (``norm_G``/``norm_D`` "spectral..."): each residual block's conv_0, conv_1 and learned shortcut in the
+    generator (not the SPADE modulation convolutions, the first or the last layer), and every discriminator
+    convolution but its first and last. The paper says "all layers"; the code is what its results came from.
     """
 
     channels: tuple[int, ...] = (64, 128, 256, 512, 1024)  # SPADENet levels, finest first; the decoder reverses them
     hidden_channels: int = 128  # the SPADE blocks' hidden convolution (the paper's 128)
     is_vae: bool = False  # an image encoder gives the latent (style) in training; N(0, I) from the noise at generation
     z_dim: int = 256
-    d_channels: int = 16  # the discriminators' first width, doubled per layer
-    d_num: int = 2  # discriminators; the i-th (from 1) has i * d_num_layers layers
-    d_num_layers: int = 3
+    # SPADE's discriminator (NVlabs/SPADE's MultiscaleDiscriminator of NLayerDiscriminators), or MONAI's
+    # MultiScalePatchDiscriminator (the i-th of d_num has i * d_num_layers layers, all on the full-size input)
+    discriminator: Literal["spade", "monai"] = "spade"
+    d_channels: int = 64  # the discriminators' first width, doubled per layer (SPADE's ndf 64; up to 512 in "spade")
+    d_num: int = 2  # discriminators (SPADE's num_D 2)
+    d_num_layers: int = 4  # layers of each (SPADE's n_layers_D 4)
     lr_g: float = 1.0e-4
     lr_d: float = 4.0e-4
     betas: tuple[float, ...] = (0.0, 0.999)
@@ -34,6 +42,7 @@ class SpadeConfig:
     perceptual_weight: float = 0.0  # SPADE's 10 needs the ImageNet VGG-19 file (perceptual_weights)
     perceptual_weights: str = ""  # local torchvision vgg19-dcbb9e9d.pth; never downloaded
     kld_weight: float = 0.05  # only with is_vae
+    spectral_norm: bool = True  # as NVlabs/SPADE's code (above); checkpoints from before 2026-12 have none
 
     def check(self, key):
         require(len(self.channels) >= 1 and min(self.channels) >= 1, key("channels"),
@@ -59,7 +68,7 @@ class SpadeConfig:
         require(size % depth == 0, "data_args.image_size",
                 f"must be divisible by {depth} for {len(self.channels)} {key('channels')} levels, got {size}")
         layers = self.d_num * self.d_num_layers
-        require(size >= 2 ** (layers + 2), "data_args.image_size",
+        require(self.discriminator == "spade" or size >= 2 ** (layers + 2), "data_args.image_size",
                 f"must be >= {2 ** (layers + 2)} for a deepest discriminator of {layers} layers "
                 f"({key('d_num')} x {key('d_num_layers')}): its last instance-normalised map must stay "
                 f"larger than 1 x 1, got {size}")
@@ -73,6 +82,8 @@ class SpadeRunConfig(RunConfig):
 
     SECTIONS: ClassVar[tuple[str, ...]] = ("spade_args",)
     SAMPLERS: ClassVar[tuple[str, ...]] = ("generator",)  # one generator pass, whatever sampling_args.num_steps
+    WRITTEN_BEFORE: ClassVar[dict[str, object]] = {"spade_args.spectral_norm": False,
+                                                   "spade_args.discriminator": "monai"}
 
     def check(self, key):
         super().check(key)

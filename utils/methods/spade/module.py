@@ -7,16 +7,23 @@ numbers of each sample's noise. MONAI's default last activation is a LeakyReLU; 
 images in [-1, 1], so tanh is used. Note MONAI's layout: the last residual block already narrows to one
 channel before the output convolution (SPADE keeps 64).
 
-Discriminator: MONAI's ``MultiScalePatchDiscriminator`` on [image, one-hot mask] with instance norm (the
-i-th of ``d_num`` discriminators has i * ``d_num_layers`` layers on the full-size input). Losses: hinge,
+Discriminator on [image, one-hot mask]: SPADE's (:class:`MultiscaleDiscriminator`: ``d_num`` discriminators of
+``d_num_layers`` layers, the i-th on the input downsampled i times, widths capped at 512), or with
+``spade_args.discriminator: monai`` (checkpoints from before 2026-12) MONAI's ``MultiScalePatchDiscriminator``
+with instance norm (the i-th has i * ``d_num_layers`` layers on the full-size input, widths not capped). With
+``spade_args.spectral_norm`` (default) both networks are spectrally normalised where NVlabs/SPADE's code does it
+(:data:`SPECTRAL_GENERATOR`, :data:`SPECTRAL_DISCRIMINATOR`). Losses: hinge,
 discriminator feature matching (weight 10), optional VGG-19 perceptual (local weights only) and KL.
 """
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import MultiScalePatchDiscriminator, SPADENet
+from torch.nn.utils.parametrizations import spectral_norm
 
 from losses.adversarial import kl_divergence
 from losses.perceptual import PerceptualLoss, vgg19_features
@@ -25,18 +32,89 @@ from utils.methods.adversarial import AdversarialMethod, Losses, one_hot
 from utils.methods.spade.config import SpadeConfig, SpadeRunConfig
 from utils.seeding import SampleNoise
 
+# The convolutions NVlabs/SPADE's code spectrally normalises, by their names in MONAI's networks: the
+# generator's residual-block convolutions (SPADEResnetBlock conv_0, conv_1, conv_s), and (discriminator
+# "monai") the discriminators' inner convolutions (NLayerDiscriminator's norm_layer(Conv2d); not the first or
+# the last). The "spade" discriminator normalises the same layers itself.
+SPECTRAL_GENERATOR = re.compile(r"decoder\.blocks\.\d+\.conv_[01s]\.conv")
+SPECTRAL_DISCRIMINATOR = re.compile(r"discriminator_\d+\.\d+\.conv")
+
+
+def spectrally_normalise(network: torch.nn.Module, names: re.Pattern) -> list[str]:
+    """Spectral norm (``torch.nn.utils.parametrizations``, one power iteration per training forward) on each
+    convolution of ``network`` whose name matches ``names``; returns those names."""
+    done = [name for name, m in network.named_modules() if isinstance(m, torch.nn.Conv2d) and names.fullmatch(name)]
+    for name in done:
+        spectral_norm(network.get_submodule(name))
+    return done
+
 
 def build_generator(cfg: SpadeConfig, num_classes: int, image_size: int) -> SPADENet:
     # list(): SPADENet reverses and extends the list it is given
-    return SPADENet(spatial_dims=2, in_channels=1, out_channels=1, label_nc=num_classes,
-                    input_shape=(image_size, image_size), channels=list(cfg.channels), z_dim=cfg.z_dim,
-                    is_vae=cfg.is_vae, spade_intermediate_channels=cfg.hidden_channels, last_act="TANH")
+    net = SPADENet(spatial_dims=2, in_channels=1, out_channels=1, label_nc=num_classes,
+                   input_shape=(image_size, image_size), channels=list(cfg.channels), z_dim=cfg.z_dim,
+                   is_vae=cfg.is_vae, spade_intermediate_channels=cfg.hidden_channels, last_act="TANH")
+    if cfg.spectral_norm:
+        spectrally_normalise(net, SPECTRAL_GENERATOR)
+    return net
 
 
-def build_discriminator(cfg: SpadeConfig, num_classes: int, image_size: int) -> MultiScalePatchDiscriminator:
-    return MultiScalePatchDiscriminator(num_d=cfg.d_num, num_layers_d=cfg.d_num_layers, spatial_dims=2,
-                                        channels=cfg.d_channels, in_channels=1 + num_classes, norm="INSTANCE",
-                                        minimum_size_im=image_size)
+class NLayerDiscriminator(torch.nn.Module):
+    """One of SPADE's discriminators (NVlabs/SPADE ``NLayerDiscriminator``, ``norm_D`` spectralinstance): a 4x4
+    conv of stride 2 to ``channels`` and LeakyReLU 0.2; ``num_layers - 1`` 4x4 convs doubling the width up to
+    512 (stride 2, the last stride 1), each without bias, spectrally normalised when ``spectral``, then
+    InstanceNorm (no affine) and LeakyReLU; a 4x4 conv to one logit per patch. Padding 2, as SPADE's."""
+
+    def __init__(self, in_channels: int, channels: int, num_layers: int, spectral: bool):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        widths = [in_channels, channels] + [min(channels * 2**n, 512) for n in range(1, num_layers)]
+        layers = [torch.nn.Sequential(conv(in_channels, channels, 4, stride=2, padding=2), torch.nn.LeakyReLU(0.2))]
+        for n in range(1, num_layers):
+            c = conv(widths[n], widths[n + 1], 4, stride=1 if n == num_layers - 1 else 2, padding=2, bias=False)
+            layers.append(torch.nn.Sequential(spectral_norm(c) if spectral else c,
+                                              torch.nn.InstanceNorm2d(widths[n + 1]), torch.nn.LeakyReLU(0.2)))
+        self.layers = torch.nn.ModuleList(layers)
+        self.head = conv(widths[-1], 1, 4, stride=1, padding=2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        features = []
+        for layer in self.layers:
+            x = layer(x)
+            features.append(x)
+        return self.head(x), features
+
+
+class MultiscaleDiscriminator(torch.nn.Module):
+    """SPADE's multi-scale discriminator: ``num_d`` :class:`NLayerDiscriminator` s, the i-th on the input average-
+    pooled i times (3x3, stride 2, padding not counted). (B, C, H, W) -> ([logits per D], [[features per D]]),
+    the layout :meth:`utils.methods.adversarial.AdversarialMethod.adversarial_terms` reads."""
+
+    def __init__(self, in_channels: int, channels: int, num_layers: int, num_d: int, spectral: bool):
+        super().__init__()
+        self.discriminators = torch.nn.ModuleList(NLayerDiscriminator(in_channels, channels, num_layers, spectral)
+                                                  for _ in range(num_d))
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        logits, features = [], []
+        for d in self.discriminators:
+            out, feats = d(x)
+            logits.append(out)
+            features.append(feats)
+            x = F.avg_pool2d(x, kernel_size=3, stride=2, padding=1, count_include_pad=False)
+        return logits, features
+
+
+def build_discriminator(cfg: SpadeConfig, num_classes: int, image_size: int) -> torch.nn.Module:
+    if cfg.discriminator == "spade":
+        return MultiscaleDiscriminator(1 + num_classes, cfg.d_channels, cfg.d_num_layers, cfg.d_num,
+                                       cfg.spectral_norm)
+    net = MultiScalePatchDiscriminator(num_d=cfg.d_num, num_layers_d=cfg.d_num_layers, spatial_dims=2,
+                                       channels=cfg.d_channels, in_channels=1 + num_classes, norm="INSTANCE",
+                                       minimum_size_im=image_size)
+    if cfg.spectral_norm:
+        spectrally_normalise(net, SPECTRAL_DISCRIMINATOR)
+    return net
 
 
 class SpadeModule(AdversarialMethod):
@@ -61,7 +139,8 @@ class SpadeModule(AdversarialMethod):
         s = self.cfg.spade_args
         vae = f"VAE z_dim {s.z_dim} (KL {s.kld_weight:.3g})" if s.is_vae else "no VAE (deterministic)"
         return (f"SPADE: generator channels {list(s.channels)}, {vae}; {s.d_num} discriminators x "
-                f"{s.d_num_layers} layers from {s.d_channels} channels; Adam G {s.lr_g:.3g} D {s.lr_d:.3g} "
+                f"{s.d_num_layers} layers from {s.d_channels} channels; spectral norm "
+                f"{'on' if s.spectral_norm else 'off'}; Adam G {s.lr_g:.3g} D {s.lr_d:.3g} "
                 f"betas {list(s.betas)}; weights: hinge {s.adversarial_weight:.3g}, feature matching "
                 f"{s.feature_matching_weight:.3g}, perceptual {s.perceptual_weight:.3g}")
 

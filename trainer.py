@@ -201,6 +201,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.strategies import DDPStrategy
 
+    from utils.methods.networks import time_blind_levels
     from utils.methods.sample_grid import SampleGrid
     from utils.precision import resolve_precision
 
@@ -221,6 +222,10 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
     log.info("method %s: %s parameters (%s)", cfg.method, f"{sum(counts.values()):,}",
              " + ".join(f"{name} {n:,}" for name, n in counts.items()))
     log.info("%s", module.describe())
+    if cfg.UNET and (blind := time_blind_levels(cfg.model_args)):
+        log.warning("UNet level(s) %s never see t: each has as many channels as model_args.norm_num_groups (%d), so "
+                    "GroupNorm removes the time embedding there (as in the seed's and MOTFM's network)", blind,
+                    cfg.model_args.norm_num_groups)
     log_budget(t, len(dm.train_set))
 
     callbacks = [

@@ -1,5 +1,7 @@
 """The network of the tiny config: mask conditioning, time scaling, and the ControlNet's initial copy."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import time_effect
@@ -103,3 +105,53 @@ def test_the_tiny_networks_see_the_time(config):
     would be blind to t, and every test of time dependence on the tiny configs vacuous."""
     assert time_effect(config) > 1e-3
     assert time_effect(config, ["model_args.norm_num_groups=8"]) < 1e-5
+
+
+def levels_that_see_time(config_path: str) -> set[int]:
+    """UNet levels whose time projections move the output (UNet and ControlNet, every residual block), measured
+    by the gradient of a fixed projection of the output on the config's network at a small size, its
+    zero-initialised layers woken up; a level counts as blind below 1e-4 of the largest gradient (float32
+    rounding leaves ~1e-5 of it where GroupNorm removes t exactly; a level that sees t has > 1e-2)."""
+    from pathlib import Path
+
+    cfg = load_config(config_path)
+    levels = len(cfg.model_args.channels)
+    torch.manual_seed(0)
+    model = build_model(cfg.model_args, cfg.data_args.num_classes)
+    for p in model.parameters():
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.1)
+    size = 2 ** (levels - 1) * (2 if cfg.model_args.spatial_dims == 2 else 4)
+    shape = (1, 1) + (size,) * cfg.model_args.spatial_dims
+    out = model(torch.randn(shape), torch.tensor([0.4]), torch.randint(0, cfg.data_args.num_classes, shape))
+    (out * torch.randn_like(out)).sum().backward()
+    grads = {}
+    for name, module in model.named_modules():
+        if name.endswith("time_emb_proj"):
+            parts = Path(name.replace(".", "/")).parts
+            if "down_blocks" in parts:
+                level = int(parts[parts.index("down_blocks") + 1])
+            elif "up_blocks" in parts:
+                level = levels - 1 - int(parts[parts.index("up_blocks") + 1])
+            else:
+                level = levels - 1  # the middle block
+            grads[level] = max(grads.get(level, 0.0), float(module.weight.grad.norm()))
+    top = max(grads.values())
+    return {level for level, g in grads.items() if g > 1e-4 * top}
+
+
+UNET_CONFIGS = [p for p in sorted(Path("configs").glob("*.yaml")) if "spade" not in p.name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", UNET_CONFIGS, ids=lambda p: p.name)
+def test_which_levels_see_the_time_is_what_time_blind_levels_says(config):
+    """Every shipped UNet config: the levels blind to t (measured) are exactly those of time_blind_levels, which
+    the trainer's log names; only level 0 of the seed-sized networks (32 channels in 32 groups) is blind."""
+    from utils.methods.networks import time_blind_levels
+
+    cfg = load_config(config)
+    blind = time_blind_levels(cfg.model_args)
+    assert levels_that_see_time(str(config)) == set(range(len(cfg.model_args.channels))) - set(blind)
+    assert blind in ([], [0])
+    assert blind == ([0] if cfg.model_args.channels[0] == 32 and cfg.model_args.norm_num_groups == 32 else [])

@@ -25,6 +25,7 @@ def test_tiny_run_leaves_everything_a_person_needs(tiny_run):
     assert sorted(p.name for p in (tiny_run / "samples").glob("*.png")) == ["epoch0000.png", "epoch0001.png"]
     assert list((tiny_run / "tensorboard").glob("events.out.tfevents.*"))
     assert load_config(tiny_run / "config.yaml").run_name == "tiny"
+    assert "never see t" not in (tiny_run / "train.log").read_text()
     rows = _metrics(tiny_run)
     logged = {k for r in rows for k, v in r.items() if v}
     assert {"train/fm_loss", "train/nce_loss", "train/nce_weight", "train/nce_pos_cos", "train/nce_neg_cos",
@@ -86,6 +87,7 @@ def test_seed_config_builds_the_seed_network_and_trains_a_step_on_cpu(tmp_path, 
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "method flow_matching: 94,494,881 parameters (UNet 66,949,761 + ControlNet 27,545,120)" in out.stderr
+    assert "UNet level(s) [0] never see t" in out.stderr  # 32 channels in 32 groups, as the seed's network
     assert (tmp_path / "comet_camus" / "last.ckpt").exists()
 
 

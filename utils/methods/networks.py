@@ -122,6 +122,13 @@ def build_model(cfg: ModelConfig, num_classes: int, conditioning: ConditioningCo
                                     num_image_classes=num_image_classes, time_floor=time_floor)
 
 
+def time_blind_levels(cfg: ModelConfig) -> list[int]:
+    """The UNet (and ControlNet) levels whose residual blocks cannot see t: MONAI adds the time embedding to each
+    channel just before a GroupNorm, which removes it exactly when each group holds one channel
+    (channels == norm_num_groups), as at level 0 of the seed's and MOTFM's network (32 channels, 32 groups)."""
+    return [level for level, c in enumerate(cfg.channels) if c == cfg.norm_num_groups]
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

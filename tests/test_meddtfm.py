@@ -219,6 +219,21 @@ def test_adversarial_weight_schedule():
     assert module({"max_epochs": 10}, adv_start_fraction=0.25).adversarial_start_epoch() == 3
 
 
+@pytest.mark.parametrize("max_steps,expected", [(6, [0, 0, 0, 0.025, 0.05, 0.075, 0.1]), (-1, [0.0] * 7)])
+def test_a_run_that_max_steps_ends_turns_the_adversarial_term_on(max_steps, expected):
+    """10 epochs of 4 generator steps would start the term at epoch 5; a run ended by max_steps 6 (1.5 epochs)
+    must start it after half of its 6 steps instead, and ramp over one epoch's worth (4) of steps."""
+    from types import SimpleNamespace
+
+    m = module({"max_epochs": 10, "max_steps": max_steps}, alpha=0.1, adv_start_fraction=0.5, adv_ramp_epochs=1)
+    weights = []
+    for step in range(7):
+        m._trainer = SimpleNamespace(num_training_batches=4, global_step=2 * step, current_epoch=step // 4)
+        now, start, ramp = m.adversarial_schedule()
+        weights.append(adversarial_weight(0.1, start, ramp, now))
+    assert weights == pytest.approx(expected)
+
+
 class DCalls:
     def __init__(self, m):
         self.n = 0

@@ -17,8 +17,9 @@ class MedDTFMConfig:
     E_i is stage ``levels[i]`` (1..5, s1 finest) of the frozen U-KAN encoder (``ukan_args``) on the clean image;
     the default (4, 3, 2, 1) gives B_0 (the bottleneck) the deepest target used. L_adv: a spectrally normalised
     conditional PatchGAN's hinge loss on the one-step estimate x1_hat = x_t + (1 - t) v, only where
-    t >= t_adv_min, off for the first ``adv_start_fraction`` of train_args.max_epochs, then ramped linearly
-    over ``adv_ramp_epochs``. train_args.lr is not used: G and D learn at ``lr_g`` and ``lr_d``.
+    t >= t_adv_min, off for the first ``adv_start_fraction`` of train_args.max_epochs (of max_steps when that
+    ends the run first), then ramped linearly over ``adv_ramp_epochs``. train_args.lr is not used: G and D learn
+    at ``lr_g`` and ``lr_d``.
     """
 
     cond_channels: int = 64  # channels of the mask pyramid C_i

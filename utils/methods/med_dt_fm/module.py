@@ -81,12 +81,12 @@ def per_sample_norm(z: torch.Tensor) -> torch.Tensor:
     return z.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
 
-def adversarial_weight(alpha: float, start_epoch: int, ramp_epochs: int, epoch: int) -> float:
-    """w(epoch): 0 before ``start_epoch``, then alpha * (epoch - start + 1) / ramp_epochs up to alpha (survives
-    resume: a function of the epoch counter only)."""
-    if alpha == 0 or epoch < start_epoch:
+def adversarial_weight(alpha: float, start: int, ramp: int, now: int) -> float:
+    """w(now): 0 before ``start``, then alpha * (now - start + 1) / ramp up to alpha, all in one unit (epochs, or
+    generator steps); a function of the counter only, so it survives resume."""
+    if alpha == 0 or now < start:
         return 0.0
-    return alpha * min(1.0, (epoch - start_epoch + 1) / ramp_epochs)
+    return alpha * min(1.0, (now - start + 1) / ramp)
 
 
 class MedDTFMModule(AdversarialMethod):
@@ -180,6 +180,21 @@ class MedDTFMModule(AdversarialMethod):
     def adversarial_start_epoch(self) -> int:
         return math.ceil(self.cfg.med_dt_fm_args.adv_start_fraction * self.cfg.train_args.max_epochs)
 
+    def adversarial_schedule(self) -> tuple[int, int, int]:
+        """(now, start, ramp) of :func:`adversarial_weight` in the unit of the budget that ends the run: epochs,
+        or generator steps when ``train_args.max_steps`` ends it before ``max_epochs`` (the term then starts
+        after ``adv_start_fraction`` of max_steps and ramps over ``adv_ramp_epochs`` epochs' worth of steps;
+        counted in epochs such a run would never reach it)."""
+        m, t = self.cfg.med_dt_fm_args, self.cfg.train_args
+        by_epochs = self.current_epoch, self.adversarial_start_epoch(), m.adv_ramp_epochs
+        if t.max_steps == -1 or self._trainer is None:
+            return by_epochs
+        per_epoch = math.ceil(self.trainer.num_training_batches / self.accumulate_grad_batches)
+        if t.max_steps >= t.max_epochs * per_epoch:
+            return by_epochs
+        return (self.generator_steps(), math.ceil(m.adv_start_fraction * t.max_steps),
+                m.adv_ramp_epochs * per_epoch)
+
     # --- stage 1 ------------------------------------------------------------------------------------
     def training_draws(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B,) ~ U[0, 1) and x_0 ~ N(0, I) like x_1, from this (seed, rank, epoch, batch)'s stream."""
@@ -215,7 +230,8 @@ class MedDTFMModule(AdversarialMethod):
             logs.update({"train/dt_loss": dt, **{f"train/dt_level{i}": term for i, term in terms.items()}})
         if ddp and len(which) < 4:  # DDP expects a gradient for every trained parameter
             generator = generator + 0.0 * sum(p.sum() for p in self.heads.parameters())
-        weight = adversarial_weight(m.alpha, self.adversarial_start_epoch(), m.adv_ramp_epochs, self.current_epoch)
+        now, start, ramp = self.adversarial_schedule()
+        weight = adversarial_weight(m.alpha, start, ramp, now)
         discriminator = x_1.new_zeros((), dtype=torch.float32)
         selected = t >= m.t_adv_min
         logs["train/adv_weight"] = torch.tensor(weight)

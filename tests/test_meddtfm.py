@@ -98,6 +98,26 @@ def test_bridged_forward_equals_monai_at_init(channels, updown_and_attention):
         assert not torch.equal(net(x_t, t, mask), monai)
 
 
+def test_without_the_controlnet_the_bridges_alone_carry_the_mask():
+    """med_dt_fm_args.use_controlnet false: no ControlNet, and the mask reaches v only through the bridges (with
+    their zero convolutions still zero, v ignores the mask; woken, it does not)."""
+    m = module(use_controlnet=False)
+    net = m.model
+    assert net.controlnet is None and "ControlNet" not in m.parameter_counts() and "without" in m.describe()
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([0.3, 0.7])
+    a, b = masks(2, seed=1), masks(2, seed=2)
+    with torch.no_grad():
+        torch.nn.init.normal_(net.unet.out[2].conv.weight, std=0.1)  # MONAI zero-initialises the output conv
+        assert torch.equal(net.velocity_and_features(x, t, a)[0], net.velocity_and_features(x, t, b)[0])
+        for bridge in net.bridges:
+            torch.nn.init.normal_(bridge.zero.weight, std=0.1)
+        assert not torch.allclose(net.velocity_and_features(x, t, a)[0], net.velocity_and_features(x, t, b)[0])
+    out = m.losses({"x_1": torch.rand(4, 1, 32, 32) * 2 - 1, "mask": masks()}, 0)
+    out.generator.backward()
+    assert all(p.grad is not None for p in net.bridges.parameters())
+
+
 def test_bridged_field_needs_three_levels():
     cfg = ModelConfig(channels=(8, 8), num_res_blocks=(1, 1), attention_levels=(False, False),
                       num_head_channels=(8, 8), norm_num_groups=8)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from utils.config import ModelConfig
+from utils.config import ConditioningConfig, ModelConfig
 from utils.methods.networks import TIME_SCALE, ConditionalVelocityField
 
 NUM_BRIDGES = 4
@@ -79,8 +79,9 @@ class BridgedVelocityField(ConditionalVelocityField):
     returns B_0..B_3. ``x_t`` (B, 1, H, W), ``t`` (B,) in [0, 1], ``mask`` (B, 1, H, W) integer labels.
     Needs >= 3 UNet levels (three up blocks before the head)."""
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, cond_channels: int):
-        super().__init__(cfg, num_classes)
+    def __init__(self, cfg: ModelConfig, num_classes: int, cond_channels: int, use_controlnet: bool = True):
+        super().__init__(cfg, num_classes, conditioning=ConditioningConfig("mask" if use_controlnet else
+                                                                           "unconditional"))
         if len(cfg.channels) < 3:
             raise ValueError(f"the bridged velocity field needs >= 3 UNet levels, got {len(cfg.channels)}")
         self.cond = MaskPyramid(num_classes, cond_channels)
@@ -104,16 +105,18 @@ class BridgedVelocityField(ConditionalVelocityField):
         # block, up blocks each taking len(resnets) skips, out) through its public submodules, with the bridges
         # after the middle block and the first three up blocks.
         unet = self.unet
-        cond = mask.to(x_t.dtype) / (self.num_classes - 1)
-        down_res, mid_res = self.controlnet(x=x_t, timesteps=timesteps, controlnet_cond=cond)
         emb = unet.time_embed(get_timestep_embedding(timesteps, unet.block_out_channels[0]).to(dtype=x_t.dtype))
         h = unet.conv_in(x_t)
         skips = [h]
         for block in unet.down_blocks:
             h, res = block(hidden_states=h, temb=emb, context=None)
             skips.extend(res)
-        skips = [s + d for s, d in zip(skips, down_res)]
-        h = unet.middle_block(hidden_states=h, temb=emb, context=None) + mid_res
+        h = unet.middle_block(hidden_states=h, temb=emb, context=None)
+        if self.controlnet is not None:  # without it the bridges are the mask's only way in
+            cond = mask.to(x_t.dtype) / (self.num_classes - 1)
+            down_res, mid_res = self.controlnet(x=x_t, timesteps=timesteps, controlnet_cond=cond)
+            skips = [s + d for s, d in zip(skips, down_res)]
+            h = h + mid_res
         stem = self.cond.embed(mask, h.dtype)
         h = self.bridges[0](h, self.cond.level(0, stem, h.shape[-2:]))
         features = [h]

@@ -35,6 +35,9 @@ class MedDTFMConfig:
     lr_d: float = 1.0e-4
     betas: tuple[float, ...] = (0.5, 0.999)  # the draft's (pix2pixHD's) Adam betas
     reference_t0: float = 0.5  # inferer.py --reference starts on the path at this t unless --t0 is given
+    # The ControlNet beside the bridges; false: the bridges are the mask's only way in (the paper's claim that they
+    # fuse the condition, tested on its own)
+    use_controlnet: bool = True
 
     def check(self, key):
         require(self.cond_channels >= 1, key("cond_channels"), f"must be >= 1, got {self.cond_channels}")

@@ -93,7 +93,7 @@ class MedDTFMModule(AdversarialMethod):
     def __init__(self, cfg: MedDTFMRunConfig):
         super().__init__(cfg)
         m, d = self.cfg.med_dt_fm_args, self.cfg.data_args
-        self.model = BridgedVelocityField(self.cfg.model_args, d.num_classes, m.cond_channels)
+        self.model = BridgedVelocityField(self.cfg.model_args, d.num_classes, m.cond_channels, m.use_controlnet)
         self.encoder = build_ukan(self.cfg.ukan_args, d.num_classes).eval().requires_grad_(False)
         self.heads = ProjectionHeads(bridge_channels(self.cfg.model_args.channels),
                                      [self.encoder.channels[level - 1] for level in m.levels])
@@ -153,7 +153,9 @@ class MedDTFMModule(AdversarialMethod):
     # --- the interface ------------------------------------------------------------------------------
     def describe(self) -> str:
         m, u = self.cfg.med_dt_fm_args, self.cfg.ukan_args
-        return (f"Med-DT-FM: bridges with mask pyramid ({m.cond_channels} ch); distillation lambdas "
+        control = "with" if m.use_controlnet else "without (the bridges alone carry the mask)"
+        return (f"Med-DT-FM {control} the ControlNet: bridges with mask pyramid ({m.cond_channels} ch); "
+                f"distillation lambdas "
                 f"{list(m.lambdas)} to U-KAN stages {list(m.levels)} ({u.kind}, widths {list(u.widths)}, "
                 f"validation Dice {float(self.segmenter_val_dice):.4f}); adversarial alpha {m.alpha:.3g} for "
                 f"t >= {m.t_adv_min} from epoch {self.adversarial_start_epoch()} (ramp {m.adv_ramp_epochs}); "
@@ -161,7 +163,8 @@ class MedDTFMModule(AdversarialMethod):
 
     def parameter_counts(self) -> dict[str, int]:
         net = self.model
-        return {"UNet": count_parameters(net.unet), "ControlNet": count_parameters(net.controlnet),
+        return {"UNet": count_parameters(net.unet),
+                **({} if net.controlnet is None else {"ControlNet": count_parameters(net.controlnet)}),
                 "bridges + mask pyramid": count_parameters(net.bridges) + count_parameters(net.cond),
                 "projection heads": count_parameters(self.heads),
                 "discriminator": count_parameters(self.discriminator),

@@ -79,6 +79,31 @@ def test_one_ddim_step_from_any_timestep_to_the_end_returns_the_image_for_the_or
     torch.testing.assert_close(x_end, x_1, atol=2e-4 if t == 999 else 1e-5, rtol=0)  # 1 / sqrt(abar_999) ~ 156
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_clipped_model_output_predicts_the_clamped_image_and_keeps_an_image_inside(prediction_type):
+    """x0 read back from the clipped output (the closed forms of x0 for epsilon and v) is clamp(x0); an output
+    whose x0 lies in [-1, 1] is returned unchanged (so the oracle's samplers are untouched)."""
+    from utils.methods.ddpm.sampler import clipped_model_output
+
+    schedule = noise_schedule(DDPMConfig(prediction_type=prediction_type))
+    t = 900
+    abar = schedule.alphas_cumprod[t]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+
+    def x0_of(output, x_t):
+        return (x_t - s * output) / a if prediction_type == "epsilon" else a * x_t - s * output
+
+    x_t, output = torch.randn(2, 1, 8, 8), 3 * torch.randn(2, 1, 8, 8)
+    assert x0_of(output, x_t).abs().max() > 1  # far outside the image range at t = 900
+    clipped = clipped_model_output(schedule, output, t, x_t, prediction_type)
+    torch.testing.assert_close(x0_of(clipped, x_t), x0_of(output, x_t).clamp(-1, 1), atol=1e-5, rtol=0)
+    x_1, eps = image_and_eps()
+    x_t = schedule.add_noise(x_1, eps, torch.full((2,), t))
+    exact = oracle(schedule, x_1, prediction_type)(x_t, torch.full((2,), t), None)
+    torch.testing.assert_close(clipped_model_output(schedule, exact, t, x_t, prediction_type), exact,
+                               atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("num_steps", [1, 3, 10])

@@ -23,6 +23,9 @@ class DDPMConfig:
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     eta: float = 0.0  # the ddim sampler's noise: 0 = deterministic DDIM, 1 = DDPM's posterior variance
     clip_sample: bool = True  # clamp each step's predicted image to [-1, 1]
+    # ddim: step along the noise re-derived from the clamped image (diffusers' use_clipped_model_output), so the
+    # two halves of a step agree; false is MONAI's DDIM step, which clamps the image and keeps the raw noise
+    use_clipped_model_output: bool = False
 
     def check(self, key):
         require(self.num_train_timesteps >= 2, key("num_train_timesteps"),

@@ -66,6 +66,18 @@ def noise_scale(scheduler: Scheduler, timestep: int, eta: float) -> float:
     return float(scheduler._get_variance(timestep)) ** 0.5 if timestep > 0 else 0.0
 
 
+def clipped_model_output(scheduler: Scheduler, model_output: torch.Tensor, timestep: int, x_t: torch.Tensor,
+                         prediction_type: str) -> torch.Tensor:
+    """The network output (``epsilon`` or ``v_prediction``) that predicts the clamped image: x0 from the output,
+    clamped to [-1, 1], back to the output's kind. MONAI's DDIM step clamps x0 but moves along the raw output's
+    noise, so an x0 estimate far outside [-1, 1] (early steps of a poorly trained model) throws x_t off."""
+    abar = scheduler.alphas_cumprod[timestep].to(x_t)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - a * ((x_t - s * model_output) / a).clamp(-1, 1)) / s
+    return (a * x_t - (a * x_t - s * model_output).clamp(-1, 1)) / s
+
+
 def step(scheduler: Scheduler, model_output: torch.Tensor, timestep: int, x_t: torch.Tensor, eta: float,
          noise: Callable[[], torch.Tensor]) -> torch.Tensor:
     """MONAI's ``scheduler.step`` from ``x_t``, with its random term sigma * z taken from ``noise()`` (B, ...).
@@ -95,6 +107,8 @@ def sample(denoiser: Callable, mask: torch.Tensor, noise: SampleNoise, cfg: DDPM
     scheduler, timesteps = sampling_scheduler(cfg, sampler, num_steps)
     x_t = noise.initial()
     for k, (own, trained) in enumerate(zip(scheduler.timesteps.tolist(), timesteps.tolist())):
-        model_output = denoiser(x_t, torch.full((len(x_t),), trained, device=x_t.device), mask)
+        model_output = denoiser(x_t, torch.full((len(x_t),), trained, device=x_t.device), mask).float()
+        if cfg.use_clipped_model_output and sampler == "ddim":
+            model_output = clipped_model_output(scheduler, model_output, own, x_t, cfg.prediction_type)
         x_t = step(scheduler, model_output, own, x_t, cfg.eta, partial(noise.step, k))
     return x_t

@@ -291,3 +291,17 @@ def test_inferer_generates_with_the_checkpoints_sampler_and_refuses_flow_matchin
     assert json.loads((out / "manifest.json").read_text())["sampler"] == "ddpm"
     with pytest.raises(SystemExit, match="sampling_args.sampler must be one of \\['ddim', 'ddpm'\\] for method ddpm"):
         inferer.main(["--checkpoint", str(ddpm_run), "--method", "euler", "--output_dir", str(tmp_path / "x")])
+
+
+def test_the_samplers_settings_may_change_at_inference_and_nothing_else_of_the_method(tmp_path):
+    from utils.config import config_to_dict
+    from utils.methods import inference_config
+
+    trained = config_to_dict(load_config(write_config(tmp_path, tiny_ddpm_values())))
+    cfg = inference_config(trained, ["ddpm_args.use_clipped_model_output=true", "ddpm_args.eta=0.5"], "ckpt")
+    assert cfg.ddpm_args.use_clipped_model_output and cfg.ddpm_args.eta == 0.5
+    with pytest.raises(ConfigError, match=r"--set ddpm_args.prediction_type cannot change at inference.*"
+                                          r"ddpm_args.use_clipped_model_output"):
+        inference_config(trained, ["ddpm_args.prediction_type=v_prediction"], "ckpt")
+    with pytest.raises(ConfigError, match=r"--set ddpm_args.eta cannot change at inference"):
+        inference_config(config_to_dict(load_config("configs/tiny.yaml")), ["ddpm_args.eta=0.5"], "ckpt")

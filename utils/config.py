@@ -226,6 +226,8 @@ class RunConfig:
     # Keys added to the method after configs were written, each with the value that reproduces a written config
     # (a checkpoint's, a run directory's config.yaml) that lacks it: such a config holds every key it knew.
     WRITTEN_BEFORE: ClassVar[dict[str, object]] = {}
+    # The method's keys --set may change at inference besides INFERENCE_OVERRIDES (its sampler's settings).
+    INFERENCE_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def check(self, key):
         require(bool(self.run_name) and "/" not in self.run_name, key("run_name"),

@@ -130,13 +130,15 @@ def inference_config(config: dict, overrides: list[str], source: str) -> RunConf
     """A checkpoint's ``config`` (:func:`as_written`) with each ``--set section.key=value`` changing exactly that
     key, validated.
 
-    Keys outside :data:`utils.config.INFERENCE_OVERRIDES` are refused with a :class:`ConfigError` naming the key.
+    Keys outside :data:`utils.config.INFERENCE_OVERRIDES` and the method's ``INFERENCE_KEYS`` are refused with a
+    :class:`ConfigError` naming the key.
     """
+    allowed = INFERENCE_OVERRIDES + config_class(config.get("method", RunConfig.method)).INFERENCE_KEYS
     for item in overrides:
         key = item.partition("=")[0]
-        if key not in INFERENCE_OVERRIDES:
+        if key not in allowed:
             raise ConfigError(f"--set {key} cannot change at inference: it changes what the trained network "
-                              f"means (allowed: {', '.join(INFERENCE_OVERRIDES)})")
+                              f"means (allowed: {', '.join(allowed)})")
     where = f"{source} with --set {' '.join(overrides)}" if overrides else source
     return config_from_dict(apply_overrides(as_written(config), list(overrides)), where)
 

@@ -41,6 +41,7 @@ class DDPMRunConfig(RunConfig):
 
     SECTIONS: ClassVar[tuple[str, ...]] = ("ddpm_args",)
     SAMPLERS: ClassVar[tuple[str, ...]] = ("ddim", "ddpm")
+    INFERENCE_KEYS: ClassVar[tuple[str, ...]] = ("ddpm_args.eta", "ddpm_args.use_clipped_model_output")
     UNET: ClassVar[bool] = True
 
     def check(self, key):

@@ -56,6 +56,7 @@ def test_bad_arguments_are_named(argv, message):
         throughput.main(["--tiny", *argv])
 
 
+@pytest.mark.slow  # several seconds on a 2-core CPU; the fast subset keeps under 2 minutes
 def test_sampling_only_with_profiles(tmp_path, capsys):
     """--tasks sample measures no training; --profile writes each setting's top operators after the timed window."""
     argv = ["--tiny", "--tasks", "sample", "--settings", "comet-bf16", "--profile", str(tmp_path / "prof")]

@@ -33,6 +33,7 @@ def test_without_weights_it_fails_naming_the_file(tiny_run, tmp_path, no_weights
     assert not (tmp_path / "out").exists()  # nothing generated before the check
 
 
+@pytest.mark.slow  # several seconds on a 2-core CPU; the fast subset keeps under 2 minutes
 def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tmp_path, no_weights):
     out = tmp_path / "out"
     assert _eval(tiny_run, out, "--skip_missing_metrics", comparison=True) == 0
@@ -109,6 +110,7 @@ def test_with_inception_weights_precision_and_recall_also_come_in_inception_spac
     assert rows["real"]["recall_inception"]["value"] > 0  # the test split's images lie near the training split's
 
 
+@pytest.mark.slow  # several seconds on a 2-core CPU; the fast subset keeps under 2 minutes
 def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp_path, no_weights):
     out = tmp_path / "gen"
     assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_inference_steps", "1",
@@ -142,6 +144,7 @@ def test_samples_from_another_dataset_are_refused(tiny_run, tmp_path, no_weights
                        "--output_dir", str(tmp_path / "ev")])
 
 
+@pytest.mark.slow  # several seconds on a 2-core CPU; the fast subset keeps under 2 minutes
 def test_run_eval_best_picks_the_lowest_val_loss_checkpoint(tiny_run, tmp_path, no_weights):
     import os
 

@@ -92,6 +92,7 @@ def test_flash_attention_keeps_the_seed_network_and_its_parameter_names():
     assert len(repeated_blocks(on)) == 17  # 5 down + mid + 5 up (UNet), 5 down + mid (ControlNet)
 
 
+@pytest.mark.slow  # several seconds on a 2-core CPU; the fast subset keeps under 2 minutes
 def test_compiled_blocks_give_the_eager_loss_and_gradients():
     eager, fast = tiny_module(), tiny_module()
     keys = list(fast.state_dict())

@@ -239,8 +239,8 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
     ]
     loggers = [TensorBoardLogger(cfg.run_dir, name="", version="tensorboard"),
                CSVLogger(cfg.run_dir, name="", version="csv")]
-    strategy = (DDPStrategy(find_unused_parameters=False, gradient_as_bucket_view=True)
-                if world > 1 else "auto")
+    strategy = (DDPStrategy(find_unused_parameters=module.ddp_find_unused_parameters,
+                            gradient_as_bucket_view=True) if world > 1 else "auto")
     trainer = pl.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=precision, max_epochs=t.max_epochs, **module.trainer_arguments(accumulate, t.max_steps),

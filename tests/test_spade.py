@@ -223,7 +223,7 @@ class Recorder(pl.Callback):
 
 def test_one_step_trains_both_networks_and_each_step_moves_only_its_own():
     torch.manual_seed(0)
-    module, rec = spade_module(), Recorder()
+    module, rec = spade_module(alternating=False), Recorder()
     start_g, start_d = params(module.model), params(module.discriminator)
     fit(module, batches(4), 4, 1, callbacks=[rec])
     (w1, g1, d1, g_at_1, d_at_1), (w2, _, _, g_at_2, d_at_2) = rec.calls
@@ -234,14 +234,15 @@ def test_one_step_trains_both_networks_and_each_step_moves_only_its_own():
     assert module.global_step == 2 and module.generator_steps() == 1
 
 
-def test_k_micro_batches_give_the_update_of_one_k_times_larger_batch(monkeypatch):
+@pytest.mark.parametrize("alternating", [False, True])
+def test_k_micro_batches_give_the_update_of_one_k_times_larger_batch(monkeypatch, alternating):
     """Instance norm everywhere and batch-mean losses: the G and D updates agree to float, clipping included
     (a tight clip, so that clipping the summed gradient once differs from clipping each micro-batch's). Without
     spectral norm, whose power iteration runs once per forward: k micro-batches iterate k times, one batch once."""
     runs = {}
     for name, batch, k in (("large", 4, 1), ("accumulated", 2, 2)):
         torch.manual_seed(0)
-        module = spade_module({"gradient_clip_val": 1e-3}, spectral_norm=False)
+        module = spade_module({"gradient_clip_val": 1e-3}, spectral_norm=False, alternating=alternating)
         module.accumulate_grad_batches = k
         clips = []
 
@@ -257,6 +258,33 @@ def test_k_micro_batches_give_the_update_of_one_k_times_larger_batch(monkeypatch
     assert clips_b[0] == {"gradient_clip_val": 1e-3, "gradient_clip_algorithm": "norm"}
     for a, b in zip(g_a + d_a, g_b + d_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_alternating_steps_g_then_d_on_the_updated_generators_images():
+    """NVlabs/SPADE's trainer: G steps through the current D, then D's gradient is that of the hinge loss on
+    images of the updated G (computed here from its recorded weights, independently of the module)."""
+    torch.manual_seed(0)
+    module, rec = spade_module(spectral_norm=False), Recorder()
+    start_g, start_d = params(module.model), params(module.discriminator)
+    data = batches(4)
+    fit(module, data, 4, 1, callbacks=[rec])
+    (w1, g1, d1, g_at_1, d_at_1), (w2, g2, d2, g_at_2, d_at_2) = rec.calls
+    assert (w1, w2) == ("G", "D") and g1 > 0 and d1 == 0 and g2 == 0 and d2 > 0  # each backward reaches one
+    assert same(g_at_1, start_g) and same(d_at_1, start_d) and not same(g_at_2, start_g) and same(d_at_2, start_d)
+
+    reference = spade_module(spectral_norm=False)
+    for net, values in ((reference.model, g_at_2), (reference.discriminator, start_d)):
+        for p, v in zip(net.parameters(), values):
+            p.data.copy_(v)
+    x_1 = torch.stack([b["x_1"] for b in data])
+    cond = one_hot(torch.stack([b["mask"] for b in data]), 4)
+    with torch.no_grad():
+        fake = reference.model.decode(cond)
+    real_logits, _ = reference.discriminator(torch.cat([x_1, cond], 1))
+    fake_logits, _ = reference.discriminator(torch.cat([fake, cond], 1))
+    hinge_discriminator_loss(real_logits, fake_logits).backward()
+    expected = sum(p.grad.norm() ** 2 for p in reference.discriminator.parameters()) ** 0.5
+    torch.testing.assert_close(d2, expected, rtol=1e-5, atol=1e-7)
 
 
 def test_bf16_mixed_precision_trains_on_the_cpu():
@@ -413,9 +441,9 @@ def test_a_config_written_before_spectral_norm_reads_as_what_it_trained():
     from utils.methods import as_written
 
     written = config_to_dict(config_from_dict(spade_values()))
-    for key in ("spectral_norm", "discriminator"):
+    for key in ("spectral_norm", "discriminator", "alternating"):
         del written["spade_args"][key]
-    old = config_from_dict(as_written(written))
-    assert (old.spade_args.spectral_norm, old.spade_args.discriminator) == (False, "monai")
-    new = config_from_dict(written)
-    assert (new.spade_args.spectral_norm, new.spade_args.discriminator) == (True, "spade")
+    old = config_from_dict(as_written(written)).spade_args
+    assert (old.spectral_norm, old.discriminator, old.alternating) == (False, "monai", False)
+    new = config_from_dict(written).spade_args
+    assert (new.spectral_norm, new.discriminator, new.alternating) == (True, "spade", True)

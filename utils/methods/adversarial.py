@@ -86,7 +86,7 @@ class AdversarialTerms:
 @dataclass
 class Losses:
     generator: torch.Tensor
-    discriminator: torch.Tensor
+    discriminator: torch.Tensor | None  # None: not computed with this micro-batch
     logs: dict
 
 
@@ -114,20 +114,29 @@ class AdversarialMethod(SynthesisMethod):
         """What the generator's optimizer trains (``self.model``; a method may add training-only parts)."""
         return list(self.model.parameters())
 
-    def adversarial_terms(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> AdversarialTerms:
+    def adversarial_terms(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor,
+                          discriminator: bool = True) -> AdversarialTerms:
         """D's and G's hinge losses and G's feature matching for images (B, 1, H, W) under ``cond`` (B, C, H, W).
 
-        ``fake`` carries the generator's graph; D's parameters get gradients only from D's own loss.
+        ``fake`` carries the generator's graph; D's parameters get gradients only from D's own loss. Without
+        ``discriminator`` D's loss is not computed (0; one discriminator pass fewer).
         """
         real_logits, real_features = self.discriminator(torch.cat([real, cond], 1))
-        fake_logits, _ = self.discriminator(torch.cat([fake.detach(), cond], 1))
+        d_loss, logs = self.discriminator_loss(real_logits, fake.detach(), cond) if discriminator else (
+            real.new_zeros(()), {})
         with frozen(self.discriminator):
             g_logits, g_features = self.discriminator(torch.cat([fake, cond], 1))
+        return AdversarialTerms(d_loss, hinge_generator_loss(g_logits),
+                                feature_matching_loss(g_features, real_features), logs)
+
+    def discriminator_loss(self, real_logits: list[torch.Tensor], fake: torch.Tensor,
+                           cond: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """D's hinge loss for its logits of real images and the (detached) ``fake`` under ``cond``, and its
+        mean logits for the log."""
+        fake_logits, _ = self.discriminator(torch.cat([fake, cond], 1))
         d_real = torch.stack([r.float().mean() for r in real_logits]).mean().detach()
         d_fake = torch.stack([f.float().mean() for f in fake_logits]).mean().detach()
-        return AdversarialTerms(hinge_discriminator_loss(real_logits, fake_logits), hinge_generator_loss(g_logits),
-                                feature_matching_loss(g_features, real_features),
-                                {"train/d_real": d_real, "train/d_fake": d_fake})
+        return hinge_discriminator_loss(real_logits, fake_logits), {"train/d_real": d_real, "train/d_fake": d_fake}
 
     def training_step(self, batch, batch_idx):
         k = self.accumulate_grad_batches
@@ -139,7 +148,12 @@ class AdversarialMethod(SynthesisMethod):
             for opt in self.optimizers():  # the generator's, then the discriminator's
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        logs = {**out.logs, "train/g_loss": out.generator.detach(), "train/d_loss": out.discriminator.detach()}
+        return self.log_losses(out, batch)
+
+    def log_losses(self, out: Losses, batch: dict) -> torch.Tensor:
+        logs = {**out.logs, "train/g_loss": out.generator.detach()}
+        if out.discriminator is not None:
+            logs["train/d_loss"] = out.discriminator.detach()
         self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=batch["x_1"].shape[0])
         return out.generator.detach()
 

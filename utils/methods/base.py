@@ -63,6 +63,8 @@ class SynthesisMethod(pl.LightningModule):
     # Lightning's global_step counts every optimizer.step() (Lightning issue #17958): a method that steps
     # other optimizers (a discriminator) with each generator step says how many steps that makes.
     optimizer_steps_per_generator_step = 1
+    # DDP's find_unused_parameters: True for a method whose backward passes each reach only some parameters.
+    ddp_find_unused_parameters = False
 
     def __init__(self, cfg: RunConfig, **hyperparameters):
         super().__init__()

@@ -15,8 +15,13 @@ class SpadeConfig:
     pix2pixHD's discriminator feature matching, optional VGG-19 perceptual and VAE (KL) terms.
 
     train_args.lr is not used: the generator and discriminator learn at ``lr_g`` and ``lr_d`` (the paper's
-    two time-scale rule: 1e-4 and 4e-4 with Adam betas (0, 0.999); NVlabs/SPADE's code uses betas (0, 0.9)).
+    two time-scale rule: 1e-4 and 4e-4; Adam betas (0, 0.9) as NVlabs/SPADE's code, the paper says (0, 0.999)).
     train_args.gradient_clip_val clips each of the two optimizers' gradients (0 = off; SPADE clips neither).
+
+    ``alternating`` (default) steps as NVlabs/SPADE's trainer: G's step through the current D, then D's step
+    on the updated generator's images of the same batch. Off, one backward gives both their gradients from
+    the same generator pass and both step (checkpoints from before 2026-12 trained so; it can accumulate
+    micro-batches, alternating cannot).
 
     ``spectral_norm`` spectrally normalises the convolutions NVlabs/SPADE's released code normalises
     (``norm_G``/``norm_D`` "spectral..."): each residual block's conv_0, conv_1 and learned shortcut in the
@@ -36,13 +41,14 @@ class SpadeConfig:
     d_num_layers: int = 4  # layers of each (SPADE's n_layers_D 4)
     lr_g: float = 1.0e-4
     lr_d: float = 4.0e-4
-    betas: tuple[float, ...] = (0.0, 0.999)
+    betas: tuple[float, ...] = (0.0, 0.9)
     adversarial_weight: float = 1.0
     feature_matching_weight: float = 10.0  # pix2pixHD's and SPADE's lambda_feat
     perceptual_weight: float = 0.0  # SPADE's 10 needs the ImageNet VGG-19 file (perceptual_weights)
     perceptual_weights: str = ""  # local torchvision vgg19-dcbb9e9d.pth; never downloaded
     kld_weight: float = 0.05  # only with is_vae
     spectral_norm: bool = True  # as NVlabs/SPADE's code (above); checkpoints from before 2026-12 have none
+    alternating: bool = True  # G's step, then D's on the updated G's images (above)
 
     def check(self, key):
         require(len(self.channels) >= 1 and min(self.channels) >= 1, key("channels"),
@@ -83,7 +89,8 @@ class SpadeRunConfig(RunConfig):
     SECTIONS: ClassVar[tuple[str, ...]] = ("spade_args",)
     SAMPLERS: ClassVar[tuple[str, ...]] = ("generator",)  # one generator pass, whatever sampling_args.num_steps
     WRITTEN_BEFORE: ClassVar[dict[str, object]] = {"spade_args.spectral_norm": False,
-                                                   "spade_args.discriminator": "monai"}
+                                                   "spade_args.discriminator": "monai",
+                                                   "spade_args.alternating": False}
 
     def check(self, key):
         super().check(key)

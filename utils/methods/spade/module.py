@@ -125,6 +125,7 @@ class SpadeModule(AdversarialMethod):
         self.discriminator = build_discriminator(s, d.num_classes, d.image_size)
         self.keep_ema()
         self.perceptual: PerceptualLoss | None = None  # training only: see for_data
+        self._pending: list[tuple[dict, int]] = []  # alternating: this step's micro-batches, for D's turn
 
     @classmethod
     def for_data(cls, cfg: SpadeRunConfig, datamodule) -> SpadeModule:
@@ -155,25 +156,68 @@ class SpadeModule(AdversarialMethod):
         z = eps.flatten(1)[:, : s.z_dim] if s.is_vae else None
         return network.decode(one_hot(mask, self.cfg.data_args.num_classes).to(eps.device), z)
 
-    def losses(self, batch: dict, batch_idx: int) -> Losses:
+    def fake(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The generator's images for the batch's masks, the one-hot masks, and (VAE) the KL term in a dict."""
         s = self.cfg.spade_args
-        x_1, mask = batch["x_1"], batch["mask"]
-        cond = one_hot(mask, self.cfg.data_args.num_classes)
-        generator, logs, z = 0.0, {}, None
+        x_1, cond = batch["x_1"], one_hot(batch["mask"], self.cfg.data_args.num_classes)
+        z, logs = None, {}
         if s.is_vae:
             mu, logvar = self.model.encoder(x_1)
             eps = torch.randn(mu.shape, generator=self.training_generator(batch_idx, x_1.device), device=x_1.device)
             z = mu + eps * torch.exp(0.5 * logvar)
             logs["train/kld"] = kl_divergence(mu, logvar)
-            generator = s.kld_weight * logs["train/kld"]
-        fake = self.model.decode(cond, z)
-        adv = self.adversarial_terms(x_1, fake, cond)
-        generator = generator + s.adversarial_weight * adv.generator + s.feature_matching_weight * adv.feature_matching
+        return self.model.decode(cond, z), cond, logs
+
+    def losses(self, batch: dict, batch_idx: int, discriminator: bool = True) -> Losses:
+        """G's and (with ``discriminator``) D's losses on one batch, from one generator pass."""
+        s = self.cfg.spade_args
+        fake, cond, logs = self.fake(batch, batch_idx)
+        adv = self.adversarial_terms(batch["x_1"], fake, cond, discriminator)
+        generator = s.adversarial_weight * adv.generator + s.feature_matching_weight * adv.feature_matching
+        if s.is_vae:
+            generator = generator + s.kld_weight * logs["train/kld"]
         logs.update(adv.logs, **{"train/g_adv": adv.generator, "train/g_feature_matching": adv.feature_matching})
         if self.perceptual is not None:
-            logs["train/g_perceptual"] = self.perceptual(fake, x_1)
+            logs["train/g_perceptual"] = self.perceptual(fake, batch["x_1"])
             generator = generator + s.perceptual_weight * logs["train/g_perceptual"]
         return Losses(generator, adv.discriminator, {k: v.detach() for k, v in logs.items()})
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """Alternating steps backpropagate G's loss and D's loss separately: each reaches one network only."""
+        return self.cfg.spade_args.alternating
+
+    def training_step(self, batch, batch_idx):
+        if not self.cfg.spade_args.alternating:
+            return super().training_step(batch, batch_idx)
+        k = self.accumulate_grad_batches
+        step = (batch_idx + 1) % k == 0 or self.trainer.is_last_batch
+        with self._gradient_sync(step):
+            out = self.losses(batch, batch_idx, discriminator=False)  # G through the current D
+            self.manual_backward(out.generator / k)
+        out.discriminator = None  # D's loss comes with its step
+        self._pending.append((batch, batch_idx))
+        if step:
+            self.alternating_updates(out)
+        return self.log_losses(out, batch)
+
+    def alternating_updates(self, out: Losses) -> None:
+        """G's step, then D's on the updated generator's images of the same micro-batches (NVlabs/SPADE's
+        trainer); ``out`` gets D's loss of the last micro-batch and its logs."""
+        opt_g, opt_d = self.optimizers()
+        opt_g.step()
+        opt_g.zero_grad(set_to_none=True)
+        pending, self._pending = self._pending, []
+        for i, (batch, batch_idx) in enumerate(pending):
+            with self._gradient_sync(i == len(pending) - 1):
+                with torch.no_grad():
+                    fake, cond, _ = self.fake(batch, batch_idx)
+                real_logits, _ = self.discriminator(torch.cat([batch["x_1"], cond], 1))
+                out.discriminator, logs = self.discriminator_loss(real_logits, fake, cond)
+                self.manual_backward(out.discriminator / self.accumulate_grad_batches)
+        opt_d.step()
+        opt_d.zero_grad(set_to_none=True)
+        out.logs.update({k: v.detach() for k, v in logs.items()})
 
     def validation_loss(self, batch: dict) -> torch.Tensor:
         """L1 between the image generated for each validation mask and its paired real image.

@@ -305,3 +305,40 @@ def test_the_samplers_settings_may_change_at_inference_and_nothing_else_of_the_m
         inference_config(trained, ["ddpm_args.prediction_type=v_prediction"], "ckpt")
     with pytest.raises(ConfigError, match=r"--set ddpm_args.eta cannot change at inference"):
         inference_config(config_to_dict(load_config("configs/tiny.yaml")), ["ddpm_args.eta=0.5"], "ckpt")
+
+
+@pytest.mark.slow
+def test_ten_ddim_steps_from_pure_noise_approach_a_restart_from_half_way(tmp_path, tiny_data):
+    """The shipped diffusion configs' target, trained 400 steps on the tiny set: 10 DDIM steps from pure noise
+    land nearly as close to the real images as a restart from each real image noised to t = 555 ~ T/2, so the
+    first steps (t >= 888) are not lost. With prediction_type epsilon, 100 epochs gave PSNR 7.7 from noise
+    against 17.2 from the restart (a grey frame: 17.3); v_prediction 18.0 against 18.4."""
+    from utils.data.datamodule import EchoDataModule
+
+    shipped = yaml.safe_load(open("configs/ddpm_quickstart.yaml"))["ddpm_args"]["prediction_type"]
+    args = ["--config_path", str(write_config(tmp_path, tiny_ddpm_values(prediction_type=shipped)))]
+    for s in tiny_overrides(tmp_path, **{"data_args.path": tiny_data, "train_args.max_epochs": 100,
+                                         "train_args.sample_every_n_epochs": 1000, "run_name": "restart"}):
+        args += ["--set", s]
+    assert trainer.main(args) == 0
+    module = load_module(tmp_path / "runs" / "restart" / "last.ckpt")
+    train = EchoDataModule(load_config("configs/tiny.yaml", [f"data_args.path={tiny_data}"]).data_args, 4, 0).train_set
+    x_1, mask = train.x_1[:16], train.mask[:16]
+    scheduler, timesteps = sampling_scheduler(module.cfg.ddpm_args, "ddim", 10)
+
+    @torch.no_grad()
+    def ddim_from(k0: int, x_t: torch.Tensor) -> torch.Tensor:
+        for k, (own, trained) in enumerate(zip(scheduler.timesteps.tolist(), timesteps.tolist())):
+            if k >= k0:
+                output = module.sampling_network().at_timesteps(x_t, torch.full((len(x_t),), trained), mask)
+                x_t = step(scheduler, output, own, x_t, 0.0, lambda: None)
+        return x_t
+
+    def psnr(x: torch.Tensor) -> float:  # images in [-1, 1]: peak-to-peak 2
+        return float((10 * torch.log10(4 / ((x.clamp(-1, 1) - x_1) ** 2).mean((1, 2, 3)))).mean())
+
+    eps = torch.randn(x_1.shape, generator=torch.Generator().manual_seed(0))
+    k_half = int((timesteps - 500).abs().argmin())
+    restart = ddim_from(k_half, module.schedule.add_noise(x_1, eps, torch.full((16,), int(timesteps[k_half]))))
+    from_noise = ddim_from(0, eps)
+    assert psnr(from_noise) > psnr(restart) - 2.0, (psnr(from_noise), psnr(restart))

@@ -3,6 +3,9 @@ segmenter, the adversarial term under manual optimisation, reference-guided samp
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -425,6 +428,53 @@ def test_stage_0_runs_for_a_new_run_only(monkeypatch, tmp_path):
     no_dt = config_from_dict({**values(lambdas=[0, 0, 0, 0]), "run_name": "no_dt", "output_dir": str(tmp_path)})
     MedDTFMModule.for_data(no_dt, Data())  # nothing reads the segmenter's features
     assert len(ran) == 1
+
+
+# Runs trainer.main as Lightning's launcher re-runs it in each process, recording which ranks trained stage 0 and
+# each rank's segmenter and feature statistics at the end of training.
+STAGE0_DRIVER = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import trainer
+from utils.distributed import launch_rank
+from utils.methods.med_dt_fm import module
+
+out, original_train, original_end = {out!r}, module.train_ukan, module.MedDTFMModule.on_train_end
+
+
+def train_ukan(*args, **kwargs):
+    open(f"{{out}}/stage0_rank{{launch_rank()}}", "w").close()
+    return original_train(*args, **kwargs)
+
+
+def on_train_end(self):
+    original_end(self)
+    state = {{k: v for k, v in self.state_dict().items() if k.startswith(("encoder.", "feature_", "segmenter_"))}}
+    torch.save(state, f"{{out}}/state_rank{{self.global_rank}}.pt")
+
+
+module.train_ukan, module.MedDTFMModule.on_train_end = train_ukan, on_train_end
+sys.exit(trainer.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_stage_0_once_and_end_with_rank_0s_segmenter(tmp_path, tiny_data):
+    driver = tmp_path / "driver.py"
+    driver.write_text(STAGE0_DRIVER.format(root=str(ROOT), out=str(tmp_path)))
+    sets = {"data_args.path": tiny_data, "output_dir": tmp_path / "runs", "train_args.devices": 2,
+            "train_args.accelerator": "cpu", "train_args.max_epochs": 1, "train_args.effective_batch_size": 8}
+    cmd = [sys.executable, str(driver), "--config_path", str(ROOT / "configs" / "meddtfm_tiny.yaml")]
+    cmd += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("stage0_rank*")) == ["stage0_rank0"]
+    rank_0, rank_1 = (torch.load(tmp_path / f"state_rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank_0.keys() == rank_1.keys() and any(k.startswith("feature_mean") for k in rank_0)
+    for key in rank_0:
+        torch.testing.assert_close(rank_0[key], rank_1[key], rtol=0, atol=0, equal_nan=True, msg=key)
+    assert float(rank_1["segmenter_val_dice"]) == float(rank_1["segmenter_val_dice"])  # measured (not NaN)
 
 
 # --- reference-guided sampling ------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ decoder distilled towards a frozen segmentation encoder, plus a small adversaria
 Stage 0 (:meth:`MedDTFMModule.for_data`): a U-KAN segmenter is trained on the training split only, scored on the
 validation split (below ``ukan_args.min_val_dice`` the run stops), frozen, and its encoder's per-channel
 feature statistics over the training split are measured; weights and statistics live in this module's state
-dict, so the checkpoint alone rebuilds everything.
+dict, so the checkpoint alone rebuilds everything. With several processes only rank 0 trains it: DDP
+broadcasts rank 0's parameters and buffers, the segmenter's included, when it wraps the module.
 
 Stage 1 (:meth:`MedDTFMModule.losses`), per batch, with x_0 ~ N(0, I), t ~ U[0, 1), x_t = t x_1 + (1 - t) x_0:
 
@@ -37,6 +38,7 @@ from flow_matching.path.scheduler import CondOTScheduler
 from pytorch_lightning.strategies import ParallelStrategy
 
 from losses.distillation import distillation_loss, standardise
+from utils.distributed import launch_rank
 from utils.images import to_unit
 from utils.methods.adversarial import AdversarialMethod, Losses, PatchDiscriminator, one_hot
 from utils.methods.base import MethodSetupError
@@ -117,6 +119,10 @@ class MedDTFMModule(AdversarialMethod):
         if (module.cfg.run_dir / "last.ckpt").is_file():
             log.info("stage 0 skipped: the run resumes from %s, which holds the segmenter and its feature "
                      "statistics", module.cfg.run_dir / "last.ckpt")
+            return module
+        if launch_rank() != 0:
+            log.info("stage 0 runs on rank 0 only: this rank's segmenter and feature statistics come from rank 0 "
+                     "when DDP broadcasts the module's state at the start of training")
             return module
         module.pretrain_segmenter(datamodule.train_set, datamodule.val_set)
         return module

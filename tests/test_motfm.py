@@ -2,6 +2,7 @@
 imported model makes through inferer.py the images MOTFM's own forward pass and Euler loop make."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from utils.motfm.__main__ import main as motfm_main
 from utils.seeding import noise_for_indices
 
 LABELS, CLASSES, STEPS = 4, 4, 4
+FIXTURES = Path(__file__).parent / "fixtures" / "motfm"  # MOTFM's released YAMLs (MIT), see its README
 GROUPS = 2  # not the tiny config's 8: one channel per group would normalise the time embedding away
 
 
@@ -134,3 +136,36 @@ def test_a_normalisation_other_than_a_global_min_max_is_refused(motfm_run, tiny_
     with pytest.raises(SystemExit, match="data_args.image_norm 'zscore' cannot be imported"):
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "z.yaml"),
                     "--output", str(tmp_path / "out"), "--image_size", "32"])
+
+
+@pytest.mark.parametrize("name, mode", [("mask_class_conditioning", "mask+class"), ("class_conditioning", "class"),
+                                        ("mask_conditioning", "mask"), ("unconditional", "unconditional")])
+def test_motfms_released_yamls_translate_as_they_are(name, mode, tmp_path):
+    """MOTFM's own configs (tests/fixtures/motfm, unmodified) train at batch size 1, which the import once
+    copied into the contrastive keys (refused: >= 2)."""
+    from utils.motfm.convert import translate_config
+
+    motfm = yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())
+    values = translate_config(motfm, tmp_path / name, LABELS, 256, name)
+    assert values["conditioning_args"]["mode"] == mode and values["train_args"]["batch_size"] == 1
+    assert values["contrastive_args"]["weight"] == 0 and values["prior_args"]["alpha"] == 0
+    assert (values["sampling_args"]["num_steps"], values["sampling_args"]["sampler"]) == (10, "euler")
+
+
+@pytest.mark.parametrize("solver, expected", [({}, (10, "midpoint")), ({"time_points": 5}, (5, "midpoint")),
+                                              ({"step_size": 0.25, "time_points": 10, "method": "rk4"}, (4, "rk4"))])
+def test_the_solver_defaults_are_motfms_inferers(solver, expected):
+    """MOTFM's inferer.py: method midpoint unless given, step_size 1 / time_points unless given, time_points 10."""
+    from utils.motfm.convert import motfm_solver
+
+    assert motfm_solver(solver) == expected
+
+
+def test_a_label_count_other_than_the_datas_is_refused(motfm_run, tiny_data, tmp_path):
+    """--num_labels 5 on 4-label masks would scale the ControlNet's input by 1/4 where MOTFM used 1/3."""
+    tmp, _ = motfm_run
+    with pytest.raises(SystemExit, match=r"labels 0\.\.3, .*--num_labels is 5 \(give --num_labels 4\)"):
+        motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
+                    "--output", str(tmp_path / "out"), "--image_size", "32", "--num_labels", "5",
+                    "--image_range", "0", "1"])
+    assert not (tmp_path / "out").exists()

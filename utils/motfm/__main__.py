@@ -42,26 +42,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def data_facts(config: dict, image_range, class_names) -> tuple[tuple[float, float], list[str] | None]:
-    """The image range and class names, from the flags, MOTFM's YAML or its training split."""
+def data_facts(config: dict, image_range, class_names,
+               num_labels: int) -> tuple[tuple[float, float], list[str] | None]:
+    """The image range and class names, from the flags, MOTFM's YAML or its training split, whose masks must have
+    ``num_labels`` labels when the data is here."""
     data = config.get("data_args") or {}
     class_names = class_names or ([str(c) for c in data["class_values"]] if data.get("class_values") else None)
-    if image_range is not None and (class_names or not config.get("model_args", {}).get("with_conditioning")):
-        return tuple(image_range), class_names
-    import numpy as np
-
-    from utils.data.datamodule import class_names as data_class_names
-    from utils.data.dataset_io import load_dataset, normalise_image
     from utils.motfm.convert import MotfmError
 
     path, split = Path(str(data.get("pickle_path", ""))), data.get("split_train", "train")
     if not path.exists():
+        if image_range is not None and (class_names or not config.get("model_args", {}).get("with_conditioning")):
+            log.warning("%s: MOTFM's data_args.pickle_path is not here, so --num_labels %d is not checked against "
+                        "its masks", path, num_labels)
+            return tuple(image_range), class_names
         raise MotfmError(f"{path}: MOTFM's data_args.pickle_path is not here; give --image_range LO HI (and "
                          "--class_names for a class-conditional model)")
-    dataset = load_dataset(path)
-    records = dataset.get(split) or []
+    import numpy as np
+
+    from utils.data.datamodule import class_names as data_class_names
+    from utils.data.dataset_io import load_dataset, normalise_image
+
+    records = load_dataset(path).get(split) or []
     if not records:
         raise MotfmError(f"{path}: has no '{split}' split (MOTFM's data_args.split_train)")
+    highest = max(int(np.max(r["mask"])) for r in records)
+    if highest + 1 != num_labels:
+        raise MotfmError(f"{path}: the masks of split '{split}' have labels 0..{highest}, which MOTFM scaled by "
+                         f"1/{highest} for its ControlNet; --num_labels is {num_labels} (give --num_labels "
+                         f"{highest + 1})")
     if image_range is None:
         values = [normalise_image(r["image"]) for r in records]
         image_range = (float(min(v.min() for v in values)), float(max(v.max() for v in values)))
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {out / CHECKPOINT} exists; pass --overwrite")
     try:
         motfm = read_yaml_mapping(args.config)
-        image_range, class_names = data_facts(motfm, args.image_range, args.class_names)
+        image_range, class_names = data_facts(motfm, args.image_range, args.class_names, args.num_labels)
         if not 0.0 <= image_range[0] < image_range[1] <= 1.0:
             raise MotfmError(f"--image_range must satisfy 0 <= LO < HI <= 1, got {list(image_range)}")
         ckpt, values = import_run(args.checkpoint, motfm, out, args.num_labels, args.image_size, image_range,

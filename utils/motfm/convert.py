@@ -42,6 +42,13 @@ def motfm_mode(model_args: dict) -> str:
                                                                                          "unconditional")
 
 
+def motfm_solver(solver: dict) -> tuple[int, str]:
+    """Steps and sampler MOTFM's inferer.py takes from ``solver_args``: ``method`` (default midpoint) with
+    ``step_size`` (default 1 / ``time_points``, whose default is 10)."""
+    step_size = solver.get("step_size") or 1.0 / float(solver.get("time_points") or 10)
+    return max(round(1.0 / float(step_size)), 1), str(solver.get("method", "midpoint"))
+
+
 def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: int, source: str) -> dict:
     """Our config dict for MOTFM's YAML ``motfm`` (validated); ``run_dir`` becomes output_dir/run_name."""
     model = dict(motfm.get("model_args") or {})
@@ -62,8 +69,7 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
         if data.get(key, supported[0]) not in supported:
             raise MotfmError(f"{source}: data_args.{key} {data[key]!r} cannot be imported (only "
                              f"{', '.join(map(str, supported))}: a min-max of the whole training split)")
-    step_size = solver.get("step_size")
-    num_steps = round(1.0 / step_size) if step_size else int(solver.get("time_points", 10)) - 1
+    num_steps, sampler = motfm_solver(solver)
     batch = int(train.get("batch_size", 1))
     values = {
         "run_name": run_dir.name, "output_dir": str(run_dir.parent), "method": "flow_matching",
@@ -71,14 +77,14 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
         "model_args": {ours: model[theirs] for theirs, ours in _MODEL_KEYS.items() if theirs in model},
         "conditioning_args": {"mode": mode},
         "prior_args": {"alpha": 0.0},
-        "contrastive_args": {"weight": 0.0, "num_keys": batch},
+        "contrastive_args": {"weight": 0.0},  # off: its keys are the recipe's, not MOTFM's batch (often 1)
         "train_args": {"batch_size": batch, "effective_batch_size": batch, "precision": "32-true",
                        "max_epochs": int(train.get("num_epochs", 200)), "lr": float(train.get("lr", 1e-4)),
                        "seed": int(train.get("seed", 42)),
                        "sample_every_n_epochs": int(train.get("val_freq", 10)),
                        "checkpoint_every_n_epochs": int(train.get("val_freq", 10)),
                        "num_sample_images": int(train.get("num_val_samples", 8))},
-        "sampling_args": {"num_steps": max(num_steps, 1), "sampler": solver.get("method", "euler")},
+        "sampling_args": {"num_steps": num_steps, "sampler": sampler},
     }
     return config_to_dict(config_from_dict(values, source))
 

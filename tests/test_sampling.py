@@ -1,7 +1,8 @@
+import pytest
 import torch
 
 from utils.methods.networks import VelocityAdapter
-from utils.methods.ode_sampler import sample, time_grid
+from utils.methods.ode_sampler import motfm_time_grid, sample, time_grid
 
 
 class Field(torch.nn.Module):
@@ -50,3 +51,19 @@ def test_nfe_per_method():
 def test_time_grid_has_n_steps():
     assert time_grid(1).tolist() == [0.0, 1.0]
     assert len(time_grid(10)) == 11
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 4, 10, 27, 37, 50])
+def test_motfms_grid_is_torchdiffeqs_fixed_step_grid(num_steps):
+    """MOTFM passes step_size 1 / N to torchdiffeq (through flow_matching's ODESolver): its grid, built by
+    torchdiffeq itself, is the one motfm_time_grid gives."""
+    from torchdiffeq._impl.solvers import FixedGridODESolver
+
+    expected = FixedGridODESolver._grid_constructor_from_step_size(1.0 / num_steps)(None, None, torch.tensor([0., 1.]))
+    assert torch.equal(motfm_time_grid(num_steps), expected)
+
+
+def test_motfms_grid_floors_to_other_integer_times_than_ours_at_some_step_counts():
+    floored = lambda grid: (grid * 999).floor()  # noqa: E731  MOTFM's network time
+    assert torch.equal(floored(motfm_time_grid(10)), floored(time_grid(10)))
+    assert not torch.equal(floored(motfm_time_grid(3)), floored(time_grid(3)))

@@ -23,10 +23,21 @@ def time_grid(num_steps: int, device=None, t0: float = 0.0) -> torch.Tensor:
     return torch.linspace(t0, 1.0, reference_steps(num_steps, t0) + 1, device=device)
 
 
+def motfm_time_grid(num_steps: int, device=None) -> torch.Tensor:
+    """MOTFM's grid: its solver passes ``step_size`` 1 / N to torchdiffeq, whose fixed-step grid is k * step_size
+    in float32 for k < ceil(1 / step_size + 1), the last point set to 1. Under MOTFM's floor(t * 999) it can
+    differ from :func:`time_grid` by one integer time (N = 3, 6, 12, 15, 24, 27, ... of 1 to 59)."""
+    ends, step = torch.tensor([0.0, 1.0], device=device), 1.0 / num_steps
+    points = int(torch.ceil((ends[1] - ends[0]) / step + 1).item())
+    grid = torch.arange(0, points, dtype=ends.dtype, device=device) * step + ends[0]
+    grid[-1] = ends[1]
+    return grid
+
+
 @torch.no_grad()
 def sample(
     adapter: VelocityAdapter, x_0: torch.Tensor, mask: torch.Tensor, num_steps: int, method: str = "euler",
-    t0: float = 0.0, classes: torch.Tensor | None = None,
+    t0: float = 0.0, classes: torch.Tensor | None = None, motfm_grid: bool = False,
 ) -> torch.Tensor:
     """Solve the ODE from ``x_0`` (B, 1, H, W) or (B, 1, D, H, W) at time ``t0`` with the fixed-grid ``method``;
     returns x_1 like it.
@@ -34,9 +45,10 @@ def sample(
     ``num_steps`` steps from t0 = 0 (the prior); from a later t0 (a state on the path, e.g. towards a reference
     image) the steps of the same size that remain, :func:`reference_steps`; at t0 = 1 ``x_0`` itself.
     ``classes`` (B,) go to a class-conditional network. ``adapter.nfe`` counts the network evaluations made
-    (the steps for Euler, twice that for midpoint, twice again with guidance).
+    (the steps for Euler, twice that for midpoint, twice again with guidance). ``motfm_grid`` (from t0 = 0
+    only) steps on :func:`motfm_time_grid`.
     """
-    grid = time_grid(num_steps, x_0.device, t0)
+    grid = motfm_time_grid(num_steps, x_0.device) if motfm_grid and t0 == 0 else time_grid(num_steps, x_0.device, t0)
     if len(grid) == 1:
         return x_0
     solver = ODESolver(velocity_model=adapter)

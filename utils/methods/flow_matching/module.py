@@ -61,8 +61,8 @@ class FlowMatchingModule(SynthesisMethod):
     """``label_values`` (num_classes,) is enc(label) for the prior; ``class_names`` the data's image classes in
     index order (class-conditional modes only); ``motfm``, only in a checkpoint imported from MOTFM
     (:mod:`utils.motfm`), ``{"time_floor": bool, "image_range": [lo, hi]}``: the network floors t * 999 as MOTFM
-    did, and its outputs are MOTFM's min-max units, image = lo + x (hi - lo) in [0, 1]. All are saved in the
-    checkpoint with the config."""
+    did, on MOTFM's time grid (:func:`utils.methods.ode_sampler.motfm_time_grid`), and its outputs are MOTFM's
+    min-max units, image = lo + x (hi - lo) in [0, 1]. All are saved in the checkpoint with the config."""
 
     def __init__(self, cfg: FlowMatchingRunConfig, label_values: list[float], class_names: list[str] | None = None,
                  motfm: dict | None = None):
@@ -204,8 +204,10 @@ class FlowMatchingModule(SynthesisMethod):
                  classes: torch.Tensor | None = None) -> torch.Tensor:
         conditions = self.conditions(mask, classes)
         x_0 = self.prior(mask, noise.initial())
-        x_1 = sample(self.sampling_adapter(), x_0, mask, num_steps, sampler, classes=conditions.get("classes"))
-        if self.hparams.get("motfm"):  # MOTFM's min-max units mapped back to the dataset's [0, 1]
+        motfm = self.hparams.get("motfm")  # MOTFM's floored time: on MOTFM's own grid
+        x_1 = sample(self.sampling_adapter(), x_0, mask, num_steps, sampler, classes=conditions.get("classes"),
+                     motfm_grid=bool(motfm and motfm["time_floor"]))
+        if motfm:  # MOTFM's min-max units mapped back to the dataset's [0, 1]
             lo, hi = self.hparams["motfm"]["image_range"]
             return (lo + x_1.float() * (hi - lo)).clamp(0.0, 1.0)
         return to_unit(x_1)

@@ -87,7 +87,9 @@ def test_flash_attention_keeps_the_seed_network_and_its_parameter_names():
     assert seed.use_flash_attention  # the default
     with torch.device("meta"):  # shapes only: builds the 94.5 M network instantly
         on, off = build_model(seed, 4), build_model(dataclasses.replace(seed, use_flash_attention=False), 4)
-    assert count_parameters(on) == count_parameters(off) == 94_494_881
+    assert count_parameters(on) == count_parameters(off) == 91_554_849
+    with torch.device("meta"):  # the 23 self-attention output projections monai-generative never applies
+        assert count_parameters(build_model(dataclasses.replace(seed, attention_out_proj=True), 4)) == 94_494_881
     assert {k: v.shape for k, v in on.state_dict().items()} == {k: v.shape for k, v in off.state_dict().items()}
     assert len(repeated_blocks(on)) == 17  # 5 down + mid + 5 up (UNet), 5 down + mid (ControlNet)
 

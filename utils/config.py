@@ -86,6 +86,11 @@ class ModelConfig:
     # Attention through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels) instead of
     # MONAI's einsum softmax (MOTFM's). Same parameters and state dict; outputs agree to float rounding.
     use_flash_attention: bool = True
+    # The output projection of the self-attention blocks (MONAI's include_fc). monai-generative 0.2.3, which the
+    # seed's and MOTFM's code run on, defines it (proj_attn) but never applies it: false is that network. Class
+    # conditioning puts transformer blocks where the self-attention blocks were, and there MONAI's include_fc
+    # false would also drop a projection monai-generative applies, so false needs no class conditioning.
+    attention_out_proj: bool = True
     # 2: images [B, 1, H, W]; 3: volumes [B, 1, D, H, W] (data_args.image_size N means N^3). Only method
     # flow_matching (COMET, MOTFM) builds a 3-D network.
     spatial_dims: int = 2

@@ -49,6 +49,7 @@ class ConditionalVelocityField(nn.Module):
             num_head_channels=cfg.num_head_channels,
             transformer_num_layers=cfg.transformer_num_layers,
             use_flash_attention=cfg.use_flash_attention,
+            include_fc=cfg.attention_out_proj,
             with_conditioning=self.num_image_classes > 0,
             cross_attention_dim=self.num_image_classes or None,
         )

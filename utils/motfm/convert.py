@@ -74,7 +74,8 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
     values = {
         "run_name": run_dir.name, "output_dir": str(run_dir.parent), "method": "flow_matching",
         "data_args": {"path": str(data["pickle_path"]), "num_classes": num_labels, "image_size": image_size},
-        "model_args": {ours: model[theirs] for theirs, ours in _MODEL_KEYS.items() if theirs in model},
+        "model_args": {**{ours: model[theirs] for theirs, ours in _MODEL_KEYS.items() if theirs in model},
+                       "attention_out_proj": "class" in mode},  # self-attention as monai-generative: no proj_attn
         "conditioning_args": {"mode": mode},
         "prior_args": {"alpha": 0.0},
         "contrastive_args": {"weight": 0.0},  # off: its keys are the recipe's, not MOTFM's batch (often 1)
@@ -103,17 +104,34 @@ def split_state_dict(ckpt, source: str) -> tuple[dict, dict]:
     return parts["unet"], parts["controlnet"]
 
 
+def old_name(key: str, old: dict) -> str | None:
+    """monai-generative 0.2.3's name of MONAI core's ``key``, among the names in ``old``: a self-attention block's
+    ``attn.to_q``/``attn.out_proj`` were ``to_q``/``proj_attn``, a transformer's ``out_proj`` was ``to_out.0``,
+    an upsampler's ``postconv`` was ``conv``."""
+    candidates = (key, key.replace("postconv", "conv"), key.replace(".attn.to_", ".to_"),
+                  key.replace(".attn.out_proj.", ".proj_attn."), key.replace(".out_proj.", ".to_out.0."))
+    return next((c for c in candidates if c in old), None)
+
+
 def load_old(network: torch.nn.Module, old: dict, what: str, source: str) -> None:
-    """MONAI's ``load_old_state_dict``, made strict: every old tensor must land in the network."""
-    count = len(old)
-    if count != len(network.state_dict()):
-        raise MotfmError(f"{source}: the {what} has {count} tensors, the network of the translated config "
-                         f"{len(network.state_dict())}: the YAML does not describe this checkpoint")
-    try:
-        network.load_old_state_dict(dict(old))
-    except (KeyError, RuntimeError) as e:
-        raise MotfmError(f"{source}: the {what}'s weights do not map onto the translated network "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    """Load monai-generative 0.2.3 weights ``old`` into ``network``: every tensor of the network from its old
+    name, and every old tensor used, except the self-attention blocks' ``proj_attn``, which monai-generative never
+    applies, when the network has no such projection (``model_args.attention_out_proj: false``)."""
+    state, unused = {}, dict(old)
+    for key, value in network.state_dict().items():
+        name = old_name(key, unused)
+        if name is None:
+            raise MotfmError(f"{source}: the {what}'s weights do not map onto the translated network (no old "
+                             f"tensor for {key}): the YAML does not describe this checkpoint")
+        state[key] = unused.pop(name)
+        if state[key].shape != value.shape:
+            raise MotfmError(f"{source}: the {what}'s {name} has shape {list(state[key].shape)}, the translated "
+                             f"network's {key} {list(value.shape)}: the YAML does not describe this checkpoint")
+    left = [k for k in unused if ".proj_attn." not in k]
+    if left:
+        raise MotfmError(f"{source}: the {what}'s {left[0]} (and {len(left) - 1} more) has no place in the "
+                         "translated network: the YAML does not describe this checkpoint")
+    network.load_state_dict(state)
 
 
 def import_run(checkpoint: str | Path, config: dict, run_dir: Path, num_labels: int, image_size: int,

@@ -79,6 +79,9 @@ class FlowMatchingRunConfig(RunConfig):
 
     def check_conditioning(self) -> None:
         c, w = self.conditioning_args, self.sampling_args.guidance_scale
+        require(self.model_args.attention_out_proj or not c.uses_class, "model_args.attention_out_proj",
+                f"must be true for conditioning_args.mode {c.mode}: the class's cross-attention blocks keep the "
+                "output projection of their self-attention, which false would remove")
         require(c.uses_mask or self.prior_args.alpha == 0, "prior_args.alpha",
                 f"must be 0 for conditioning_args.mode {c.mode}: the warm-start prior is drawn from the mask, "
                 f"which this mode does not have (got {self.prior_args.alpha})")

@@ -189,3 +189,31 @@ def test_self_attention_models_import_as_monai_generative_computes_them(setting,
     with torch.no_grad():
         got = module.model(expected["x"], expected["t"], expected["masks"])
     torch.testing.assert_close(got, expected["velocity"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_shuffled_class_values_order_conditions_on_motfms_class(motfm_run, tiny_data, tmp_path):
+    """MOTFM's one-hot of a class c is at class_values.index(c); the imported model, given the records' classes,
+    makes the images MOTFM makes with that order."""
+    tmp, net = motfm_run
+    order = [2, 0, 3, 1]
+    config = motfm_yaml(tiny_data)
+    config["data_args"]["class_values"] = order
+    (tmp_path / "shuffled.yaml").write_text(yaml.safe_dump(config))
+    assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "shuffled.yaml"),
+                       "--output", str(tmp_path / "imported"), "--image_size", "32"]) == 0
+    assert inferer.main(["--checkpoint", str(tmp_path / "imported" / "imported.ckpt"), "--num_samples", "4",
+                         "--output_dir", str(tmp_path / "samples")]) == 0
+    got = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
+    data = load_dataset(tiny_data)
+    train = [normalise_image(r["image"]) for r in data["train"]]
+    lo, hi = float(min(x.min() for x in train)), float(max(x.max() for x in train))
+    test = data["test"][:4]
+    masks = torch.from_numpy(np.stack([r["mask"] for r in test]))
+    motfm_classes = torch.tensor([order.index(r["class"]) for r in test])
+    assert len({r["class"] for r in test}) > 1  # the order matters for these records
+    torch.testing.assert_close(got, motfm_images(net, masks, motfm_classes, lo, hi), atol=1e-5, rtol=1e-5)
+    config["data_args"]["class_values"] = [0, 1, 2, 5]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit, match=r"class_values \[0, 1, 2, 5\] must be the classes 0..3"):
+        motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "bad.yaml"),
+                    "--output", str(tmp_path / "bad"), "--image_size", "32"])

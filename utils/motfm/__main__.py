@@ -8,8 +8,8 @@ Writes ``OUTPUT/imported.ckpt`` (read it with ``--checkpoint``: ``trainer.py`` n
 ``OUTPUT/config.yaml`` (the translated config, which also trains a new model). The imported network samples as
 MOTFM trained it: time floored to floor(t * 999) (``--continuous_time`` to drop that) and images min-max
 normalised by the training split's extremes, read from the data (``data_args.pickle_path``) or given as
-``--image_range LO HI`` in [0, 1] (uint8 / 255). Class names: ``--class_names``, else MOTFM's
-``data_args.class_values``, else the data's, else 0..K-1.
+``--image_range LO HI`` in [0, 1] (uint8 / 255). Class names, in class order 0..K-1: ``--class_names``, else
+the data's, else 0..K-1 (MOTFM's ``data_args.class_values`` orders its one-hot input; the import reorders it).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def data_facts(config: dict, image_range, class_names,
     """The image range and class names, from the flags, MOTFM's YAML or its training split, whose masks must have
     ``num_labels`` labels when the data is here."""
     data = config.get("data_args") or {}
-    class_names = class_names or ([str(c) for c in data["class_values"]] if data.get("class_values") else None)
     from utils.motfm.convert import MotfmError
 
     path, split = Path(str(data.get("pickle_path", ""))), data.get("split_train", "train")

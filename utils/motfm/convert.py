@@ -134,6 +134,20 @@ def load_old(network: torch.nn.Module, old: dict, what: str, source: str) -> Non
     network.load_state_dict(state)
 
 
+def in_class_order(old: dict, class_values, k: int, source: str) -> dict:
+    """``old`` with the class context's columns in class order. MOTFM feeds one-hot(class_values.index(c)) for a
+    record of class c; here class c is one-hot(c), so the cross-attention's key and value weights, the only
+    layers the context enters, take MOTFM's column class_values.index(c) as column c."""
+    if not class_values:
+        return old
+    if sorted(class_values) != list(range(k)):
+        raise MotfmError(f"{source}: data_args.class_values {list(class_values)} must be the classes 0..{k - 1} "
+                         f"(in any order; model_args.cross_attention_dim is {k})")
+    columns = [list(class_values).index(c) for c in range(k)]
+    return {name: w[:, columns] if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) else w
+            for name, w in old.items()}
+
+
 def import_run(checkpoint: str | Path, config: dict, run_dir: Path, num_labels: int, image_size: int,
                image_range: tuple[float, float], class_names: list[str] | None, time_floor: bool,
                config_source: str) -> tuple[dict, dict]:
@@ -158,6 +172,9 @@ def import_run(checkpoint: str | Path, config: dict, run_dir: Path, num_labels: 
     motfm = {"time_floor": time_floor, "image_range": [float(image_range[0]), float(image_range[1])]}
     module = method_class("flow_matching")(config_from_dict(values, config_source), labels,
                                            class_names if uses_class else None, motfm)
+    if uses_class:
+        unet, controlnet = (in_class_order(part, config["data_args"].get("class_values"), k, config_source)
+                            for part in (unet, controlnet))
     load_old(module.model.unet, unet, "UNet", str(checkpoint))
     if module.model.controlnet is None:
         if controlnet:

@@ -84,6 +84,15 @@ def motfm_images(net, masks, classes, lo, hi):
     return (lo + x * (hi - lo)).clamp(0, 1)
 
 
+def split_records(data_path, n: int):
+    """The first ``n`` test masks and classes of the data, and the training split's extremes (MOTFM's range)."""
+    data = load_dataset(data_path)
+    train = [normalise_image(r["image"]) for r in data["train"]]
+    test = data["test"][:n]
+    return (torch.from_numpy(np.stack([r["mask"] for r in test])), [r["class"] for r in test],
+            float(min(x.min() for x in train)), float(max(x.max() for x in train)))
+
+
 def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data, tmp_path):
     tmp, net = motfm_run
     out = tmp_path / "imported"
@@ -98,13 +107,8 @@ def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data
     assert inferer.main(["--checkpoint", str(out / "imported.ckpt"), "--num_samples", "3",
                          "--output_dir", str(tmp_path / "samples")]) == 0
     got = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
-    data = load_dataset(tiny_data)
-    train = [normalise_image(r["image"]) for r in data["train"]]
-    lo, hi = float(min(x.min() for x in train)), float(max(x.max() for x in train))
-    test = data["test"][:3]
-    masks = torch.from_numpy(np.stack([r["mask"] for r in test]))
-    classes = torch.tensor([r["class"] for r in test])
-    torch.testing.assert_close(got, motfm_images(net, masks, classes, lo, hi), atol=1e-5, rtol=1e-5)
+    masks, classes, lo, hi = split_records(tiny_data, 3)
+    torch.testing.assert_close(got, motfm_images(net, masks, torch.tensor(classes), lo, hi), atol=1e-5, rtol=1e-5)
     assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
                        "--output", str(tmp_path / "continuous"), "--image_size", "32", "--continuous_time"]) == 0
     assert inferer.main(["--checkpoint", str(tmp_path / "continuous" / "imported.ckpt"), "--num_samples", "3",
@@ -204,13 +208,9 @@ def test_a_shuffled_class_values_order_conditions_on_motfms_class(motfm_run, tin
     assert inferer.main(["--checkpoint", str(tmp_path / "imported" / "imported.ckpt"), "--num_samples", "4",
                          "--output_dir", str(tmp_path / "samples")]) == 0
     got = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
-    data = load_dataset(tiny_data)
-    train = [normalise_image(r["image"]) for r in data["train"]]
-    lo, hi = float(min(x.min() for x in train)), float(max(x.max() for x in train))
-    test = data["test"][:4]
-    masks = torch.from_numpy(np.stack([r["mask"] for r in test]))
-    motfm_classes = torch.tensor([order.index(r["class"]) for r in test])
-    assert len({r["class"] for r in test}) > 1  # the order matters for these records
+    masks, classes, lo, hi = split_records(tiny_data, 4)
+    assert len(set(classes)) > 1  # the order matters for these records
+    motfm_classes = torch.tensor([order.index(c) for c in classes])
     torch.testing.assert_close(got, motfm_images(net, masks, motfm_classes, lo, hi), atol=1e-5, rtol=1e-5)
     config["data_args"]["class_values"] = [0, 1, 2, 5]
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))

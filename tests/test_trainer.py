@@ -86,7 +86,7 @@ def test_seed_config_builds_the_seed_network_and_trains_a_step_on_cpu(tmp_path, 
         cmd += ["--set", s]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "method flow_matching: 94,494,881 parameters (UNet 66,949,761 + ControlNet 27,545,120)" in out.stderr
+    assert "method flow_matching: 91,554,849 parameters (UNet 64,962,305 + ControlNet 26,592,544)" in out.stderr
     assert "UNet level(s) [0] never see t" in out.stderr  # 32 channels in 32 groups, as the seed's network
     assert (tmp_path / "comet_camus" / "last.ckpt").exists()
 

@@ -217,3 +217,19 @@ def test_a_shuffled_class_values_order_conditions_on_motfms_class(motfm_run, tin
     with pytest.raises(SystemExit, match=r"class_values \[0, 1, 2, 5\] must be the classes 0..3"):
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "bad.yaml"),
                     "--output", str(tmp_path / "bad"), "--image_size", "32"])
+
+
+def test_a_left_out_model_key_takes_monai_generatives_default(tmp_path):
+    """MOTFM builds monai-generative 0.2.3's networks from its YAML, so a key it leaves out has that library's
+    default (read from its DiffusionModelUNet signature), not this framework's; an int applies to every level."""
+    from utils.motfm.convert import MotfmError, translate_config
+
+    motfm = {"model_args": {"num_channels": [32, 64, 64, 64], "num_head_channels": 16},
+             "data_args": {"pickle_path": "data.pkl"}}
+    model = translate_config(motfm, tmp_path / "run", LABELS, 64, "short.yaml")["model_args"]
+    assert (model["num_res_blocks"], model["attention_levels"], model["num_head_channels"]) == (
+        [2, 2, 2, 2], [False, False, True, True], [16, 16, 16, 16])
+    assert (model["norm_num_groups"], model["resblock_updown"], model["transformer_num_layers"]) == (32, False, 1)
+    motfm["model_args"] = {"num_channels": [32, 64, 64, 64, 64], "num_res_blocks": 1}
+    with pytest.raises(MotfmError, match=r"model_args.attention_levels is not given, .* 4 entries for the 5 levels"):
+        translate_config(motfm, tmp_path / "run", LABELS, 64, "short.yaml")

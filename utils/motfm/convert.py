@@ -25,6 +25,12 @@ _MODEL_KEYS = {"num_channels": "channels", "num_res_blocks": "num_res_blocks",
                "transformer_num_layers": "transformer_num_layers", "use_flash_attention": "use_flash_attention",
                "conditioning_embedding_num_channels": "conditioning_embedding_num_channels"}
 _MOTFM_ONLY = {"spatial_dims": 2, "in_channels": 1, "out_channels": 1, "max_timestep": 1000}
+# What MOTFM's networks take for a key its YAML leaves out: monai-generative 0.2.3's DiffusionModelUNet and
+# ControlNet defaults (an int num_res_blocks / num_head_channels applies to every level).
+PEER_DEFAULTS = {"num_res_blocks": (2, 2, 2, 2), "num_channels": (32, 64, 64, 64),
+                 "attention_levels": (False, False, True, True), "norm_num_groups": 32, "resblock_updown": False,
+                 "num_head_channels": 8, "transformer_num_layers": 1, "use_flash_attention": False,
+                 "conditioning_embedding_num_channels": (16, 32, 96, 256)}
 _CONDITION_KEYS = ("with_conditioning", "mask_conditioning", "cross_attention_dim")
 # MOTFM's normalisation options this import reproduces (the first is MOTFM's default).
 _NORMALISATION = {"image_norm": ("minmax_0_1", "minmax"), "mask_norm": ("minmax_0_1", "minmax"),
@@ -49,6 +55,22 @@ def motfm_solver(solver: dict) -> tuple[int, str]:
     return max(round(1.0 / float(step_size)), 1), str(solver.get("method", "midpoint"))
 
 
+def peer_model_args(model: dict, source: str) -> dict:
+    """MOTFM's ``model_args`` with monai-generative's defaults for what it leaves out, per-level ints expanded; a
+    left-out per-level key whose default does not fit the levels is named."""
+    full = {**PEER_DEFAULTS, **model}
+    levels = len(full["num_channels"])
+    for key in ("num_res_blocks", "num_head_channels"):
+        if isinstance(full[key], int):
+            full[key] = [full[key]] * levels
+    for key in ("num_res_blocks", "attention_levels", "num_head_channels"):
+        if key not in model and len(full[key]) != levels:
+            raise MotfmError(f"{source}: model_args.{key} is not given, and monai-generative's default "
+                             f"{list(PEER_DEFAULTS[key])} (what MOTFM would build) has {len(full[key])} entries "
+                             f"for the {levels} levels of num_channels: give model_args.{key}")
+    return full
+
+
 def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: int, source: str) -> dict:
     """Our config dict for MOTFM's YAML ``motfm`` (validated); ``run_dir`` becomes output_dir/run_name."""
     model = dict(motfm.get("model_args") or {})
@@ -60,6 +82,7 @@ def translate_config(motfm: dict, run_dir: Path, num_labels: int, image_size: in
         raise MotfmError(f"{source}: model_args.{unknown[0]} has no counterpart here (mappable: "
                          f"{', '.join(sorted(_MODEL_KEYS))})")
     mode = motfm_mode(model)
+    model = peer_model_args(model, source)
     if "class" in mode and not model.get("cross_attention_dim"):
         raise MotfmError(f"{source}: model_args.with_conditioning needs cross_attention_dim (the number of classes)")
     data, train, solver = motfm.get("data_args") or {}, motfm.get("train_args") or {}, motfm.get("solver_args") or {}

@@ -216,3 +216,35 @@ def test_trainer_bad_file_in_the_run_to_resume(tiny_run, tiny_data, tmp_path, ki
         _train(tmp_path, tiny_data)()
     assert str(e.value.code).startswith("error:") and str(bad) in str(e.value.code)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_class_file_that_is_not_text_is_named(tmp_path):
+    """A spreadsheet saved as binary once ended in a UnicodeDecodeError traceback."""
+    from utils.data.masks import MaskError
+    from utils.generation.classes import read_class_file
+
+    path = tmp_path / "classes.xlsx"
+    path.write_bytes(b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00\xb5U0#\xf4\x00\x00\x00L\x02\x00\x00")
+    with pytest.raises(MaskError, match=rf"{re.escape(str(path))}: not a text CSV of mask,class rows"):
+        read_class_file(path, ["a", "b"])
+
+
+@pytest.mark.parametrize("source", ["npy", "dataset"])
+def test_a_reference_image_of_nan_is_refused(tmp_path, source):
+    """Reference-guided generation from a NaN image once wrote all-NaN images and exited 0."""
+    from utils.data.masks import MaskError
+    from utils.generation.references import load_references
+
+    image = np.full((32, 32), 0.5, dtype=np.float32)
+    image[3, 4] = np.nan
+    if source == "npy":
+        path = tmp_path / "reference.npy"
+        np.save(path, image)
+        named = path
+    else:
+        from utils.data.dataset_io import save_dataset
+
+        path = save_dataset(tmp_path / "data.pkl", {"test": [{"image": image, "mask": np.zeros((32, 32), np.uint8)}]})
+        named = f"{path}: test[0]"
+    with pytest.raises(MaskError, match=rf"{re.escape(str(named))}: 1 pixel\(s\) of the reference image are NaN"):
+        load_references(path, "test", 32)

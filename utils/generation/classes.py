@@ -24,8 +24,11 @@ def read_class_file(path: str | Path, class_names: list[str]) -> dict[str, int]:
     path = Path(path)
     if not path.is_file():
         raise MaskError(f"{path}: class file not found")
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [r for r in csv.reader(f) if r and any(cell.strip() for cell in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise MaskError(f"{path}: not a text CSV of mask,class rows ({type(e).__name__}: {e})") from None
     if rows and [c.strip() for c in rows[0]] == ["mask", "class"]:
         rows = rows[1:]
     out = {}

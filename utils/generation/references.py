@@ -40,6 +40,10 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _sized(image: np.ndarray, where: str, image_size: int, resize: bool) -> torch.Tensor:
+    bad = int((~np.isfinite(image)).sum())
+    if bad:
+        raise MaskError(f"{where}: {bad} pixel(s) of the reference image are NaN or infinite; expected values in "
+                        "[0, 1]")
     t = torch.from_numpy(np.asarray(image, dtype=np.float32)).reshape(1, 1, *image.shape[-2:])
     if t.shape[-2:] != (image_size, image_size):
         if not resize:

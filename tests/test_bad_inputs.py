@@ -248,3 +248,13 @@ def test_a_reference_image_of_nan_is_refused(tmp_path, source):
         named = f"{path}: test[0]"
     with pytest.raises(MaskError, match=rf"{re.escape(str(named))}: 1 pixel\(s\) of the reference image are NaN"):
         load_references(path, "test", 32)
+
+
+def test_2d_masks_given_to_a_3d_model_are_refused(tiny_data):
+    """A .npz of 2-D label maps as --masks of a 3-D checkpoint once became one-slice volumes resampled into the
+    cube (every output had its mask on one slice) and exited 0."""
+    from utils.data.masks import MaskError, load_masks
+
+    with pytest.raises(MaskError, match=r"test\[0\]: a mask of shape \[1, 32, 32\] is a 2-D label map"):
+        load_masks(tiny_data, "test", 4, 32, spatial_dims=3)
+    assert len(load_masks(tiny_data, "test", 4, 32).masks) > 0  # the same file for a 2-D model

@@ -103,6 +103,9 @@ def _check_volume(mask: np.ndarray, where: str, num_classes: int, image_size: in
         mask = mask[0]
     if mask.ndim != 3:
         raise MaskError(f"{where}: expected a volume mask [D, H, W] or [1, D, H, W], got shape {list(mask.shape)}")
+    if 1 in mask.shape:
+        raise MaskError(f"{where}: a mask of shape {list(mask.shape)} is a 2-D label map (one slice), and the model "
+                        "makes volumes (model_args.spatial_dims 3); give 3-D masks")
     _check_labels(mask, where, num_classes)
     source = np.asarray(mask, dtype=np.uint8)[None]
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)

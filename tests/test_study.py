@@ -201,3 +201,15 @@ def test_the_oracle_row_is_the_baselines_evaluated_oracle():
         runs["MOTFM", s].evaluation["comparison"] = {"rows": {"oracle": {"ssim": {"value": v},
                                                                          "frd_v0": {"skipped": "few"}}}}
     assert oracle_row(runs, "MOTFM", (0, 1), ("ssim", "frd_v0")) == {"ssim": pytest.approx(0.55)}
+
+
+def test_an_evaluation_split_the_data_lacks_is_refused_before_any_training(tmp_path, tiny_data):
+    """It was once refused only by the first evaluation, after the first row had trained."""
+    from utils.studies.runner import run_study
+
+    calls = []
+    spec = load_study(_study(tmp_path, tiny_data), ["evaluation.split=holdout"])
+    with pytest.raises(SystemExit, match=rf"evaluation.split 'holdout' is not a split of {tiny_data} "
+                                         r"\(has: test, train, valid\); nothing was trained"):
+        run_study(spec, calls.append, calls.append)
+    assert calls == []

@@ -86,6 +86,7 @@ def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: C
     protocol = {row.name: {**asdict(spec.evaluation), "num_steps": spec.num_steps(row)} for row in spec.rows}
     stages = [(row, seed, stage) for row, seed in todo for stage in ("train", "evaluate")
               if stage == "evaluate" or not row.runs_of]
+    check_evaluation_split(spec, [row_config(spec, row, seed) for row, seed in todo])
     for row, seed, stage in stages:  # refuse a changed row before any work
         _finished(spec, row, seed, stage, records[row.name, seed] if stage == "train" else protocol[row.name])
     start, spent = time.perf_counter(), {"train": [], "evaluate": []}
@@ -105,6 +106,25 @@ def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: C
         spent[stage].append(time.perf_counter() - t0)
         log.info("%s: done in %s (study %s so far; about %s left)", where, _clock(spent[stage][-1]),
                  _clock(time.perf_counter() - start), _clock(_time_left(stages[k:], spent)))
+
+
+def check_evaluation_split(spec: StudySpec, configs: list) -> None:
+    """Refuse, before any training, an ``evaluation.split`` that the data of a row does not have (a synthetic
+    set not built yet has its three splits; a dataset that is missing the trainer refuses itself)."""
+    from utils.data.dataset_io import load_dataset
+    from utils.data.synthetic_echo import SPLITS
+
+    split = spec.evaluation.split
+    for path, synthetic in sorted({(c.data_args.path, c.data_args.synthetic is not None) for c in configs}):
+        if Path(path).exists():
+            have = sorted(name for name, records in load_dataset(path).items() if records)
+        elif synthetic:
+            have = list(SPLITS)
+        else:
+            continue
+        if split not in have:
+            raise SystemExit(f"error: study {spec.name}: evaluation.split '{split}' is not a split of {path} "
+                             f"(has: {', '.join(have)}); nothing was trained")
 
 
 def _time_left(remaining: list, spent: dict[str, list[float]]) -> float:

@@ -138,9 +138,13 @@ class AdversarialMethod(SynthesisMethod):
         d_fake = torch.stack([f.float().mean() for f in fake_logits]).mean().detach()
         return hinge_discriminator_loss(real_logits, fake_logits), {"train/d_real": d_real, "train/d_fake": d_fake}
 
+    def ends_a_step(self, batch_idx: int) -> bool:
+        """Whether this micro-batch is the last of an optimizer step (accumulation, or the epoch's end)."""
+        return (batch_idx + 1) % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+
     def training_step(self, batch, batch_idx):
         k = self.accumulate_grad_batches
-        step = (batch_idx + 1) % k == 0 or self.trainer.is_last_batch
+        step = self.ends_a_step(batch_idx)
         with self._gradient_sync(step):
             out = self.losses(batch, batch_idx)
             self.manual_backward((out.generator + out.discriminator) / k)

@@ -190,11 +190,10 @@ class SpadeModule(AdversarialMethod):
     def training_step(self, batch, batch_idx):
         if not self.cfg.spade_args.alternating:
             return super().training_step(batch, batch_idx)
-        k = self.accumulate_grad_batches
-        step = (batch_idx + 1) % k == 0 or self.trainer.is_last_batch
+        step = self.ends_a_step(batch_idx)
         with self._gradient_sync(step):
             out = self.losses(batch, batch_idx, discriminator=False)  # G through the current D
-            self.manual_backward(out.generator / k)
+            self.manual_backward(out.generator / self.accumulate_grad_batches)
         out.discriminator = None  # D's loss comes with its step
         self._pending.append((batch, batch_idx))
         if step:

@@ -1,9 +1,10 @@
 """A MOTFM run (its Lightning checkpoint and YAML) as a COMET checkpoint and config.
 
 MOTFM (milad1378yz/MOTFM) saves ``state_dict`` keys ``model.unet.*`` and ``model.controlnet.*`` in
-monai-generative 0.2.3's layout; MONAI core's ``DiffusionModelUNet.load_old_state_dict`` and
-``ControlNet.load_old_state_dict`` rename them. Its YAML maps onto :class:`utils.config.Config` as the README's
-"Coming from MOTFM" table says. What MOTFM did that this framework does not, the imported checkpoint records
+monai-generative 0.2.3's layout; :func:`load_old` maps them onto MONAI core's names strictly (MONAI's own
+``load_old_state_dict`` cannot map a ControlNet's self-attention and drops what it does not map). Its YAML
+maps onto :class:`utils.config.Config` as the README's "Coming from MOTFM" table says. What MOTFM did that
+this framework does not, the imported checkpoint records
 (hyperparameter ``motfm``): time floored to integer steps, floor(t * 999), and images min-max normalised by the
 training split's extremes (``image_range``, in the dataset's [0, 1] units), so outputs map back to images.
 Anything that cannot be mapped stops with a :class:`MotfmError` naming it.

@@ -94,6 +94,25 @@ def test_a_run_trained_before_the_samplers_rename_counts_as_done(tmp_path, tiny_
         _finished(spec, row, 0, "train", record)
 
 
+def test_a_run_trained_before_a_key_was_added_counts_as_done_at_its_default(tmp_path, tiny_data):
+    """A marker written before ``prior_args.image_range`` existed is the same setting when the row leaves it at
+    its default; a row that now sets it is refused."""
+    from utils.config import config_to_dict
+    from utils.studies.runner import _finished, _mark
+    from utils.studies.spec import row_config
+
+    spec = load_study(_study(tmp_path, tiny_data))
+    row = spec.rows[0]
+    record = config_to_dict(row_config(spec, row, 0))
+    old = json.loads(json.dumps(record))
+    del old["prior_args"]["image_range"]
+    _mark(spec, row, 0, "train", old)
+    assert _finished(spec, row, 0, "train", record)
+    record["prior_args"]["image_range"] = [0.0, 1.0]
+    with pytest.raises(SystemExit, match=r"differs in: prior_args.image_range\)"):
+        _finished(spec, row, 0, "train", record)
+
+
 @pytest.mark.slow
 def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch):
     import evaluate

@@ -35,14 +35,18 @@ def _marker(spec: StudySpec, row: RowSpec, seed: int, stage: str) -> Path:
 
 
 def _finished(spec: StudySpec, row: RowSpec, seed: int, stage: str, record: dict) -> bool:
-    """Whether ``stage`` finished with this very ``record`` (config or protocol); a changed one is refused."""
-    from utils.config import RESUMABLE_CHANGES, config_diff
-    from utils.methods import upgrade
+    """Whether ``stage`` finished with this very ``record`` (config or protocol); a changed one is refused. A
+    config key added to the framework since the marker was written counts as the value that reproduces the run
+    (``WRITTEN_BEFORE``, else its default)."""
+    from utils.config import RESUMABLE_CHANGES, config_diff, config_to_dict
+    from utils.methods import as_written, config_from_dict, upgrade
 
     path = _marker(spec, row, seed, stage)
     if not path.is_file():
         return False
     done = upgrade(json.loads(path.read_text()), announce=False)  # a marker written before the sampler's rename
+    if stage == "train":
+        done = config_to_dict(config_from_dict(as_written(done), str(path)))
     changed = [k for k in config_diff(done, record) if k not in RESUMABLE_CHANGES]
     if changed:
         raise SystemExit(f"error: study {spec.name}: row '{row.name}' seed {seed} was {stage}ed with a different "

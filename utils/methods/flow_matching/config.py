@@ -20,6 +20,9 @@ class PriorConfig:
     mask_encoding: Literal["mean_intensity", "scaled_labels", "unit_labels"] = "mean_intensity"
     # The blur's border: reflect, or zeros (the seed's code: conv2d zero padding).
     padding: Literal["reflect", "zeros"] = "reflect"
+    # The image range the flow ends at (x_1): [-1, 1], or [0, 1] (the seed's code: ToTensor images). enc(mask)
+    # in image units (mean_intensity, scaled_labels) follows it; unit_labels stays label / (num_classes - 1).
+    image_range: tuple[float, ...] = (-1.0, 1.0)
     # Voxel spacing (one per spatial axis, array order: [sd, sh, sw] in 3-D), empty = isotropic. sigma is then
     # in units of the finest spacing: axis a is blurred with sigma * min(spacing) / spacing[a] voxels, the
     # same physical width on every axis. The spacing of the volumes as trained on: volumes fitted to N^3 have
@@ -32,6 +35,8 @@ class PriorConfig:
         require(self.kernel_size >= 1 and self.kernel_size % 2 == 1, key("kernel_size"),
                 f"must be a positive odd number, got {self.kernel_size}")
         require(self.sigma > 0, key("sigma"), f"must be > 0, got {self.sigma}")
+        require(len(self.image_range) == 2 and self.image_range[0] < self.image_range[1], key("image_range"),
+                f"must be [low, high] with low < high, e.g. [-1, 1] or [0, 1], got {list(self.image_range)}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from flow_matching.path.scheduler import CondOTScheduler
 
 from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
 from utils.config import ConfigError
-from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
 from utils.methods.flow_matching.config import FlowMatchingRunConfig
 from utils.methods.flow_matching.contrastive_keys import ContrastiveKeys, valid_keys
@@ -57,6 +56,12 @@ def check_prior_spacing(spacing: tuple[float, ...], datamodule) -> None:
                 "blurs every axis by the same number of voxels", datamodule.cfg.path, have)
 
 
+def from_signed(x: torch.Tensor, image_range: tuple[float, ...]) -> torch.Tensor:
+    """Images (or image values) in the data's [-1, 1] to the flow's ``prior_args.image_range`` [lo, hi]."""
+    lo, hi = image_range
+    return x if (lo, hi) == (-1.0, 1.0) else lo + (x + 1.0) * ((hi - lo) / 2.0)
+
+
 class FlowMatchingModule(SynthesisMethod):
     """``label_values`` (num_classes,) is enc(label) for the prior; ``class_names`` the data's image classes in
     index order (class-conditional modes only); ``motfm``, only in a checkpoint imported from MOTFM
@@ -82,9 +87,12 @@ class FlowMatchingModule(SynthesisMethod):
 
     @classmethod
     def for_data(cls, cfg: FlowMatchingRunConfig, datamodule) -> FlowMatchingModule:
-        label_values = datamodule.label_values(cfg.prior_args.mask_encoding)
-        if cfg.prior_args.alpha > 0:
-            check_prior_spacing(cfg.prior_args.spacing, datamodule)
+        p = cfg.prior_args
+        label_values = datamodule.label_values(p.mask_encoding)
+        if p.mask_encoding != "unit_labels":  # values in [-1, 1] image units, to the flow's image range
+            label_values = [round(float(v), 6) for v in from_signed(torch.tensor(label_values), p.image_range)]
+        if p.alpha > 0:
+            check_prior_spacing(p.spacing, datamodule)
         return cls(cfg, label_values, datamodule.class_names() if cfg.conditioning_args.uses_class else None)
 
     @property
@@ -96,8 +104,10 @@ class FlowMatchingModule(SynthesisMethod):
         classes = f" {len(self.class_names)} classes {self.class_names}," if self.class_names else ""
         return (f"flow matching; conditioning: {k.mode},{classes} mask input {k.mask_input}, dropout mask "
                 f"{k.mask_dropout:g} / label {k.label_dropout:g} / class {k.class_dropout:g}; prior: alpha "
-                f"{p.alpha:.3g}, enc(mask) = {p.mask_encoding} {self.hparams.label_values}; contrastive: weight "
-                f"{c.weight:.3g} from epoch {c.warmup_epochs}, target {c.target}, {c.num_keys} keys")
+                f"{p.alpha:.3g}, enc(mask) = {p.mask_encoding} {self.hparams.label_values}, images in "
+                f"{list(p.image_range)}, blur padding {p.padding}; contrastive: weight "
+                f"{c.weight:.3g} from epoch {c.warmup_epochs}, target {c.target}, {c.num_keys} keys"
+                f"{', same-patient keys excluded' if c.exclude_same_patient else ''}")
 
     def parameter_counts(self) -> dict[str, int]:
         return controlnet_parameter_counts(self.model)
@@ -170,7 +180,7 @@ class FlowMatchingModule(SynthesisMethod):
         return t, torch.randn(x_1.shape, generator=g, device=x_1.device, dtype=x_1.dtype)
 
     def training_step(self, batch, batch_idx):
-        x_1, mask = batch["x_1"], batch["mask"]
+        x_1, mask = from_signed(batch["x_1"], self.cfg.prior_args.image_range), batch["mask"]
         t, eps = self.training_draws(x_1, batch_idx)
         conditions = self.dropped_conditions(self.conditions(mask, batch.get("class")), batch_idx)
         fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, eps, t, conditions)
@@ -194,7 +204,7 @@ class FlowMatchingModule(SynthesisMethod):
 
     def validation_loss(self, batch: dict) -> torch.Tensor:
         """The flow-matching MSE at fixed (t, eps) per validation image, with the weights that make images."""
-        x_1, mask, index = batch["x_1"], batch["mask"], batch["index"]
+        x_1, mask, index = from_signed(batch["x_1"], self.cfg.prior_args.image_range), batch["mask"], batch["index"]
         eps = self.validation_noise(batch)
         fm, *_ = self.flow_matching_loss(self.sampling_network(), x_1, mask, eps, fixed_times(index).to(x_1.device),
                                          self.conditions(mask, batch.get("class")))
@@ -210,7 +220,8 @@ class FlowMatchingModule(SynthesisMethod):
         if motfm:  # MOTFM's min-max units mapped back to the dataset's [0, 1]
             lo, hi = self.hparams["motfm"]["image_range"]
             return (lo + x_1.float() * (hi - lo)).clamp(0.0, 1.0)
-        return to_unit(x_1)
+        lo, hi = self.cfg.prior_args.image_range
+        return ((x_1.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
     def nfe(self, num_steps: int, sampler: str) -> int:
         """Network evaluations per image: the sampler's per step, twice with guidance (w != 1)."""

@@ -8,7 +8,8 @@ Examples:
 Writes into <output_dir>/<name>/: results.md (the seed's table layout and the differences from the
 baseline row), results.csv and results.json (every per-image value), samples.png, metrics.png, configs/
 (each row's resolved config) and runs/ (each row and seed's run directory). Running it again skips what
-finished; a killed study continues where it stopped; a row whose config changed is refused.
+finished; a killed study continues where it stopped; a row whose config changed is refused; a second
+study.py on the same study directory is refused while the first runs (its .lock).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import logging
 import shlex
 import sys
+from contextlib import ExitStack
 
 from utils.cli import configure_logging, docstring_parser
 
@@ -34,21 +36,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
     from utils.config import ConfigError
+    from utils.locks import LockError, directory_lock
     from utils.studies.report import write_report
     from utils.studies.runner import run_study
     from utils.studies.spec import load_study
 
-    try:
-        spec = load_study(args.study, args.overrides)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not args.report_only:
-        import evaluate
-        import trainer
+    with ExitStack() as held:
+        try:
+            spec = load_study(args.study, args.overrides)
+            held.enter_context(directory_lock(spec.study_dir))  # one study.py per study directory
+        except (ConfigError, LockError) as e:
+            raise SystemExit(f"error: {e}") from None
+        if not args.report_only:
+            import evaluate
+            import trainer
 
-        run_study(spec, trainer.main, evaluate.main)
-    command = shlex.join(["python", "study.py", *(argv if argv is not None else sys.argv[1:])])
-    path = write_report(spec, command)
+            run_study(spec, trainer.main, evaluate.main)
+        command = shlex.join(["python", "study.py", *(argv if argv is not None else sys.argv[1:])])
+        path = write_report(spec, command)
     print(path.read_text())
     logging.getLogger("comet.study").info("wrote %s", path)
     return 0

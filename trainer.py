@@ -6,7 +6,7 @@ Examples:
 
 Checkpoints, the resolved config, logs and sample grids go to ``<output_dir>/<run_name>/``. Running the
 same command again resumes from ``last.ckpt``; a run directory that holds a different configuration is
-never reused silently.
+never reused silently, and one that another process is training in (its ``.lock``) is refused.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import argparse
 import logging
 import logging.handlers
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from utils.cli import LOG_FORMAT
@@ -96,6 +97,7 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
     from utils.config import RESUMABLE_CHANGES, config_diff, dump_config
     from utils.distributed import wait_for
     from utils.files import atomic_path
+    from utils.locks import LOCK_NAME
 
     run_dir = cfg.run_dir
     path, last = run_dir / "config.yaml", run_dir / "last.ckpt"
@@ -115,7 +117,7 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
         if changed:
             log.warning("%s: an earlier start of run '%s' left no checkpoint; replacing its configuration "
                         "(changed: %s)", run_dir, cfg.run_name, ", ".join(changed))
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise SystemExit(f"error: {run_dir} exists, is not empty and has no config.yaml; not writing into it. "
                          "Choose another name with --set run_name=NAME.")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -169,28 +171,32 @@ def main(argv: list[str] | None = None) -> int:
     from utils.generation.checkpoints import CheckpointError
     from utils.methods import method_class
     from utils.methods.base import MethodSetupError
+    from utils.locks import LockError, directory_lock
     from utils.methods.memory import check_training_memory
 
-    try:  # every input is read, and the model built, before the run directory is written
-        cfg = load_config(args.config_path, args.overrides)
-        config_dict = config_to_dict(cfg)
-        t = cfg.train_args
-        pl.seed_everything(t.seed, workers=True)
-        dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
-        module = method_class(cfg.method).for_data(cfg, dm)
-        if cfg.model_args.spatial_dims == 3:  # a volume too large fails here, not inside the first step
-            check_training_memory(module, resolve_devices(t, torch.cuda.device_count())[0])
-        resume = prepare_run_dir(cfg, config_dict, rank)
-        progress = checkpoint_progress(resume) if resume is not None else None
-    except (ConfigError, FileNotFoundError, DatasetError, CheckpointError, MethodSetupError) as e:
-        raise SystemExit(f"error: {e}") from None
-    file_log = log_to_file(log_buffer, cfg.run_dir / "train.log") if rank == 0 else None
-    try:
-        return fit(cfg, module, dm, resume, progress)
-    finally:  # a later run in this process (a study) must not write into this run's log
-        if file_log is not None:
-            logging.getLogger().removeHandler(file_log)
-            file_log.close()
+    with ExitStack() as held:
+        try:  # every input is read, and the model built, before the run directory is written
+            cfg = load_config(args.config_path, args.overrides)
+            config_dict = config_to_dict(cfg)
+            t = cfg.train_args
+            pl.seed_everything(t.seed, workers=True)
+            dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
+            module = method_class(cfg.method).for_data(cfg, dm)
+            if cfg.model_args.spatial_dims == 3:  # a volume too large fails here, not inside the first step
+                check_training_memory(module, resolve_devices(t, torch.cuda.device_count())[0])
+            if rank == 0:  # one launch per run directory; its other ranks follow it
+                held.enter_context(directory_lock(cfg.run_dir))
+            resume = prepare_run_dir(cfg, config_dict, rank)
+            progress = checkpoint_progress(resume) if resume is not None else None
+        except (ConfigError, FileNotFoundError, DatasetError, CheckpointError, MethodSetupError, LockError) as e:
+            raise SystemExit(f"error: {e}") from None
+        file_log = log_to_file(log_buffer, cfg.run_dir / "train.log") if rank == 0 else None
+        try:
+            return fit(cfg, module, dm, resume, progress)
+        finally:  # a later run in this process (a study) must not write into this run's log
+            if file_log is not None:
+                logging.getLogger().removeHandler(file_log)
+                file_log.close()
 
 
 def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) -> int:

@@ -151,7 +151,7 @@ def bad_samples(kind, samples, tmp):
         return _truncated(samples, tmp / "samples.npz"), "cannot read as an .npz archive"
     if kind == "not_npz":
         (tmp / "samples.npz").write_text("images, masks, indices")
-        return tmp / "samples.npz", "cannot read as an .npz archive"
+        return tmp / "samples.npz", "cannot read as an .npz archive: no complete zip archive"
     if kind == "missing":
         return tmp / "samples.npz", "no such file"
     if kind == "nan":
@@ -202,6 +202,18 @@ def test_trainer_bad_dataset(tiny_data, tmp_path, kind):
     _expect_error(_train(tmp_path, data), data, None, tmp_path / "runs")
 
 
+def test_a_text_file_named_npz_is_not_offered_an_unsafe_load(tmp_path):
+    """numpy reads a non-zip .npz as a pickle and suggests allow_pickle=True; the error says what the file is."""
+    from utils.data.dataset_io import load_dataset
+    from utils.data.layout import DatasetError
+
+    data = tmp_path / "data.npz"
+    data.write_text("hello world, not numpy\n")
+    with pytest.raises(DatasetError, match="data.npz: not a readable .npz file: no complete zip archive") as e:
+        load_dataset(data)
+    assert "pickle" not in str(e.value)
+
+
 @pytest.mark.parametrize("kind", ["last_ckpt", "config_yaml"])
 def test_trainer_bad_file_in_the_run_to_resume(tiny_run, tiny_data, tmp_path, kind):
     run = tmp_path / "runs" / "tiny"
@@ -216,6 +228,18 @@ def test_trainer_bad_file_in_the_run_to_resume(tiny_run, tiny_data, tmp_path, ki
         _train(tmp_path, tiny_data)()
     assert str(e.value.code).startswith("error:") and str(bad) in str(e.value.code)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+@pytest.mark.parametrize("kind, message", [("binary", "not a text YAML file"), ("directory", "a directory, not")])
+def test_a_config_that_is_not_a_yaml_file_is_named(tmp_path, kind, message):
+    """A binary file given as --config_path once ended in a UnicodeDecodeError traceback."""
+    path = tmp_path / "config.yaml"
+    if kind == "binary":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe")
+    else:
+        path.mkdir()
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(path))}: {message}"):
+        trainer.main(["--config_path", str(path)])
 
 
 def test_a_class_file_that_is_not_text_is_named(tmp_path):

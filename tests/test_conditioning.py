@@ -342,6 +342,18 @@ def test_class_names_from_records_and_their_errors():
         class_names({"train": [_record(0, "x")], "valid": [_record(0, "y")]}, "d.npz")
 
 
+def test_a_gap_in_the_class_indices_is_warned_about(caplog):
+    """One record of class 200 among classes 0..2 makes a 201-class model: a warning names the gap."""
+    data = {"train": [_record(0), _record(1), _record(200)], "valid": [_record(2)]}
+    with caplog.at_level("WARNING", logger="utils.data.datamodule"):
+        assert len(class_names(data, "d.npz")) == 201
+    assert "d.npz: classes 3..199 (197 of 201) have no record" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="utils.data.datamodule"):
+        class_names({"train": [_record(0), _record(1)], "valid": [_record(1)]}, "d.npz")
+    assert not caplog.text
+
+
 def test_sample_classes_from_the_flag_a_file_or_the_records(tmp_path):
     source = MaskSource(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), [0, 1, 2], "split 'test' of d", [3, 0, None])
     pick = torch.tensor([0, 1, 0])

@@ -59,3 +59,17 @@ def test_cli_synthetic_copies_of_the_real_images_train_the_same_segmenter(tiny_d
     assert "| real25+synthetic | 16 |" in md and "ΔDice LV cavity" in md
     with pytest.raises(SystemExit, match="downstream.json exists; pass --overwrite"):
         downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"), "--output", str(out)])
+
+
+def test_sets_of_another_image_size_are_refused_before_any_training(tiny_data, tmp_path, monkeypatch):
+    """32 px real against 16 px synthetic images: one error line naming the synthetic file, its record and both
+    sizes, before a segmenter trains (it used to train two, then fail with a traceback in the third)."""
+    monkeypatch.setattr(downstream, "run", lambda *a, **k: pytest.fail("trained before checking image sizes"))
+    small = [{**r, "image": r["image"][..., ::2, ::2], "mask": r["mask"][..., ::2, ::2]}
+             for r in _as_synthetic(load_dataset(tiny_data)["train"])]
+    save_dataset(tmp_path / "synth.npz", {"train": small})
+    with pytest.raises(SystemExit, match=r"error: .*synth.npz: train\[0\] is (1x)?16x16 but .*data.npz: train\[0\] "
+                                         r"is (1x)?32x32; every image of --real and --synthetic needs one size"):
+        downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"),
+                         "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -360,12 +360,13 @@ def read_yaml_mapping(path: str | Path) -> dict:
     """The mapping at the top of a YAML file; a missing file, bad YAML or another top level is a ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: " + ("a directory, not a YAML file" if path.is_dir() else "config file not found"))
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text YAML file (byte {e.start} is not UTF-8)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return values

@@ -123,7 +123,23 @@ def class_names(data: dict[str, list[dict]], path) -> list[str]:
     if found[0] < 0:
         raise DatasetError(f"{path}: class {found[0]} is negative; classes are indices 0..K-1")
     top = found[-1]
+    missing = sorted(set(range(top + 1)) - set(found))
+    if missing:
+        log.warning("%s: classes %s (%d of %d) have no record, yet the model gets one class per index 0..%d "
+                    "(found %s); renumber the classes 0..K-1 if that is not meant", path, _ranges(missing),
+                    len(missing), top + 1, top, _ranges(found))
     return [names.get(k, str(k)) for k in range(top + 1)]
+
+
+def _ranges(values: list[int]) -> str:
+    """Sorted integers as runs: [0, 1, 2, 5, 7, 8] -> '0..2, 5, 7..8'."""
+    runs = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
 
 
 class EchoDataModule(pl.LightningDataModule):

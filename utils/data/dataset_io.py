@@ -40,6 +40,7 @@ import functools
 import io
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -221,6 +222,9 @@ def _affine(value, where: str) -> np.ndarray:
 
 
 def _load_npz(path: Path) -> dict[str, list[dict]]:
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path}: not a readable .npz file: no complete zip archive (numpy.savez writes one), "
+                           "so it is truncated or another kind of file")
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as e:

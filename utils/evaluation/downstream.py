@@ -104,6 +104,24 @@ def summarise(per_seed: dict[str, list[dict]], num_classes: int) -> dict:
     return out
 
 
+def check_one_size(sets: dict[str, dict[str, list[dict]]]) -> None:
+    """Every image of ``sets`` ({file: {split: records}}, the splits the command uses) has one size, or a
+    DatasetError names the first record of another size and the record it differs from."""
+    from utils.data.layout import DatasetError
+
+    first = None
+    for path, data in sets.items():
+        for split, records in data.items():
+            for i, record in enumerate(records):
+                shape = tuple(np.shape(record["image"]))
+                where = f"{path}: {split}[{i}] is {'x'.join(map(str, shape))}"
+                if first is None:
+                    first = shape, where
+                elif shape != first[0]:
+                    raise DatasetError(f"{where} but {first[1]}; every image of --real and --synthetic needs one "
+                                       "size (export the synthetic set at the real images' size)")
+
+
 def run(real: dict, synthetic: list[dict], seeds: list[int], fraction: float, num_classes: int,
         steps: int) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Per condition, per seed, the mean test scores; and each condition's training-set size (first seed)."""
@@ -192,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         validate_dataset(real, args.real, args.num_classes, splits=("train", "test"))
         synthetic_data = load_dataset(args.synthetic)
         validate_dataset(synthetic_data, args.synthetic, args.num_classes, splits=tuple(synthetic_data))
+        check_one_size({args.real: {s: real[s] for s in ("train", "test")}, args.synthetic: synthetic_data})
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     synthetic = [r for records in synthetic_data.values() for r in records]

@@ -201,10 +201,11 @@ def _read_npz(path: Path):
     expected = "expected an inferer.py samples.npz"
     if not path.is_file():
         raise SamplesError(f"{path}: no such file; {expected}")
+    if not zipfile.is_zipfile(path):  # numpy would read it as a pickle and suggest allow_pickle
+        raise SamplesError(f"{path}: cannot read as an .npz archive: no complete zip archive (truncated, or another "
+                           f"kind of file); {expected}")
     try:
         z = np.load(path, allow_pickle=False)
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise SamplesError(f"{path}: holds a single .npy array, not an .npz archive; {expected}")
         with z:
             missing = sorted(set(SAMPLE_ARRAYS) - set(z.files))
             if missing:

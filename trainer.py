@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     from utils.data.datamodule import EchoDataModule
     from utils.data.dataset_io import DatasetError
     from utils.generation.checkpoints import CheckpointError
+    from utils.locks import LockError, directory_lock
     from utils.methods import method_class
     from utils.methods.base import MethodSetupError
-    from utils.locks import LockError, directory_lock
     from utils.methods.memory import check_training_memory
 
     with ExitStack() as held:
@@ -208,6 +208,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
     from pytorch_lightning.strategies import DDPStrategy
 
     from utils.methods.networks import time_blind_levels
+    from utils.methods.pace import EpochPace
     from utils.methods.sample_grid import SampleGrid
     from utils.precision import resolve_precision
 
@@ -242,6 +243,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
         LearningRateMonitor(),
         TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
         SampleGrid(),
+        EpochPace(),
     ]
     loggers = [TensorBoardLogger(cfg.run_dir, name="", version="tensorboard"),
                CSVLogger(cfg.run_dir, name="", version="csv")]

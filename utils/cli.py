@@ -11,6 +11,12 @@ from utils.config import INFERENCE_OVERRIDES
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def clock(seconds: float) -> str:
+    """A duration for a log line: '4m32s', '1h02m'."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
+
+
 def docstring_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
     """A parser whose ``--help`` shows ``doc``: its first paragraph as the description, the rest (examples,
     notes) verbatim after the arguments."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from utils.cli import clock
 from utils.config import config_to_dict
 from utils.files import write_text_atomic
 from utils.studies.spec import RowSpec, StudySpec, row_config, row_overrides, run_name
@@ -108,8 +109,8 @@ def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: C
             evaluate(evaluate_argv(spec, row, seed))
         _mark(spec, row, seed, stage, record)
         spent[stage].append(time.perf_counter() - t0)
-        log.info("%s: done in %s (study %s so far; about %s left)", where, _clock(spent[stage][-1]),
-                 _clock(time.perf_counter() - start), _clock(_time_left(stages[k:], spent)))
+        log.info("%s: done in %s (study %s so far; about %s left)", where, clock(spent[stage][-1]),
+                 clock(time.perf_counter() - start), clock(_time_left(stages[k:], spent)))
 
 
 def check_evaluation_split(spec: StudySpec, configs: list) -> None:
@@ -136,8 +137,3 @@ def _time_left(remaining: list, spent: dict[str, list[float]]) -> float:
     mean = {s: sum(v) / len(v) for s, v in spent.items() if v}
     fallback = mean.get("train", max(mean.values(), default=0.0))
     return sum(mean.get(stage, fallback) for *_, stage in remaining)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"

@@ -176,22 +176,27 @@ def test_a_label_count_other_than_the_datas_is_refused(motfm_run, tiny_data, tmp
 
 
 @pytest.mark.parametrize("setting, mode", [("mask_conditioning_attention", "mask"),
-                                           ("unconditional_attention", "unconditional")])
-def test_self_attention_models_import_as_monai_generative_computes_them(setting, mode, tmp_path):
-    """Fixtures made with MOTFM's own network code, monai-generative 0.2.3 (make_attention_fixtures.py): its
-    self-attention blocks never apply proj_attn, so the import builds them without it (attention_out_proj
-    false), and the ControlNet's self-attention weights map too (MONAI's load_old_state_dict stops on them)."""
+                                           ("unconditional_attention", "unconditional"),
+                                           ("class_conditioning_attention", "class"),
+                                           ("mask_class_conditioning_attention", "mask+class")])
+def test_every_motfm_setting_imports_as_monai_generative_computes_it(setting, mode, tmp_path):
+    """Fixtures made with MOTFM's own network code, monai-generative 0.2.3 (make_attention_fixtures.py), one per
+    MOTFM setting: its self-attention blocks never apply proj_attn, so the import builds them without it
+    (attention_out_proj false), and the ControlNet's self-attention weights map too (MONAI's
+    load_old_state_dict stops on them); the class settings attend to the one-hot class."""
     from utils.methods import load_module
 
     out = tmp_path / "imported"
+    classes = ["--class_names", "a", "b", "c", "d"] if "class" in mode else []
     assert motfm_main(["import", "--checkpoint", str(FIXTURES / f"{setting}.ckpt"), "--config",
                        str(FIXTURES / f"{setting}.yaml"), "--output", str(out), "--image_size", "32",
-                       "--image_range", "0", "1"]) == 0
+                       "--image_range", "0", "1", *classes]) == 0
     module = load_module(out / "imported.ckpt")
-    assert module.cfg.conditioning_args.mode == mode and module.cfg.model_args.attention_out_proj is False
+    assert module.cfg.conditioning_args.mode == mode
+    assert module.cfg.model_args.attention_out_proj is ("class" in mode)  # cross-attention projects its output
     expected = torch.load(FIXTURES / f"{setting}_expected.pt", weights_only=True)
     with torch.no_grad():
-        got = module.model(expected["x"], expected["t"], expected["masks"])
+        got = module.model(expected["x"], expected["t"], expected["masks"], expected.get("classes"))
     torch.testing.assert_close(got, expected["velocity"], atol=1e-5, rtol=1e-5)
 
 

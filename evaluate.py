@@ -153,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from utils.config import ConfigError
     from utils.data.dataset_io import DatasetError
+    from utils.evaluation.feature_extractors import WeightsFileError
     from utils.generation.checkpoints import CheckpointError
     from utils.generation.outputs import SamplesError
 
     try:
         return run(args)
-    except (CheckpointError, ConfigError, DatasetError, SamplesError) as e:  # all raised before anything is written
+    except (CheckpointError, ConfigError, DatasetError, SamplesError, WeightsFileError) as e:  # before any writing
         raise SystemExit(f"error: {e}") from None
 
 

@@ -42,6 +42,9 @@ def bad_checkpoint(kind, tiny_run, tmp):
         return path, "has no best-epoch"
     if kind == "truncated":
         return _truncated(tiny_run / "last.ckpt", path), "cannot read as a PyTorch checkpoint"
+    if kind == "text":  # torch.load once answered "Please file an issue ... weights_only"
+        path.write_text("not a checkpoint")
+        return path, r"cannot read as a PyTorch checkpoint \(truncated, corrupt or another kind of file"
     if kind == "other_zip":
         with zipfile.ZipFile(path, "w") as z:
             z.writestr("notes.txt", "hello")
@@ -68,7 +71,7 @@ def bad_checkpoint(kind, tiny_run, tmp):
     raise AssertionError(kind)
 
 
-CHECKPOINTS = ["missing", "no_checkpoints", "truncated", "other_zip", "not_comet", "pickled_class",
+CHECKPOINTS = ["missing", "no_checkpoints", "truncated", "text", "other_zip", "not_comet", "pickled_class",
                "invalid_config", "missing_weights", "unexpected_weights"]
 
 
@@ -174,6 +177,15 @@ def test_evaluate_bad_samples(samples, tmp_path, no_weights, kind):
     out = tmp_path / "out"
     _expect_error(lambda: evaluate.main(["--samples", str(path), "--skip_missing_metrics", "--output_dir", str(out)]),
                   path, message, out)
+
+
+def test_evaluate_unreadable_inception_weights(samples, tmp_path, no_weights):
+    """A junk --inception_weights file once ended in a KeyError traceback from torch.load."""
+    weights, out = tmp_path / "pt_inception.pth", tmp_path / "out"
+    weights.write_text("not a state dict")
+    _expect_error(lambda: evaluate.main(["--samples", str(samples), "--skip_missing_metrics", "--inception_weights",
+                                         str(weights), "--output_dir", str(out)]),
+                  weights, "cannot read as inception-v3-compat weights", out)
 
 
 def test_evaluate_data_path_that_does_not_exist(samples, tmp_path, no_weights):

@@ -1,4 +1,4 @@
-"""Files written whole or not at all, and files' fingerprints."""
+"""Files written whole or not at all, files' fingerprints, and a user's torch file read without running code."""
 
 from __future__ import annotations
 
@@ -35,3 +35,23 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def load_torch_file(path: str | Path, what: str, error: type[Exception], mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` on the CPU (``mmap``: tensors mapped, not read). A file that is not
+    one (truncated, text, another zip) or that would run code is ``error`` naming ``path`` as ``what``."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+        text = str(e)
+        if zipfile.is_zipfile(path) and "Weights only load failed" in text:  # a torch.save file that runs code
+            reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+            raise error(f"{path}: refused by torch.load(weights_only=True), which runs no code from a file: "
+                        f"{reason}") from e
+        raise error(f"{path}: cannot read as {what} (truncated, corrupt or another kind of file: "
+                    f"{type(e).__name__})") from e

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.files import atomic_path, sha256_file
+from utils.files import atomic_path, load_torch_file, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ R3D_FILE_NAME = "r3d_18-b3b3357e.pth"
 R3D_URL = f"https://download.pytorch.org/models/{R3D_FILE_NAME}"
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)  # torchvision's R3D_18_Weights.KINETICS400_V1 transform
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+
+class WeightsFileError(ValueError):
+    """A weights file that is there but cannot be read as the weights it should hold."""
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -191,7 +195,7 @@ class _BatchedExtractor:
         self.weights_sha256 = sha256_file(weights_path)
         self.weights_files = {weights_path.name: self.weights_sha256}
         logger.info("%s weights %s (sha256 %s)", self.name, weights_path, self.weights_sha256)
-        return torch.load(weights_path, map_location="cpu", weights_only=True)
+        return load_torch_file(weights_path, f"{self.name} weights (a state dict)", WeightsFileError)
 
     @torch.inference_mode()
     def __call__(self, images01: torch.Tensor) -> np.ndarray:

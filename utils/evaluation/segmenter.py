@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from utils.cli import configure_logging, docstring_parser
+from utils.files import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,8 @@ def load_segmenter(path: str | Path) -> tuple[torch.nn.Module, dict]:
     if not path.is_file():
         raise SegmenterError(f"{path}: no such segmenter checkpoint (train one with "
                              "`python -m utils.evaluation.segmenter train`)")
+    ckpt = load_torch_file(path, "a segmenter checkpoint", SegmenterError)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         recipe = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["recipe"].items()})
         net = build_network(recipe, ckpt["num_classes"])
         net.load_state_dict(ckpt["state_dict"])

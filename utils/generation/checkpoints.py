@@ -3,22 +3,16 @@ method)."""
 
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from pathlib import Path
 
-import torch
+from utils.files import load_torch_file
 
 _BEST = re.compile(r"best-epoch(\d+)-valloss([0-9.eE+-]+?)(?:-v\d+)?\.ckpt$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what was expected."""
-
-
-# What torch.load raises on a file that is not a readable checkpoint (truncated, empty, text, another zip).
-_LOAD_ERRORS = (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile)
 
 
 def find_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -50,16 +44,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
 
     ``mmap`` maps the tensors instead of reading them (for a look at epoch and step).
     """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?)") from e
-        reason = next((line.strip() for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
-        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {reason}") from e
-    except _LOAD_ERRORS as e:
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint (truncated or corrupt?): "
-                              f"{type(e).__name__}") from e
+    ckpt = load_torch_file(path, "a PyTorch checkpoint", CheckpointError, mmap)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict):
         raise CheckpointError(f"{path}: not a COMET checkpoint (no hyper_parameters with a config); "

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from utils.config import config_to_dict
+from utils.files import load_torch_file
 from utils.methods import config_from_dict, method_class
 
 # MOTFM model_args -> ours (the same name unless given); keys not here and not in _MOTFM_ONLY are refused.
@@ -179,11 +180,7 @@ def import_run(checkpoint: str | Path, config: dict, run_dir: Path, num_labels: 
     from utils.data.datamodule import scaled_label_values
 
     values = translate_config(config, run_dir, num_labels, image_size, config_source)
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a file torch can read without running code
-        raise MotfmError(f"{checkpoint}: cannot read with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    ckpt = load_torch_file(checkpoint, "a MOTFM checkpoint", MotfmError)
     unet, controlnet = split_state_dict(ckpt, str(checkpoint))
     uses_class = "class" in values["conditioning_args"]["mode"]
     if uses_class:

@@ -43,6 +43,29 @@ def setup_logging(rank: int) -> logging.handlers.MemoryHandler:
     return buffer
 
 
+# Lightning's lines that are wrong or noise for this trainer: it checks the run directory itself (prepare_run_dir),
+# keeps the earlier CSV log on resume (keep_csv_log), and advertises a cloud logger.
+LIGHTNING_NOISE = (r"Checkpoint directory .* exists and is not empty",
+                   r"Experiment logs directory .* exists and is not empty",
+                   r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def quiet_lightning() -> None:
+    """Drop :data:`LIGHTNING_NOISE` warnings and Lightning's advertisement lines ("💡 Tip")."""
+    import warnings
+
+    for pattern in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _NoTips) for f in rank_zero.filters):
+        rank_zero.addFilter(_NoTips())
+
+
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
 def log_to_file(buffer: logging.handlers.MemoryHandler, path: Path) -> logging.FileHandler:
     """Write the buffered records to ``path`` and send every later one there too (until the handler is removed)."""
     handler = logging.FileHandler(path)
@@ -162,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank = launch_rank()
     log_buffer = setup_logging(rank)
+    quiet_lightning()
 
     import pytorch_lightning as pl
     import torch

@@ -30,10 +30,10 @@ def test_lightnings_misleading_lines_are_dropped(caplog):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("default")
         trainer.quiet_lightning()  # after simplefilter: the trainer's filters come first again
-        warnings.warn("Checkpoint directory /runs/x exists and is not empty.", UserWarning)
+        warnings.warn("Checkpoint directory /runs/x exists and is not empty.", UserWarning, stacklevel=1)
         warnings.warn("Experiment logs directory /runs/x/csv exists and is not empty. Previous log files in this "
-                      "directory will be deleted when the new ones are saved!", UserWarning)
-        warnings.warn("something else", UserWarning)
+                      "directory will be deleted when the new ones are saved!", UserWarning, stacklevel=1)
+        warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else"]
     with caplog.at_level("INFO"):
         logging.getLogger("pytorch_lightning.utilities.rank_zero").info("💡 Tip: For seamless cloud logging ...")

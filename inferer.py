@@ -2,7 +2,7 @@
 
 Examples:
     python inferer.py --checkpoint checkpoints/quickstart --num_samples 64 --output_dir outputs/quickstart
-    python inferer.py --config_path configs/comet_camus.yaml --num_samples 2000 --num_inference_steps 10
+    python inferer.py --config_path configs/comet_camus.yaml --num_samples 2000 --num_steps 10
     python inferer.py --checkpoint run.ckpt --masks my_masks/ --resize --png --output_dir outputs/mine
     python inferer.py --checkpoint checkpoints/quickstart --split train --num_samples 480 --export synth.npz
     python inferer.py --checkpoint checkpoints/meddtfm_quickstart --reference data/synthetic_echo_64.npz --t0 0.5
@@ -36,7 +36,13 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import add_checkpoint_arguments, add_sampler_argument, configure_logging, docstring_parser
+from utils.cli import (
+    add_checkpoint_arguments,
+    add_renamed,
+    add_sampler_argument,
+    configure_logging,
+    docstring_parser,
+)
 from utils.methods import samplers
 
 log = logging.getLogger("comet.inferer")
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = docstring_parser(__doc__)
     add_checkpoint_arguments(p)
     p.add_argument("--num_samples", type=int, help="images to generate (default: one per mask)")
-    p.add_argument("--num_inference_steps", type=int, help="sampler steps (default: the config's, 10)")
+    add_renamed(p, "--num_steps", "--num_inference_steps", type=int, help="sampler steps (default: the config's, 10)")
     add_sampler_argument(p, samplers())
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--split", default="test", help="dataset split whose masks are used (default: %(default)s)")
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: --feature_guidance must be >= 0, got {args.feature_guidance}")
     if args.t0 is not None and not 0 <= args.t0 <= 1:
         raise SystemExit(f"error: --t0 must be in [0, 1], got {args.t0}")
-    for name in ("num_samples", "num_inference_steps", "batch_size", "devices"):
+    for name in ("num_samples", "num_steps", "batch_size", "devices"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {value}")
@@ -130,7 +136,7 @@ def run(args) -> int:
 
     ckpt = resolve_checkpoint(args.checkpoint, args.which, args.config_path)
     devices = pick_devices(args.devices)
-    module = load_module(ckpt, devices[0], args.overrides + sampling_overrides(args.num_inference_steps, args.sampler))
+    module = load_module(ckpt, devices[0], args.overrides + sampling_overrides(args.num_steps, args.sampler))
     cfg = module.cfg
     steps, sampler = cfg.sampling_args.num_steps, cfg.sampling_args.sampler
     out_dir = Path(args.output_dir or cfg.run_dir / f"samples_{args.split}_{steps}steps")

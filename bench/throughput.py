@@ -69,13 +69,13 @@ COLUMNS = (("setting", "setting"), ("task", "task"), ("batch", "batch_size"), ("
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from utils.cli import docstring_parser
+    from utils.cli import add_renamed, docstring_parser
 
     p = docstring_parser(__doc__)
     p.add_argument("--config_path", help="network, prior and loss (default: configs/comet_camus.yaml; "
                                          "with --tiny configs/tiny.yaml)")
     p.add_argument("--batch_sizes", type=int, nargs="+", help="batch sizes (default: 16 32; --tiny: 2)")
-    p.add_argument("--steps", type=int, default=10, help="Euler sampling steps (default: %(default)s)")
+    add_renamed(p, "--num_steps", "--steps", type=int, default=10, help="Euler sampling steps (default: %(default)s)")
     p.add_argument("--iters", type=int, help="timed training steps per setting (default: 10; --tiny: 2)")
     p.add_argument("--warmup", type=int, help="untimed training steps before them (default: 3; --tiny: 1)")
     p.add_argument("--sample_batches", type=int,
@@ -106,7 +106,7 @@ def _defaults(args) -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     args.sample_batches = args.sample_batches if args.sample_batches is not None else (1 if tiny else 3)
     args.device = args.device or ("cpu" if tiny else None)
-    for name in ("steps", "iters", "warmup", "sample_batches"):
+    for name in ("num_steps", "iters", "warmup", "sample_batches"):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} must be >= 1, got {getattr(args, name)}")
     if min(args.batch_sizes) < 2:
@@ -235,7 +235,7 @@ def baseline(cfg, batch: int, args, device) -> tuple[dict, dict]:
 
     def sample_batch():
         with torch.inference_mode(), autocast(precision, device):
-            sample(VelocityAdapter(model), torch.randn_like(x_1), mask, args.steps, "euler")
+            sample(VelocityAdapter(model), torch.randn_like(x_1), mask, args.num_steps, "euler")
 
     info, train, sampling = {"precision": precision, "optimizer": "Adam"}, {}, {}
     if "train" in args.tasks:
@@ -269,7 +269,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
         keys = values["contrastive_args"]
         keys["warmup_epochs"] = 0  # the contrastive term is part of every timed step
         keys["num_keys"] = -(-keys["num_keys"] // batch) * batch  # whole micro-batches: at least the batch
-    values["sampling_args"].update(num_steps=args.steps, precision=precision)  # the method's own sampler
+    values["sampling_args"].update(num_steps=args.num_steps, precision=precision)  # the method's own sampler
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed,
                         spatial_dims=run_cfg.model_args.spatial_dims)
@@ -285,7 +285,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     where, sampler = [str(module.device)], run_cfg.sampling_args.sampler
 
     def sample(n: int) -> None:
-        generate(module, masks[:n], torch.arange(n), 0, args.steps, sampler, batch, where, progress=False)
+        generate(module, masks[:n], torch.arange(n), 0, args.num_steps, sampler, batch, where, progress=False)
 
     _sync(device)
     start = time.perf_counter()
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device, args.config_path, args.peak_tflops)
     forward, train_step = count_flops(cfg.model_args, cfg.data_args.num_classes, cfg.data_args.image_size)
     env.update(gflop_forward_per_image=round(forward / 1e9, 3), gflop_train_step_per_image=round(train_step / 1e9, 3),
-               sampling_steps=args.steps, iters=args.iters, warmup=args.warmup, sample_batches=args.sample_batches,
+               sampling_steps=args.num_steps, iters=args.iters, warmup=args.warmup, sample_batches=args.sample_batches,
                settings={s.name: s.about for s in (BASELINE, *(SETTINGS[n] for n in args.settings))})
     emit(env)
     rows = []
@@ -481,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                     train, sampling = baseline(cfg, batch, args, device)
                 else:
                     train, sampling = framework(cfg, setting, batch, args, device, data, Path(tmp))
-                for task, timing, flop in (("train", train, train_step), ("sample", sampling, forward * args.steps)):
+                sample_flop = forward * args.num_steps
+                for task, timing, flop in (("train", train, train_step), ("sample", sampling, sample_flop)):
                     if not timing:
                         continue
                     row = result(setting, task, batch, timing, flop, env, reference.get(task))
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
     print(f"\n{env['device']}, torch {env['torch']}, MONAI {env['monai']}, Lightning {env['lightning']}, "
-          f"{env['date']}; {args.config_path}, {args.steps} sampling steps\n")
+          f"{env['date']}; {args.config_path}, {args.num_steps} sampling steps\n")
     print(markdown_table(rows))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

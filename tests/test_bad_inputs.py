@@ -135,7 +135,7 @@ def test_evaluate_split_that_does_not_exist(tiny_run, tiny_data, tmp_path, no_we
 def samples(tiny_run, tmp_path_factory):
     """An inferer.py samples.npz (with its manifest) of the tiny run."""
     out = tmp_path_factory.mktemp("samples") / "gen"
-    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "3", "--num_inference_steps", "1",
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "3", "--num_steps", "1",
                          "--output_dir", str(out)]) == 0
     return out / "samples.npz"
 

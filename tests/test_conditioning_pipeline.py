@@ -111,7 +111,7 @@ def test_the_measurements_run_on_a_tiny_model(mode_run, tmp_path):
     from utils.studies import conditioning
 
     _, run = mode_run
-    common = ["--checkpoint", str(run), "--which", "last", "--output", str(tmp_path)]
+    common = ["--checkpoint", str(run), "--which", "last", "--output_dir", str(tmp_path)]
     assert conditioning.main(["classes", *common, "--per_class", "2", "--classifier_steps", "20"]) == 0
     r = json.loads((tmp_path / "classes.json").read_text())
     for part in ("real_test", "generated"):

@@ -287,7 +287,7 @@ def test_inferer_generates_with_the_checkpoints_sampler_and_refuses_flow_matchin
     assert manifest["method"] == "ddpm"
     out = tmp_path / "ddpm"
     assert inferer.main(["--checkpoint", str(ddpm_run), "--num_samples", "2", "--sampler", "ddpm",
-                         "--num_inference_steps", "3", "--output_dir", str(out)]) == 0
+                         "--num_steps", "3", "--output_dir", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["sampler"] == "ddpm"
     with pytest.raises(SystemExit, match="sampling_args.sampler must be one of \\['ddim', 'ddpm'\\] for method ddpm"):
         inferer.main(["--checkpoint", str(ddpm_run), "--method", "euler", "--output_dir", str(tmp_path / "x")])

@@ -44,8 +44,8 @@ def test_cli_synthetic_copies_of_the_real_images_train_the_same_segmenter(tiny_d
     the synthetic row equals the real row and its paired differences are exactly zero."""
     save_dataset(tmp_path / "synth.npz", {"train": _as_synthetic(load_dataset(tiny_data)["train"])})
     out = tmp_path / "out"
-    assert downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"),
-                            "--output", str(out), "--seeds", "0", "1", "--steps", "3"]) == 0
+    assert downstream.main(["--data_path", str(tiny_data), "--generated", str(tmp_path / "synth.npz"),
+                            "--output_dir", str(out), "--seeds", "0", "1", "--train_steps", "3"]) == 0
     summary = json.loads((out / "downstream.json").read_text())["summary"]
     for label in ("LV cavity", "myocardium", "LA cavity"):
         for score in ("dice", "hd95", "surface_dice"):
@@ -58,7 +58,8 @@ def test_cli_synthetic_copies_of_the_real_images_train_the_same_segmenter(tiny_d
     md = (out / "downstream.md").read_text()
     assert "| real25+synthetic | 16 |" in md and "ΔDice LV cavity" in md
     with pytest.raises(SystemExit, match="downstream.json exists; pass --overwrite"):
-        downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"), "--output", str(out)])
+        downstream.main(["--data_path", str(tiny_data), "--generated", str(tmp_path / "synth.npz"),
+                         "--output_dir", str(out)])
 
 
 def test_sets_of_another_image_size_are_refused_before_any_training(tiny_data, tmp_path, monkeypatch):
@@ -69,7 +70,7 @@ def test_sets_of_another_image_size_are_refused_before_any_training(tiny_data, t
              for r in _as_synthetic(load_dataset(tiny_data)["train"])]
     save_dataset(tmp_path / "synth.npz", {"train": small})
     with pytest.raises(SystemExit, match=r"error: .*synth.npz: train\[0\] is (1x)?16x16 but .*data.npz: train\[0\] "
-                                         r"is (1x)?32x32; every image of --real and --synthetic needs one size"):
-        downstream.main(["--real", str(tiny_data), "--synthetic", str(tmp_path / "synth.npz"),
-                         "--output", str(tmp_path / "out")])
+                                         r"is (1x)?32x32; every image of --data_path and --generated needs one size"):
+        downstream.main(["--data_path", str(tiny_data), "--generated", str(tmp_path / "synth.npz"),
+                         "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()

@@ -113,7 +113,7 @@ def test_with_inception_weights_precision_and_recall_also_come_in_inception_spac
 @pytest.mark.slow  # several seconds on a 2-core CPU; the fast subset keeps under 2 minutes
 def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp_path, no_weights):
     out = tmp_path / "gen"
-    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_inference_steps", "1",
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_steps", "1",
                          "--output_dir", str(out)]) == 0
     z = dict(np.load(out / "samples.npz"))
     from utils.data.dataset_io import load_dataset, normalise_image
@@ -134,7 +134,7 @@ def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp
 
 def test_samples_from_another_dataset_are_refused(tiny_run, tmp_path, no_weights):
     out = tmp_path / "gen"
-    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "3", "--num_inference_steps", "1",
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "3", "--num_steps", "1",
                          "--output_dir", str(out)]) == 0
     z = dict(np.load(out / "samples.npz"))
     z["masks"] = np.zeros_like(z["masks"])

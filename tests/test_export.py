@@ -15,7 +15,7 @@ from utils.methods import load_module
 
 
 def _export(tiny_run, path, *extra):
-    return inferer.main(["--checkpoint", str(tiny_run), "--num_inference_steps", "2", "--split", "train",
+    return inferer.main(["--checkpoint", str(tiny_run), "--num_steps", "2", "--split", "train",
                          "--num_samples", "6", "--seed", "3", "--export", str(path), *extra])
 
 

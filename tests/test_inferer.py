@@ -85,7 +85,7 @@ def test_with_alpha_the_initial_state_is_the_prior_of_that_mask_and_seed(module,
 
 
 def _run(tiny_run, tmp_path, *extra):
-    return inferer.main(["--checkpoint", str(tiny_run), "--num_inference_steps", "2", *extra])
+    return inferer.main(["--checkpoint", str(tiny_run), "--num_steps", "2", *extra])
 
 
 def test_cli_writes_every_output(tiny_run, tmp_path):

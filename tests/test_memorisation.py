@@ -50,8 +50,8 @@ def test_cli_audits_an_exported_dataset(tiny_data, splits, tmp_path, capsys):
     images, _ = splits
     train = load_dataset(tiny_data)["train"]
     save_dataset(tmp_path / "synth.npz", {"train": [train[0], train[1]]})  # two copies of training images
-    assert mem.main(["--generated", str(tmp_path / "synth.npz"), "--data", str(tiny_data),
-                     "--output", str(tmp_path / "audit")]) == 0
+    assert mem.main(["--generated", str(tmp_path / "synth.npz"), "--data_path", str(tiny_data),
+                     "--output_dir", str(tmp_path / "audit")]) == 0
     assert "flagged (closer than the real test images' 1st percentile): 2 of 2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"nothing.npz"):
-        mem.main(["--generated", str(tmp_path / "nothing.npz"), "--data", str(tiny_data), "--output", "x"])
+        mem.main(["--generated", str(tmp_path / "nothing.npz"), "--data_path", str(tiny_data), "--output_dir", "x"])

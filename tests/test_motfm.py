@@ -97,7 +97,7 @@ def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data
     tmp, net = motfm_run
     out = tmp_path / "imported"
     assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
-                       "--output", str(out), "--image_size", "32"]) == 0
+                       "--output_dir", str(out), "--image_size", "32"]) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["conditioning_args"]["mode"] == "mask+class" and config["model_args"]["channels"] == [8, 8]
     t = config["train_args"]
@@ -110,7 +110,7 @@ def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data
     masks, classes, lo, hi = split_records(tiny_data, 3)
     torch.testing.assert_close(got, motfm_images(net, masks, torch.tensor(classes), lo, hi), atol=1e-5, rtol=1e-5)
     assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
-                       "--output", str(tmp_path / "continuous"), "--image_size", "32", "--continuous_time"]) == 0
+                       "--output_dir", str(tmp_path / "continuous"), "--image_size", "32", "--continuous_time"]) == 0
     assert inferer.main(["--checkpoint", str(tmp_path / "continuous" / "imported.ckpt"), "--num_samples", "3",
                          "--output_dir", str(tmp_path / "continuous_samples")]) == 0
     continuous = torch.from_numpy(np.load(tmp_path / "continuous_samples" / "samples.npz")["images"])
@@ -128,7 +128,7 @@ def test_what_cannot_be_mapped_is_refused_by_name(motfm_run, tiny_data, tmp_path
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(motfm_yaml(tiny_data, **change)))
     with pytest.raises(SystemExit, match=message):
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "bad.yaml"),
-                    "--output", str(tmp_path / "out"), "--image_size", "32"])
+                    "--output_dir", str(tmp_path / "out"), "--image_size", "32"])
     assert not (tmp_path / "out" / "imported.ckpt").exists()
 
 
@@ -139,7 +139,7 @@ def test_a_normalisation_other_than_a_global_min_max_is_refused(motfm_run, tiny_
     (tmp_path / "z.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match="data_args.image_norm 'zscore' cannot be imported"):
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "z.yaml"),
-                    "--output", str(tmp_path / "out"), "--image_size", "32"])
+                    "--output_dir", str(tmp_path / "out"), "--image_size", "32"])
 
 
 @pytest.mark.parametrize("name, mode", [("mask_class_conditioning", "mask+class"), ("class_conditioning", "class"),
@@ -170,7 +170,7 @@ def test_a_label_count_other_than_the_datas_is_refused(motfm_run, tiny_data, tmp
     tmp, _ = motfm_run
     with pytest.raises(SystemExit, match=r"labels 0\.\.3, .*--num_labels is 5 \(give --num_labels 4\)"):
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp / "motfm.yaml"),
-                    "--output", str(tmp_path / "out"), "--image_size", "32", "--num_labels", "5",
+                    "--output_dir", str(tmp_path / "out"), "--image_size", "32", "--num_labels", "5",
                     "--image_range", "0", "1"])
     assert not (tmp_path / "out").exists()
 
@@ -189,7 +189,7 @@ def test_every_motfm_setting_imports_as_monai_generative_computes_it(setting, mo
     out = tmp_path / "imported"
     classes = ["--class_names", "a", "b", "c", "d"] if "class" in mode else []
     assert motfm_main(["import", "--checkpoint", str(FIXTURES / f"{setting}.ckpt"), "--config",
-                       str(FIXTURES / f"{setting}.yaml"), "--output", str(out), "--image_size", "32",
+                       str(FIXTURES / f"{setting}.yaml"), "--output_dir", str(out), "--image_size", "32",
                        "--image_range", "0", "1", *classes]) == 0
     module = load_module(out / "imported.ckpt")
     assert module.cfg.conditioning_args.mode == mode
@@ -209,7 +209,7 @@ def test_a_shuffled_class_values_order_conditions_on_motfms_class(motfm_run, tin
     config["data_args"]["class_values"] = order
     (tmp_path / "shuffled.yaml").write_text(yaml.safe_dump(config))
     assert motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "shuffled.yaml"),
-                       "--output", str(tmp_path / "imported"), "--image_size", "32"]) == 0
+                       "--output_dir", str(tmp_path / "imported"), "--image_size", "32"]) == 0
     assert inferer.main(["--checkpoint", str(tmp_path / "imported" / "imported.ckpt"), "--num_samples", "4",
                          "--output_dir", str(tmp_path / "samples")]) == 0
     got = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])
@@ -221,7 +221,7 @@ def test_a_shuffled_class_values_order_conditions_on_motfms_class(motfm_run, tin
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(SystemExit, match=r"class_values \[0, 1, 2, 5\] must be the classes 0..3"):
         motfm_main(["import", "--checkpoint", str(tmp / "motfm.ckpt"), "--config", str(tmp_path / "bad.yaml"),
-                    "--output", str(tmp_path / "bad"), "--image_size", "32"])
+                    "--output_dir", str(tmp_path / "bad"), "--image_size", "32"])
 
 
 def test_a_left_out_model_key_takes_monai_generatives_default(tmp_path):

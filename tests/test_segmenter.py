@@ -76,7 +76,7 @@ def test_mask_fidelity_of_real_images_equals_the_segmenters_real_scores(tiny_run
     """evaluate.py on 'generated' images that are the real test images: fidelity == the ceiling."""
     monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "gen"
-    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_inference_steps", "1",
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "8", "--num_steps", "1",
                          "--output_dir", str(out)]) == 0
     z = dict(np.load(out / "samples.npz"))
     directory, net, images, masks = trained
@@ -94,10 +94,10 @@ def test_mask_fidelity_of_real_images_equals_the_segmenters_real_scores(tiny_run
 
 
 def test_cli_trains_saves_and_refuses_to_overwrite(tiny_data, tmp_path, capsys):
-    assert seg.main(["train", "--data", str(tiny_data), "--output", str(tmp_path), "--steps", "2"]) == 0
+    assert seg.main(["train", "--data_path", str(tiny_data), "--output_dir", str(tmp_path), "--train_steps", "2"]) == 0
     assert "| LV cavity |" in capsys.readouterr().out and (tmp_path / "segmenter.pt").is_file()
     with pytest.raises(SystemExit, match="segmenter.pt exists; pass --overwrite"):
-        seg.main(["train", "--data", str(tiny_data), "--output", str(tmp_path), "--steps", "2"])
+        seg.main(["train", "--data_path", str(tiny_data), "--output_dir", str(tmp_path), "--train_steps", "2"])
 
 
 def test_cached_segmenter_trains_once_per_data_file(tiny_data, tmp_path, monkeypatch):

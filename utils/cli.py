@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from utils.config import INFERENCE_OVERRIDES
 
@@ -30,6 +31,23 @@ def configure_logging(level: int = logging.INFO, timestamps: bool = True) -> Non
     logging.basicConfig(level=level, format=LOG_FORMAT if timestamps else "%(levelname)s %(name)s: %(message)s")
 
 
+class _Renamed(argparse.Action):
+    """Stores like ``store``; given under its old name (the last option string), says once on stderr that the
+    flag was renamed."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == self.option_strings[-1]:
+            print(f"note: {option_string} is now {self.option_strings[0]} (the old name still works)",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(group, name: str, old: str, **kwargs) -> argparse.Action:
+    """The flag ``name``, with ``old`` kept as an alias whose use prints a one-line deprecation note (the flags of
+    every CLI share one vocabulary: --output_dir, --data_path, --num_steps, --train_steps)."""
+    return group.add_argument(name, old, dest=name.lstrip("-"), action=_Renamed, **kwargs)
+
+
 def add_checkpoint_arguments(group) -> None:
     """--checkpoint, --which, --config_path and --set (inference overrides): which trained model to load
     (:func:`utils.methods.resolve_checkpoint`, :func:`utils.methods.load_module`)."""
@@ -44,7 +62,7 @@ def add_checkpoint_arguments(group) -> None:
 def add_sampler_argument(group, samplers: dict[str, tuple[str, ...]]) -> None:
     """--sampler (old name --method), one of the checkpoint's method's ``samplers`` ({method: its samplers})."""
     choices = tuple(dict.fromkeys(s for names in samplers.values() for s in names))
-    group.add_argument("--sampler", "--method", dest="sampler", choices=choices, metavar="SAMPLER",
-                       help="sampler, one of the checkpoint's method's ("
-                            + "; ".join(f"{m}: {', '.join(s)}" for m, s in samplers.items())
-                            + "; default: the checkpoint's sampling_args.sampler). --method is its old name")
+    add_renamed(group, "--sampler", "--method", choices=choices, metavar="SAMPLER",
+                help="sampler, one of the checkpoint's method's ("
+                     + "; ".join(f"{m}: {', '.join(s)}" for m, s in samplers.items())
+                     + "; default: the checkpoint's sampling_args.sampler). --method is its old name")

@@ -1,11 +1,11 @@
 """Downstream utility: does a segmenter trained with synthetic images work on real patients?
 
-Trains the segmenter of :mod:`utils.evaluation.segmenter` (its fixed recipe; ``--steps`` optimiser steps
+Trains the segmenter of :mod:`utils.evaluation.segmenter` (its fixed recipe; ``--train_steps`` optimiser steps
 for every training set, so more data is not also more compute) on each training set, once per seed, and
 scores it on the real test split (per-label Dice, HD95, surface Dice; means over the test images):
 
 - ``real``: the real training split;
-- ``synthetic``: the synthetic dataset only (every record of every split of ``--synthetic``, e.g. an
+- ``synthetic``: the synthetic dataset only (every record of every split of ``--generated``, e.g. an
   ``inferer.py --export`` of images generated for the training masks, or for N x as many);
 - ``real+synthetic``: both;
 - ``real{P}``: the real images of ``--fraction`` of the training patients (drawn per seed; by image when
@@ -20,8 +20,8 @@ in every condition, so differences are paired by seed. Over seeds: the mean and 
 condition, seed and label), ``downstream.json`` and ``downstream.md``.
 
 Example:
-    python -m utils.evaluation.downstream --real data/synthetic_echo_64.npz --synthetic synth.npz \\
-        --seeds 0 1 2 --output outputs/downstream
+    python -m utils.evaluation.downstream --data_path data/synthetic_echo_64.npz --generated synth.npz \\
+        --seeds 0 1 2 --output_dir outputs/downstream
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import configure_logging, docstring_parser
+from utils.cli import add_renamed, configure_logging, docstring_parser
 from utils.evaluation.segmenter import (
     SCORES,
     Recipe,
@@ -118,7 +118,7 @@ def check_one_size(sets: dict[str, dict[str, list[dict]]]) -> None:
                 if first is None:
                     first = shape, where
                 elif shape != first[0]:
-                    raise DatasetError(f"{where} but {first[1]}; every image of --real and --synthetic needs one "
+                    raise DatasetError(f"{where} but {first[1]}; every image of --data_path and --generated needs one "
                                        "size (export the synthetic set at the real images' size)")
 
 
@@ -184,12 +184,13 @@ def markdown(summary: dict, sizes: dict, seeds: list[int], info: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = docstring_parser(__doc__, prog="python -m utils.evaluation.downstream")
-    p.add_argument("--real", required=True, help="the real dataset (train and test splits)")
-    p.add_argument("--synthetic", required=True, help="a synthetic dataset file (inferer.py --export)")
-    p.add_argument("--output", required=True, help="directory for downstream.csv/.json/.md")
+    add_renamed(p, "--data_path", "--real", required=True, help="the real dataset (train and test splits)")
+    add_renamed(p, "--generated", "--synthetic", required=True, help="a synthetic dataset file (inferer.py --export)")
+    add_renamed(p, "--output_dir", "--output", required=True, help="directory for downstream.csv/.json/.md")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     p.add_argument("--fraction", type=float, default=0.25, help="share of real patients in the low-data rows")
-    p.add_argument("--steps", type=int, default=Recipe.steps, help="optimiser steps per run (default: %(default)s)")
+    add_renamed(p, "--train_steps", "--steps", type=int, default=Recipe.steps,
+                help="optimiser steps per run (default: %(default)s)")
     p.add_argument("--num_classes", type=int, default=4, help="labels incl. background (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output")
     return p
@@ -198,28 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    if not 0 < args.fraction < 1 or args.steps < 1:
-        raise SystemExit(f"error: need 0 < --fraction < 1 and --steps >= 1, got {args.fraction}, {args.steps}")
-    if (Path(args.output) / "downstream.json").exists() and not args.overwrite:
-        raise SystemExit(f"error: {Path(args.output) / 'downstream.json'} exists; pass --overwrite")
+    if not 0 < args.fraction < 1 or args.train_steps < 1:
+        raise SystemExit(f"error: need 0 < --fraction < 1 and --train_steps >= 1, got {args.fraction}, "
+                         f"{args.train_steps}")
+    if (Path(args.output_dir) / "downstream.json").exists() and not args.overwrite:
+        raise SystemExit(f"error: {Path(args.output_dir) / 'downstream.json'} exists; pass --overwrite")
     from utils.data.dataset_io import load_dataset, validate_dataset
     from utils.data.layout import DatasetError
 
     try:
-        real = load_dataset(args.real)
-        validate_dataset(real, args.real, args.num_classes, splits=("train", "test"))
-        synthetic_data = load_dataset(args.synthetic)
-        validate_dataset(synthetic_data, args.synthetic, args.num_classes, splits=tuple(synthetic_data))
-        check_one_size({args.real: {s: real[s] for s in ("train", "test")}, args.synthetic: synthetic_data})
+        real = load_dataset(args.data_path)
+        validate_dataset(real, args.data_path, args.num_classes, splits=("train", "test"))
+        synthetic_data = load_dataset(args.generated)
+        validate_dataset(synthetic_data, args.generated, args.num_classes, splits=tuple(synthetic_data))
+        check_one_size({args.data_path: {s: real[s] for s in ("train", "test")}, args.generated: synthetic_data})
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     synthetic = [r for records in synthetic_data.values() for r in records]
     if not synthetic:
-        raise SystemExit(f"error: {args.synthetic} holds no records")
-    per_seed, sizes = run(real, synthetic, args.seeds, args.fraction, args.num_classes, args.steps)
-    info = {"real": str(args.real), "synthetic": str(args.synthetic), "steps": args.steps,
+        raise SystemExit(f"error: {args.generated} holds no records")
+    per_seed, sizes = run(real, synthetic, args.seeds, args.fraction, args.num_classes, args.train_steps)
+    info = {"real": str(args.data_path), "synthetic": str(args.generated), "steps": args.train_steps,
             "fraction": args.fraction, "n_test": len(real["test"])}
-    print(write(Path(args.output), per_seed, summarise(per_seed, args.num_classes), sizes, args.seeds, info))
+    print(write(Path(args.output_dir), per_seed, summarise(per_seed, args.num_classes), sizes, args.seeds, info))
     return 0
 
 

@@ -19,7 +19,8 @@ images over their nearest training images, volumes by their three mid-slices; th
 them when any). Volumes ``[N, 1, D, H, W]`` are audited as images are: voxel RMSE.
 
 Example (a synthetic set before sharing it):
-    python -m utils.evaluation.memorisation --generated synth.npz --data data/synthetic_echo_64.npz --output audit
+    python -m utils.evaluation.memorisation --generated synth.npz --data_path data/synthetic_echo_64.npz \\
+        --output_dir audit
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.cli import configure_logging, docstring_parser
+from utils.cli import add_renamed, configure_logging, docstring_parser
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,8 @@ def report_section(s: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = docstring_parser(__doc__, prog="python -m utils.evaluation.memorisation")
     p.add_argument("--generated", required=True, help="dataset file of generated images (inferer.py --export)")
-    p.add_argument("--data", required=True, help="the real dataset (its train and test splits)")
-    p.add_argument("--output", required=True, help="directory for the audit files")
+    add_renamed(p, "--data_path", "--data", required=True, help="the real dataset (its train and test splits)")
+    add_renamed(p, "--output_dir", "--output", required=True, help="directory for the audit files")
     p.add_argument("--chunk", type=int, default=256, help="generated images per distance chunk (default: 256)")
     return p
 
@@ -176,16 +177,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         generated, _ = split_tensors([r for records in load_dataset(args.generated).values() for r in records])
-        real = load_dataset(args.data)
+        real = load_dataset(args.data_path)
         if not real.get("train") or not real.get("test"):
-            raise DatasetError(f"{args.data}: needs non-empty train and test splits")
+            raise DatasetError(f"{args.data_path}: needs non-empty train and test splits")
         train, _ = split_tensors(real["train"])
         test, _ = split_tensors(real["test"])
         result = audit(generated, train, test, args.chunk)
     except (DatasetError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     patients = [r["metadata"].get("patient") for r in real["train"]]
-    s = write_audit(Path(args.output), result, generated, train, patients)
+    s = write_audit(Path(args.output_dir), result, generated, train, patients)
     print(report_section(s))
     return 0
 

@@ -133,14 +133,20 @@ def ranking_markdown(scores: dict, verdicts: dict, sizes: dict[str, int]) -> str
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from utils.cli import configure_logging, docstring_parser
+def build_parser():
+    from utils.cli import docstring_parser
 
     p = docstring_parser(__doc__, prog="python -m utils.evaluation.ranking")
     p.add_argument("eval_dir", help="an evaluate.py output directory (phantom data, K >= 2 samples per mask)")
     p.add_argument("--output_dir", help="where to write ranking.md/json (default: EVAL_DIR)")
     p.add_argument("--blur", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="blur sigmas in px (default: 1 2 4)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from utils.cli import configure_logging
+
+    args = build_parser().parse_args(argv)
     configure_logging()
     eval_dir = Path(args.eval_dir)
     if not (eval_dir / "samples" / "samples.npz").is_file():

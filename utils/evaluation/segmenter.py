@@ -20,7 +20,7 @@ Checkpoint: ``segmenter.pt`` (``{"state_dict", "recipe", "num_classes", "data"}`
 ``torch.load(weights_only=True)``) and ``segmenter.json`` (recipe, data hash, the real test-split scores).
 
 Example:
-    python -m utils.evaluation.segmenter train --data data/synthetic_echo_64.npz --output checkpoints/segmenter
+    python -m utils.evaluation.segmenter train --data_path data/synthetic_echo_64.npz --output_dir checkpoints/segmenter
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.cli import configure_logging, docstring_parser
+from utils.cli import add_renamed, configure_logging, docstring_parser
 from utils.files import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -264,9 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = docstring_parser(__doc__, prog="python -m utils.evaluation.segmenter")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train on a dataset's train split and score it on its test split")
-    t.add_argument("--data", required=True, help="dataset file (.npz/.pkl) or folder with train and test splits")
-    t.add_argument("--output", required=True, help="directory for segmenter.pt and segmenter.json")
-    t.add_argument("--steps", type=int, default=Recipe.steps, help="optimiser steps (default: %(default)s)")
+    add_renamed(t, "--data_path", "--data", required=True,
+                help="dataset file (.npz/.pkl) or folder with train and test splits")
+    add_renamed(t, "--output_dir", "--output", required=True, help="directory for segmenter.pt and segmenter.json")
+    add_renamed(t, "--train_steps", "--steps", type=int, default=Recipe.steps,
+                help="optimiser steps (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default: %(default)s)")
     t.add_argument("--num_classes", type=int, default=4, help="labels incl. background (default: %(default)s)")
     t.add_argument("--tolerance", type=float, default=2.0, help="surface Dice tolerance in px (default: 2)")
@@ -277,19 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
-    if args.steps < 1:
-        raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
-    if (Path(args.output) / CHECKPOINT).exists() and not args.overwrite:
-        raise SystemExit(f"error: {Path(args.output) / CHECKPOINT} exists; pass --overwrite")
+    if args.train_steps < 1:
+        raise SystemExit(f"error: --train_steps must be >= 1, got {args.train_steps}")
+    if (Path(args.output_dir) / CHECKPOINT).exists() and not args.overwrite:
+        raise SystemExit(f"error: {Path(args.output_dir) / CHECKPOINT} exists; pass --overwrite")
     from utils.data.layout import DatasetError
 
-    recipe = Recipe(steps=args.steps, seed=args.seed)
+    recipe = Recipe(steps=args.train_steps, seed=args.seed)
     try:
-        net, described, scores = train_on_dataset(args.data, recipe, args.tolerance, args.num_classes)
+        net, described, scores = train_on_dataset(args.data_path, recipe, args.tolerance, args.num_classes)
     except (DatasetError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    path = save_segmenter(args.output, net, recipe, args.num_classes, described, scores)
-    print(f"real test split of {args.data} ({described['num_test']} images), the mask-fidelity ceiling:")
+    path = save_segmenter(args.output_dir, net, recipe, args.num_classes, described, scores)
+    print(f"real test split of {args.data_path} ({described['num_test']} images), the mask-fidelity ceiling:")
     print(format_scores(scores))
     log.info("wrote %s", path)
     return 0

@@ -1,7 +1,7 @@
 """Import a MOTFM run: its Lightning checkpoint and YAML become a COMET checkpoint and config.
 
 Example:
-    python -m utils.motfm import --checkpoint MOTFM.ckpt --config MOTFM.yaml --output checkpoints/motfm_camus
+    python -m utils.motfm import --checkpoint MOTFM.ckpt --config MOTFM.yaml --output_dir checkpoints/motfm_camus
     python inferer.py --checkpoint checkpoints/motfm_camus/imported.ckpt --num_samples 64
 
 Writes ``OUTPUT/imported.ckpt`` (read it with ``--checkpoint``: ``trainer.py`` never resumes from it) and
@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import configure_logging, docstring_parser
+from utils.cli import add_renamed, configure_logging, docstring_parser
 
 log = logging.getLogger("comet.motfm")
 CHECKPOINT = "imported.ckpt"
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("import", help="convert a MOTFM checkpoint and YAML")
     i.add_argument("--checkpoint", required=True, help="MOTFM's .ckpt (Lightning)")
     i.add_argument("--config", required=True, help="the MOTFM YAML it was trained with")
-    i.add_argument("--output", required=True, help="run directory to write imported.ckpt and config.yaml into")
+    add_renamed(i, "--output_dir", "--output", required=True,
+                help="run directory to write imported.ckpt and config.yaml into")
     i.add_argument("--num_labels", type=int, default=4, help="mask labels incl. background (default: %(default)s)")
     i.add_argument("--image_size", type=int, default=256, help="H = W of the images (default: %(default)s)")
     i.add_argument("--image_range", type=float, nargs=2, metavar=("LO", "HI"),
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.methods import config_from_dict
     from utils.motfm.convert import MotfmError, import_run
 
-    out = Path(args.output)
+    out = Path(args.output_dir)
     if (out / CHECKPOINT).exists() and not args.overwrite:
         raise SystemExit(f"error: {out / CHECKPOINT} exists; pass --overwrite")
     try:

@@ -12,9 +12,9 @@ test split's first ``--num_samples`` masks (noise of (seed, i): the same noise f
 surface Dice and SSIM against the real image of that mask are averaged, with the network evaluations per image.
 
 Examples:
-    python -m utils.studies.conditioning classes --checkpoint checkpoints/class_quickstart --output outputs/classes
+    python -m utils.studies.conditioning classes --checkpoint checkpoints/class_quickstart --output_dir outputs/classes
     python -m utils.studies.conditioning guidance --checkpoint checkpoints/guidance_quickstart \\
-        --scales 1 1.5 2 3 --output outputs/guidance
+        --scales 1 1.5 2 3 --output_dir outputs/guidance
 
 Writes ``<command>.json`` and ``<command>.md`` in ``--output``.
 """
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.cli import configure_logging, docstring_parser
+from utils.cli import add_renamed, configure_logging, docstring_parser
 
 log = logging.getLogger("comet.conditioning")
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory (its best checkpoint)")
         c.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint in a run directory")
         c.add_argument("--data_path", help="dataset (default: the checkpoint's data_args.path)")
-        c.add_argument("--output", required=True, help="directory for the .json and .md")
+        add_renamed(c, "--output_dir", "--output", required=True, help="directory for the .json and .md")
         c.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
         c.add_argument("--batch_size", type=int, default=16, help="images per batch (default: %(default)s)")
     sub.choices["classes"].add_argument("--per_class", type=int, default=40,
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             text = guidance_markdown(result)
     except (CheckpointError, ConfigError, DatasetError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    out = Path(args.output)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.command}.json").write_text(json.dumps({"checkpoint": str(ckpt), **result}, indent=2) + "\n")
     (out / f"{args.command}.md").write_text(text)

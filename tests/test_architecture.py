@@ -70,8 +70,8 @@ def test_no_module_imports_itself_back():
 def test_utils_is_organised_by_concern():
     """Only shared foundations sit at the top of utils/; everything else lives in a subpackage."""
     top = sorted(p.name for p in (ROOT / "utils").glob("*.py"))
-    assert top == ["__init__.py", "cli.py", "config.py", "distributed.py", "files.py", "images.py", "precision.py",
-                   "seeding.py"]
+    assert top == ["__init__.py", "cli.py", "config.py", "distributed.py", "files.py", "images.py", "locks.py",
+                   "precision.py", "seeding.py"]
     for package in ("data", "methods", "generation", "evaluation"):
         assert (ROOT / "utils" / package / "__init__.py").is_file()
 

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 
-def to_unit(x: torch.Tensor) -> torch.Tensor:
-    """Model range [-1, 1] to [0, 1] (clamped; the same rule for real and generated images)."""
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+def to_unit(x: torch.Tensor, image_range: tuple[float, ...] = (-1.0, 1.0)) -> torch.Tensor:
+    """Model range ``image_range`` ([-1, 1] unless a flow says otherwise) to [0, 1] (clamped; the same rule for
+    real and generated images)."""
+    lo, hi = image_range
+    return ((x.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
 def mask_to_unit(mask: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from flow_matching.path.scheduler import CondOTScheduler
 
 from losses.contrastive_flow import contrastive_velocity_loss, contrastive_weight
 from utils.config import ConfigError
+from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
 from utils.methods.flow_matching.config import FlowMatchingRunConfig
 from utils.methods.flow_matching.contrastive_keys import ContrastiveKeys, valid_keys
@@ -220,8 +221,7 @@ class FlowMatchingModule(SynthesisMethod):
         if motfm:  # MOTFM's min-max units mapped back to the dataset's [0, 1]
             lo, hi = self.hparams["motfm"]["image_range"]
             return (lo + x_1.float() * (hi - lo)).clamp(0.0, 1.0)
-        lo, hi = self.cfg.prior_args.image_range
-        return ((x_1.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
+        return to_unit(x_1, self.cfg.prior_args.image_range)
 
     def nfe(self, num_steps: int, sampler: str) -> int:
         """Network evaluations per image: the sampler's per step, twice with guidance (w != 1)."""

@@ -40,10 +40,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-from utils.cli import add_checkpoint_arguments, add_sampler_argument, configure_logging, docstring_parser
+from utils.cli import (
+    add_checkpoint_arguments,
+    add_sampler_argument,
+    configure_logging,
+    docstring_parser,
+    run_command,
+)
 from utils.evaluation.columns import COMPARED, METRICS, METRICS_3D
 from utils.methods import samplers
 
@@ -434,4 +439,4 @@ def _cache_dir(args) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from utils.cli import (
@@ -42,6 +41,7 @@ from utils.cli import (
     add_sampler_argument,
     configure_logging,
     docstring_parser,
+    run_command,
 )
 from utils.methods import samplers
 
@@ -251,4 +251,4 @@ def _source(index: int, record: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -20,7 +20,7 @@ import shlex
 import sys
 from contextlib import ExitStack
 
-from utils.cli import configure_logging, docstring_parser
+from utils.cli import configure_logging, docstring_parser, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             import evaluate
             import trainer
 
-            run_study(spec, trainer.main, evaluate.main)
+            try:
+                run_study(spec, trainer.main, evaluate.main)
+            except KeyboardInterrupt:
+                return 130  # the runner said where it stopped; the lock is released on the way out
         command = shlex.join(["python", "study.py", *(argv if argv is not None else sys.argv[1:])])
         path = write_report(spec, command)
     print(path.read_text())
@@ -60,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -18,7 +18,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from utils.cli import LOG_FORMAT
+from utils.cli import LOG_FORMAT, fit_until_ctrl_c, run_command
 
 log = logging.getLogger("comet.trainer")
 
@@ -283,7 +283,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
     if resume is not None:
         log.info("resuming from %s (epoch %d, step %d)", resume, *progress)
         keep_csv_log(cfg.run_dir / "csv" / "metrics.csv", progress[1])
-    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    fit_until_ctrl_c(trainer, module, datamodule=dm, ckpt_path=resume)
     best = callbacks[0].best_model_path
     score = callbacks[0].best_model_score
     log.info("done: best checkpoint %s (val/loss %s); last %s", best, None if score is None else f"{float(score):.6f}",
@@ -292,4 +292,4 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

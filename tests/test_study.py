@@ -114,7 +114,7 @@ def test_a_run_trained_before_a_key_was_added_counts_as_done_at_its_default(tmp_
 
 
 @pytest.mark.slow
-def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch):
+def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch, caplog):
     import evaluate
     import study
     import trainer
@@ -136,9 +136,13 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     monkeypatch.setattr(trainer, "main", counting_train)
     monkeypatch.setattr(evaluate, "main", failing_eval)
     path = _study(tmp_path, tiny_data)
-    with pytest.raises(KeyboardInterrupt):
-        study.main([path])
+    assert study.main([path]) == 130  # Ctrl-C: stopped there, saying so
     assert len(trained) == 3 and len(evaluated) == 3  # seed 0: all rows; seed 1: MOTFM trained, not evaluated
+    said = [r.getMessage() for r in caplog.records if r.name == "comet.study"]
+    forecast = next(i for i, m in enumerate(said) if m.startswith("study forecast: this training takes about"))
+    assert forecast < next(i for i, m in enumerate(said) if " done in " in m)  # before the first stage ended
+    assert "4 training(s) at that pace" in said[forecast] and "plus 6 evaluation(s)" in said[forecast]
+    assert said[-1].startswith("[7/10] row 'MOTFM' seed 1: evaluate: interrupted; the 6 stages finished before it")
     assert evaluated[2][evaluated[2].index("--num_steps") + 1] == "1"  # MOTFM's seed-0 run, at 1 step
     monkeypatch.setattr(evaluate, "main", lambda args: evaluated.append(args) or real_eval(args))
     assert study.main([path]) == 0
@@ -232,3 +236,31 @@ def test_an_evaluation_split_the_data_lacks_is_refused_before_any_training(tmp_p
                                          r"\(has: test, train, valid\); nothing was trained"):
         run_study(spec, calls.append, calls.append)
     assert calls == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_studys_training_stops_the_study_and_the_run_resumes(tmp_path, tiny_data, monkeypatch, caplog):
+    import signal
+
+    import study
+    from utils.methods.pace import EpochPace
+
+    real_epoch_end = EpochPace.on_train_epoch_end
+
+    def ctrl_c_after_epoch_2(self, trainer, module):
+        real_epoch_end(self, trainer, module)
+        if trainer.current_epoch == 1:
+            raise KeyboardInterrupt
+
+    path = _study(tmp_path, tiny_data, seeds=[0], evaluation={"num_samples": 4, "num_steps": 1},
+                  rows=[{"name": "MOTFM", "set": [f"data_args.path={tiny_data}", "train_args.max_epochs=3"]}])
+    monkeypatch.setattr(EpochPace, "on_train_epoch_end", ctrl_c_after_epoch_2)
+    assert study.main([path]) == 130  # Lightning's own answer is sys.exit(1), which a study took for a failure
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left SIGINT ignored
+    run = tmp_path / "tiny_study" / "runs" / "motfm-seed0"
+    assert (run / "last.ckpt").is_file() and not (tmp_path / "tiny_study" / "done").exists()
+    monkeypatch.setattr(EpochPace, "on_train_epoch_end", real_epoch_end)
+    caplog.clear()
+    assert study.main([path]) == 0
+    assert any(r.getMessage().startswith("resuming from") and "(epoch 2, step" in r.getMessage()
+               for r in caplog.records)

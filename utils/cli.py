@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Callable
 
 from utils.config import INFERENCE_OVERRIDES
 
@@ -29,6 +32,32 @@ def docstring_parser(doc: str, prog: str | None = None) -> argparse.ArgumentPars
 def configure_logging(level: int = logging.INFO, timestamps: bool = True) -> None:
     """Log records to the console as every CLI of the project shows them."""
     logging.basicConfig(level=level, format=LOG_FORMAT if timestamps else "%(levelname)s %(name)s: %(message)s")
+
+
+def fit_until_ctrl_c(trainer, *args, **kwargs) -> None:
+    """``trainer.fit(*args, **kwargs)`` where Ctrl-C raises KeyboardInterrupt. Lightning answers it by ignoring
+    SIGINT for the rest of the process and exiting with status 1, which a caller (a study) cannot tell from a
+    failure and which leaves a later Ctrl-C without effect; here both are undone."""
+    handler = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
+def run_command(main: Callable[[], int]) -> None:
+    """``sys.exit(main())``, where Ctrl-C ends with one line and status 130 instead of a traceback."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C); running the same command again goes on from what was saved", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 class _Renamed(argparse.Action):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 
@@ -13,6 +15,18 @@ from utils.cli import clock
 log = logging.getLogger("comet.trainer")
 
 SHOWN = ("train/loss", "train/g_loss", "train/d_loss", "val/loss")
+_LISTENERS: list[Callable[[float], None]] = []
+
+
+@contextmanager
+def run_estimates(listener: Callable[[float], None]) -> Iterator[None]:
+    """Inside it, every epoch of every run trained in this process calls ``listener(seconds)`` with the run's
+    whole estimated duration (time so far plus time left): a study forecasts itself from its first epochs."""
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
 
 
 def pace_line(epoch: int, epochs: int, seconds: float, batches: int, images: int, left: float,
@@ -49,3 +63,5 @@ class EpochPace(pl.Callback):
         images = batches * module.cfg.train_args.batch_size * trainer.world_size
         metrics = {k: float(v) for k in SHOWN if (v := trainer.callback_metrics.get(k)) is not None}
         log.info("%s", pace_line(epoch, trainer.max_epochs, now - self.epoch_start, batches, images, left, metrics))
+        for listener in _LISTENERS:
+            listener(now - began + left)

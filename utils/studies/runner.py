@@ -86,15 +86,19 @@ def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: C
 
     ``train`` and ``evaluate`` are the command lines' entry points (trainer.main, evaluate.main), given by the
     caller: a study runs exactly what a user would type."""
+    from utils.methods.pace import run_estimates
+
     todo = jobs(spec)
     records = {(row.name, seed): config_to_dict(row_config(spec, row, seed)) for row, seed in todo}
     protocol = {row.name: {**asdict(spec.evaluation), "num_steps": spec.num_steps(row)} for row in spec.rows}
     stages = [(row, seed, stage) for row, seed in todo for stage in ("train", "evaluate")
               if stage == "evaluate" or not row.runs_of]
     check_evaluation_split(spec, [row_config(spec, row, seed) for row, seed in todo])
-    for row, seed, stage in stages:  # refuse a changed row before any work
-        _finished(spec, row, seed, stage, records[row.name, seed] if stage == "train" else protocol[row.name])
+    pending = [stage for row, seed, stage in stages  # refuse a changed row before any work
+               if not _finished(spec, row, seed, stage,
+                                records[row.name, seed] if stage == "train" else protocol[row.name])]
     start, spent = time.perf_counter(), {"train": [], "evaluate": []}
+    forecast = Forecast(pending.count("train"), pending.count("evaluate"))
     for k, (row, seed, stage) in enumerate(stages, 1):
         record = records[row.name, seed] if stage == "train" else protocol[row.name]
         where = f"[{k}/{len(stages)}] row '{row.name}' seed {seed}: {stage}"
@@ -103,14 +107,36 @@ def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: C
             continue
         log.info("%s ...", where)
         t0 = time.perf_counter()
-        if stage == "train":
-            train(train_argv(spec, row, seed))
-        else:
-            evaluate(evaluate_argv(spec, row, seed))
+        try:
+            with run_estimates(forecast):
+                if stage == "train":
+                    train(train_argv(spec, row, seed))
+                else:
+                    evaluate(evaluate_argv(spec, row, seed))
+        except KeyboardInterrupt:
+            log.warning("%s: interrupted; the %d stages finished before it are kept. Run the same command to go "
+                        "on (a training resumes from its last.ckpt).", where, k - 1)
+            raise
         _mark(spec, row, seed, stage, record)
         spent[stage].append(time.perf_counter() - t0)
         log.info("%s: done in %s (study %s so far; about %s left)", where, clock(spent[stage][-1]),
                  clock(time.perf_counter() - start), clock(_time_left(stages[k:], spent)))
+
+
+class Forecast:
+    """Logs once, from the first epoch of the study's first training, what the stages left will take: every
+    training at that run's pace, the evaluations (not timed yet) named apart. Called by the trainer's pace."""
+
+    def __init__(self, trainings: int, evaluations: int):
+        self.trainings, self.evaluations, self.said = trainings, evaluations, False
+
+    def __call__(self, run_seconds: float) -> None:
+        if self.said:
+            return
+        self.said = True
+        log.info("study forecast: this training takes about %s; %d training(s) at that pace about %s, plus %d "
+                 "evaluation(s) not timed yet", clock(run_seconds), self.trainings,
+                 clock(run_seconds * self.trainings), self.evaluations)
 
 
 def check_evaluation_split(spec: StudySpec, configs: list) -> None:

@@ -1,9 +1,16 @@
-"""One flag vocabulary across the command lines; old spellings still work, with a note."""
+"""One flag vocabulary across the command lines; old spellings still work, with a note; `--help` answers before
+the heavy libraries load."""
 
 import argparse
 import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # entry point -> how to reach its argparse parser(s)
 CLIS = ["trainer", "evaluate", "inferer", "study", "utils.evaluation.downstream", "utils.evaluation.memorisation",
@@ -39,3 +46,38 @@ def test_an_old_spelling_works_and_says_it_was_renamed(capsys):
     assert "note: --data is now --data_path" in err and "note: --output is now --output_dir" in err
     memorisation.build_parser().parse_args(["--generated", "g.npz", "--data_path", "d.npz", "--output_dir", "o"])
     assert capsys.readouterr().err == ""
+
+
+# every command line as a person types it: a script path (python X.py) or a module (python -m X)
+COMMANDS = ["trainer.py", "inferer.py", "evaluate.py", "study.py", "bench/throughput.py",
+            "utils.evaluation.downstream", "utils.evaluation.memorisation", "utils.evaluation.ranking",
+            "utils.evaluation.segmenter", "utils.studies.conditioning", "utils.motfm", "utils.data.camus",
+            "utils.data.synthetic_echo", "utils.data.dataset_info"]
+# seconds to import each; none is needed to print a usage
+HEAVY = ("torch", "monai", "pytorch_lightning", "lightning", "scipy", "skimage", "matplotlib")
+# runs one command with --help as `python` would, then reports its exit code and the heavy modules it loaded
+HELP = """
+import json, runpy, sys
+target, heavy = sys.argv[1], sys.argv[2:]
+sys.argv = [target, "--help"]
+try:
+    if target.endswith(".py"):
+        runpy.run_path(target, run_name="__main__")
+    else:
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+    code = None
+except SystemExit as e:
+    code = e.code
+sys.stdout.flush()
+print(json.dumps({"code": code, "loaded": [m for m in heavy if m in sys.modules]}), file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_prints_without_the_heavy_libraries(command):
+    done = subprocess.run([sys.executable, "-c", HELP, command, *HEAVY], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    report = json.loads(done.stderr.strip().splitlines()[-1])
+    assert report["code"] in (0, None), done.stderr
+    assert done.stdout.startswith("usage:") and "--help" in done.stdout
+    assert report["loaded"] == [], f"{command} --help imported {report['loaded']}"

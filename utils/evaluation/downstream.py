@@ -32,9 +32,9 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from utils.cli import add_renamed, configure_logging, docstring_parser
 from utils.evaluation.segmenter import (
@@ -46,6 +46,9 @@ from utils.evaluation.segmenter import (
     split_tensors,
     train_segmenter,
 )
+
+if TYPE_CHECKING:  # torch loads with the segmenter's functions, so that `--help` answers before it does
+    import torch
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,15 @@ import csv
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from utils.cli import add_renamed, configure_logging, docstring_parser
+
+if TYPE_CHECKING:  # torch is imported where it runs, so that `--help` answers before it loads
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ def nearest(queries01: torch.Tensor, reference01: torch.Tensor, chunk: int = 256
     """For each query ``(N, 1, H, W)`` (or volume ``(N, 1, D, H, W)``) the nearest reference ``(M, 1, ...)``: RMSE
     ``float64 [N]`` and index ``int64 [N]``. ``||q - r||^2 = ||q||^2 + ||r||^2 - 2 q.r`` per chunk of ``chunk``
     queries."""
+    import torch
+
     if queries01.shape[1:] != reference01.shape[1:]:
         raise ValueError(f"images of {tuple(queries01.shape[1:])} cannot be compared with training images of "
                          f"{tuple(reference01.shape[1:])}")

@@ -26,9 +26,12 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it runs, so that `--help` answers before it loads
+    import torch
 
 log = logging.getLogger("comet.ranking")
 
@@ -40,6 +43,7 @@ def label_painting(masks: torch.Tensor, reference_images: torch.Tensor, referenc
                    sigma: float = PAINT_SIGMA) -> torch.Tensor:
     """Each label of ``masks [N, 1, H, W]`` painted with that label's mean intensity over the reference images,
     then blurred: the image a model that collapsed to the label means would make."""
+    import torch
     from scipy import ndimage
 
     labels = int(max(masks.max(), reference_masks.max())) + 1
@@ -50,6 +54,7 @@ def label_painting(masks: torch.Tensor, reference_images: torch.Tensor, referenc
 
 
 def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    import torch
     from scipy import ndimage
 
     return torch.from_numpy(ndimage.gaussian_filter(images.numpy(), (0, 0, sigma, sigma)).astype(np.float32))
@@ -83,6 +88,8 @@ def verdict(scores: dict[str, dict], metric: str, blur_names: list[str]) -> dict
 
 def ranking_sets(eval_dir: Path, blur_sigmas) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(the sets of the module docstring, the reference images) from an evaluate.py output directory."""
+    import torch
+
     from utils.data.dataset_io import load_dataset
     from utils.data.oracle import OracleUnavailable
     from utils.evaluation.comparison import oracle_set

@@ -32,12 +32,15 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from utils.cli import add_renamed, configure_logging, docstring_parser
 from utils.files import load_torch_file
+
+if TYPE_CHECKING:  # torch is imported where it runs, so that `--help` answers before it loads
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ def train_segmenter(images01: torch.Tensor, masks: torch.Tensor, num_classes: in
                     progress: bool = True) -> torch.nn.Module:
     """Train on ``images01`` (N, 1, H, W) float in [0, 1] and ``masks`` (N, 1, H, W) integer labels (see the
     module docstring for the recipe); returns the network in eval mode on CPU."""
+    import torch
     from monai.losses import DiceCELoss
     from tqdm import tqdm
 
@@ -100,17 +104,21 @@ def train_segmenter(images01: torch.Tensor, masks: torch.Tensor, num_classes: in
 
 def _batches(n: int, recipe: Recipe) -> list[torch.Tensor]:
     """``recipe.steps`` index batches: shuffled epochs (generator seeded by ``recipe.seed``) cut into batches."""
+    import torch
+
     g = torch.Generator().manual_seed(recipe.seed)
     size = min(recipe.batch_size, n)
     stream = torch.cat([torch.randperm(n, generator=g) for _ in range(math.ceil(recipe.steps * size / n) + 1)])
     return [stream[k * size:(k + 1) * size] for k in range(recipe.steps)]
 
 
-@torch.no_grad()
 def segment(net: torch.nn.Module, images01: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """Labels ``uint8 (N, 1, H, W)`` (argmax of the logits) of images ``(N, 1, H, W)`` in [0, 1]."""
-    out = [net(images01[i:i + batch_size].float() * 2 - 1).argmax(1, keepdim=True)
-           for i in range(0, len(images01), batch_size)]
+    import torch
+
+    with torch.no_grad():
+        out = [net(images01[i:i + batch_size].float() * 2 - 1).argmax(1, keepdim=True)
+               for i in range(0, len(images01), batch_size)]
     return torch.cat(out).to(torch.uint8)
 
 
@@ -118,6 +126,7 @@ def label_scores(pred: torch.Tensor, ref: torch.Tensor, num_classes: int,
                  tolerance: float = 2.0) -> dict[str, np.ndarray]:
     """Per image and foreground label ``{"dice", "hd95", "surface_dice"}`` -> ``float64 [N, num_classes - 1]``
     of label maps ``pred`` and ``ref`` (N, 1, H, W) (see the module docstring for the empty-label rules)."""
+    import torch
     from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDiceMetric
     from monai.networks.utils import one_hot
 
@@ -140,6 +149,8 @@ def label_scores(pred: torch.Tensor, ref: torch.Tensor, num_classes: int,
 def save_segmenter(directory: str | Path, net: torch.nn.Module, recipe: Recipe, num_classes: int,
                    data: dict, scores: dict | None = None) -> Path:
     """``segmenter.pt`` and ``segmenter.json`` in ``directory``; ``data`` describes the training set."""
+    import torch
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(recipe).items()}
@@ -170,6 +181,8 @@ def load_segmenter(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 def split_tensors(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``float (N, 1, H, W)`` in [0, 1] and masks ``uint8 (N, 1, H, W)`` of dataset records."""
+    import torch
+
     from utils.data.dataset_io import normalise_image
 
     images = np.stack([normalise_image(r["image"]) for r in records])

@@ -26,12 +26,15 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from utils.cli import add_renamed, configure_logging, docstring_parser
+
+if TYPE_CHECKING:  # torch is imported where it runs, so that `--help` answers before it loads
+    import torch
+    from torch import nn
 
 log = logging.getLogger("comet.conditioning")
 
@@ -48,6 +51,8 @@ class ClassifierRecipe:
 
 
 def build_classifier(num_classes: int) -> nn.Module:
+    from torch import nn
+
     return nn.Sequential(nn.Conv2d(1, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
                          nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(64, num_classes))
@@ -56,6 +61,9 @@ def build_classifier(num_classes: int) -> nn.Module:
 def train_classifier(images01: torch.Tensor, classes: torch.Tensor, num_classes: int,
                      recipe: ClassifierRecipe = ClassifierRecipe()) -> nn.Module:
     """A classifier of ``images01`` (N, 1, H, W) in [0, 1] into ``classes`` (N,) int64; in eval mode."""
+    import torch
+    from torch import nn
+
     torch.manual_seed(recipe.seed)
     net = build_classifier(num_classes)
     opt = torch.optim.Adam(net.parameters(), lr=recipe.lr)
@@ -72,13 +80,17 @@ def train_classifier(images01: torch.Tensor, classes: torch.Tensor, num_classes:
     return net.eval()
 
 
-@torch.no_grad()
 def predict(net: nn.Module, images01: torch.Tensor) -> torch.Tensor:
-    return torch.cat([net(images01[i:i + 256].float() * 2 - 1).argmax(1) for i in range(0, len(images01), 256)])
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([net(images01[i:i + 256].float() * 2 - 1).argmax(1) for i in range(0, len(images01), 256)])
 
 
 def confusion(true: torch.Tensor, pred: torch.Tensor, num_classes: int) -> list[list[int]]:
     """Counts [true class][predicted class]."""
+    import torch
+
     m = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     m.index_put_((true.long(), pred.long()), torch.ones(len(true), dtype=torch.int64), accumulate=True)
     return m.tolist()
@@ -94,6 +106,8 @@ def view_accuracy(true: torch.Tensor, pred: torch.Tensor, names: list[str]) -> f
 
 def _split(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Images (N, 1, H, W) in [0, 1], masks (N, 1, H, W) uint8, classes (N,) (-1 for a record without one)."""
+    import torch
+
     from utils.data.dataset_io import normalise_image
 
     images = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]))
@@ -103,6 +117,8 @@ def _split(records: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def measure_classes(module, data: dict, per_class: int, seed: int, batch_size: int, device: str,
                     recipe: ClassifierRecipe = ClassifierRecipe()) -> dict:
+    import torch
+
     from utils.generation.generate import generate
 
     names = module.class_names
@@ -139,6 +155,8 @@ def measure_classes(module, data: dict, per_class: int, seed: int, batch_size: i
 
 def measure_guidance(checkpoint: Path, scales: list[float], data: dict, num_samples: int, seed: int,
                      batch_size: int, device: str) -> dict:
+    import torch
+
     from utils.evaluation.metrics import paired_metrics
     from utils.generation.generate import generate
     from utils.methods import load_module
@@ -217,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    import torch
+
     from utils.config import ConfigError
     from utils.data.dataset_io import DatasetError, load_dataset
     from utils.generation.checkpoints import CheckpointError, find_checkpoint

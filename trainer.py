@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.locks import LockError, directory_lock
     from utils.methods import method_class
     from utils.methods.base import MethodSetupError
+    from utils.methods.experiment_logger import check_logger
     from utils.methods.memory import check_training_memory
     from utils.methods.run_summary import RunSummary, config_changes
 
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             config_dict = config_to_dict(cfg)
             summary = RunSummary(args.config_path, config_changes(args.config_path, args.overrides, config_dict))
             t = cfg.train_args
+            check_logger(t)
             pl.seed_everything(t.seed, workers=True)
             dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
             module = method_class(cfg.method).for_data(cfg, dm)
@@ -237,6 +239,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None, 
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.strategies import DDPStrategy
 
+    from utils.methods.experiment_logger import extra_loggers
     from utils.methods.networks import time_blind_levels
     from utils.methods.pace import EpochPace
     from utils.methods.sample_grid import SampleGrid
@@ -277,7 +280,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None, 
         summary,
     ]
     loggers = [TensorBoardLogger(cfg.run_dir, name="", version="tensorboard"),
-               CSVLogger(cfg.run_dir, name="", version="csv")]
+               CSVLogger(cfg.run_dir, name="", version="csv"), *extra_loggers(t, cfg.run_dir, cfg.run_name)]
     strategy = (DDPStrategy(find_unused_parameters=module.ddp_find_unused_parameters,
                             gradient_as_bucket_view=True) if world > 1 else "auto")
     trainer = pl.Trainer(

@@ -158,9 +158,12 @@ def checkpoint_progress(path: Path) -> tuple[int, int]:
 
 
 def keep_csv_log(path: Path, step: int) -> None:
-    """Lightning's CSV logger deletes an existing metrics.csv when it starts: keep it under another name."""
+    """Lightning's CSV logger deletes an existing metrics.csv when it starts: keep it under another name (the run
+    summary's loss curve reads it back)."""
+    from utils.methods.run_summary import kept_csv_name
+
     if path.is_file():
-        kept = path.with_name(f"metrics_to_step{step:07d}.csv")
+        kept = path.with_name(kept_csv_name(step))
         path.replace(kept)
         log.info("the metrics logged before step %d are in %s; metrics.csv holds those from here on", step, kept)
 
@@ -196,13 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     from utils.locks import LockError, directory_lock
     from utils.methods import method_class
     from utils.methods.base import MethodSetupError
+    from utils.methods.experiment_logger import check_logger
     from utils.methods.memory import check_training_memory
+    from utils.methods.run_summary import RunSummary, config_changes
 
     with ExitStack() as held:
         try:  # every input is read, and the model built, before the run directory is written
             cfg = load_config(args.config_path, args.overrides)
             config_dict = config_to_dict(cfg)
+            summary = RunSummary(args.config_path, config_changes(args.config_path, args.overrides, config_dict))
             t = cfg.train_args
+            check_logger(t)
             pl.seed_everything(t.seed, workers=True)
             dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
             module = method_class(cfg.method).for_data(cfg, dm)
@@ -216,21 +223,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {e}") from None
         file_log = log_to_file(log_buffer, cfg.run_dir / "train.log") if rank == 0 else None
         try:
-            return fit(cfg, module, dm, resume, progress)
+            return fit(cfg, module, dm, resume, progress, summary)
         finally:  # a later run in this process (a study) must not write into this run's log
             if file_log is not None:
                 logging.getLogger().removeHandler(file_log)
                 file_log.close()
 
 
-def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) -> int:
-    """Build the Lightning Trainer for ``cfg`` and train ``module`` on ``dm`` (resuming from ``resume``)."""
+def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None, summary) -> int:
+    """Build the Lightning Trainer for ``cfg`` and train ``module`` on ``dm`` (resuming from ``resume``); the
+    ``summary`` callback (:class:`utils.methods.run_summary.RunSummary`) writes the run summary at the end."""
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.strategies import DDPStrategy
 
+    from utils.methods.experiment_logger import extra_loggers
     from utils.methods.networks import time_blind_levels
     from utils.methods.pace import EpochPace
     from utils.methods.sample_grid import SampleGrid
@@ -268,9 +277,10 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None) 
         TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50),
         SampleGrid(),
         EpochPace(),
+        summary,
     ]
     loggers = [TensorBoardLogger(cfg.run_dir, name="", version="tensorboard"),
-               CSVLogger(cfg.run_dir, name="", version="csv")]
+               CSVLogger(cfg.run_dir, name="", version="csv"), *extra_loggers(t, cfg.run_dir, cfg.run_name)]
     strategy = (DDPStrategy(find_unused_parameters=module.ddp_find_unused_parameters,
                             gradient_as_bucket_view=True) if world > 1 else "auto")
     trainer = pl.Trainer(

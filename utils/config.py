@@ -29,6 +29,7 @@ RESUMABLE_CHANGES = {
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
     # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
     "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "train_args.memory_limit_gb",
+    "train_args.logger", "train_args.logger_uri",  # where the metrics go besides TensorBoard and CSV
 }
 
 
@@ -176,6 +177,10 @@ class TrainConfig:
     # 3-D only: the memory (GiB) a training step may use; the fit is refused before it starts when the estimate
     # (utils.methods.memory) exceeds it. 0 = what the device has free (CUDA free memory, or available RAM).
     memory_limit_gb: float = 0.0
+    # An extra Lightning logger beside TensorBoard and CSV: "mlflow" (package mlflow-skinny) logs to logger_uri,
+    # "" = the run directory's local store file:<run_dir>/mlruns; experiment and run named after run_name.
+    logger: Literal["none", "mlflow"] = "none"
+    logger_uri: str = ""
 
     def check(self, key):
         for name in ("batch_size", "effective_batch_size", "max_epochs", "num_nodes",
@@ -190,6 +195,7 @@ class TrainConfig:
         require(self.gradient_clip_val >= 0, key("gradient_clip_val"), "must be >= 0")
         require(0.0 <= self.ema_decay < 1.0, key("ema_decay"), f"must be in [0, 1), got {self.ema_decay}")
         require(self.memory_limit_gb >= 0, key("memory_limit_gb"), f"must be >= 0, got {self.memory_limit_gb}")
+        require(self.logger != "none" or not self.logger_uri, key("logger_uri"), f"needs {key('logger')} mlflow")
 
 
 @dataclass(frozen=True)

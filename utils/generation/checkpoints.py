@@ -28,15 +28,17 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
         if not last.is_file():
             raise CheckpointError(f"{path}: has no last.ckpt (is it a run directory?)")
         return last
-    scored = []
-    for p in path.glob("best-*.ckpt"):
-        m = _BEST.search(p.name)
-        if m:
-            scored.append((float(m.group(2)), -int(m.group(1)), p))
+    scored = [(score[1], -score[0], p) for p in path.glob("best-*.ckpt") if (score := best_score(p.name))]
     if not scored:
         raise CheckpointError(f"{path}: has no best-epoch*-valloss*.ckpt (is it a run directory?); "
                               "use --which last or give a .ckpt file")
     return min(scored)[2]
+
+
+def best_score(name: str) -> tuple[int, float] | None:
+    """(epoch, val/loss) that a best checkpoint's file name ``best-epochE-vallossL[-vN].ckpt`` carries, else None."""
+    m = _BEST.search(name)
+    return (int(m.group(1)), float(m.group(2))) if m else None
 
 
 def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:

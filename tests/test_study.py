@@ -1,6 +1,7 @@
 """Studies: rows x training seeds, resumable, with paired differences summarised over seeds."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,20 @@ def test_mask_dice_is_the_segmenters_dice_averaged_over_labels():
     other.evaluation["mask_fidelity"] = {"generated": {"LV cavity": {"dice": {"value": 0.8}},
                                                        "myocardium": {"dice": {"value": 0.5}}}}
     assert paired_difference(run, other, "mask_dice") == pytest.approx(0.1)
+
+
+@pytest.fixture
+def said():
+    """The messages of the study's and the trainer's loggers (the trainer's logging setup replaces the root's
+    handlers, caplog's among them)."""
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    loggers = [logging.getLogger(name) for name in ("comet.study", "comet.trainer")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield records
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 def _study(tmp_path, tiny_data, **extra) -> str:
@@ -114,7 +129,7 @@ def test_a_run_trained_before_a_key_was_added_counts_as_done_at_its_default(tmp_
 
 
 @pytest.mark.slow
-def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch, caplog):
+def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_path, tiny_data, monkeypatch, said):
     import evaluate
     import study
     import trainer
@@ -138,7 +153,7 @@ def test_a_killed_study_resumes_without_retraining_and_writes_the_tables(tmp_pat
     path = _study(tmp_path, tiny_data)
     assert study.main([path]) == 130  # Ctrl-C: stopped there, saying so
     assert len(trained) == 3 and len(evaluated) == 3  # seed 0: all rows; seed 1: MOTFM trained, not evaluated
-    said = [r.getMessage() for r in caplog.records if r.name == "comet.study"]
+    said = [r.getMessage() for r in said if r.name == "comet.study"]
     forecast = next(i for i, m in enumerate(said) if m.startswith("study forecast: this training takes about"))
     assert forecast < next(i for i, m in enumerate(said) if " done in " in m)  # before the first stage ended
     assert "4 training(s) at that pace" in said[forecast] and "plus 6 evaluation(s)" in said[forecast]
@@ -239,7 +254,7 @@ def test_an_evaluation_split_the_data_lacks_is_refused_before_any_training(tmp_p
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_studys_training_stops_the_study_and_the_run_resumes(tmp_path, tiny_data, monkeypatch, caplog):
+def test_ctrl_c_in_a_studys_training_stops_the_study_and_the_run_resumes(tmp_path, tiny_data, monkeypatch, said):
     import signal
 
     import study
@@ -260,7 +275,7 @@ def test_ctrl_c_in_a_studys_training_stops_the_study_and_the_run_resumes(tmp_pat
     run = tmp_path / "tiny_study" / "runs" / "motfm-seed0"
     assert (run / "last.ckpt").is_file() and not (tmp_path / "tiny_study" / "done").exists()
     monkeypatch.setattr(EpochPace, "on_train_epoch_end", real_epoch_end)
-    caplog.clear()
+    said.clear()
     assert study.main([path]) == 0
-    assert any(r.getMessage().startswith("resuming from") and "(epoch 2, step" in r.getMessage()
-               for r in caplog.records)
+    assert any(r.getMessage().startswith(f"resuming from {run / 'last.ckpt'}") for r in said)
+    assert (tmp_path / "tiny_study" / "done" / "motfm-seed0.train.json").is_file()

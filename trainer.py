@@ -3,6 +3,7 @@
 Examples:
     python trainer.py --config_path configs/quickstart.yaml
     python trainer.py --config_path configs/comet_camus.yaml --set train_args.max_epochs=100
+    python trainer.py --config_path configs/comet_camus.yaml --dry_run     # time and memory, writes nothing
 
 Checkpoints, the resolved config, logs and sample grids go to ``<output_dir>/<run_name>/``. Running the
 same command again resumes from ``last.ckpt``; a run directory that holds a different configuration is
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config_path", default="configs/quickstart.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="resolve the config, data and model, time a few training batches and estimate the run's "
+                        "time and memory; write nothing")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config value, e.g. --set train_args.lr=2e-4 (repeatable)")
     return p
@@ -117,18 +121,30 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
     directory whose run has a checkpoint and another configuration (beyond RESUMABLE_CHANGES) is refused;
     one whose earlier start left no checkpoint is taken over, and the log says what changed.
     """
-    from utils.config import RESUMABLE_CHANGES, config_diff, dump_config
+    from utils.config import dump_config
     from utils.distributed import wait_for
     from utils.files import atomic_path
-    from utils.locks import LOCK_NAME
 
-    run_dir = cfg.run_dir
-    path, last = run_dir / "config.yaml", run_dir / "last.ckpt"
+    path, last = cfg.run_dir / "config.yaml", cfg.run_dir / "last.ckpt"
     if rank != 0:
         wait_for(lambda: saved_config(path) == config_dict, f"save the configuration of run '{cfg.run_name}' in "
                  f"{path}", timeout)
         return last if last.exists() else None
-    previous = saved_config(path)
+    resume = check_run_dir(cfg, config_dict)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:  # other ranks never read half a file
+        dump_config(cfg, tmp)
+    return resume
+
+
+def check_run_dir(cfg, config_dict: dict) -> Path | None:
+    """Refuse a run directory that holds another run (:func:`prepare_run_dir`); the ``last.ckpt`` this run would
+    resume from, if any. Reads only."""
+    from utils.config import RESUMABLE_CHANGES, config_diff
+    from utils.locks import LOCK_NAME
+
+    run_dir = cfg.run_dir
+    previous = saved_config(run_dir / "config.yaml")
     if previous is not None:
         changed = [k for k in config_diff(previous, config_dict) if k not in RESUMABLE_CHANGES]
         if changed and has_checkpoint(run_dir):
@@ -143,9 +159,7 @@ def prepare_run_dir(cfg, config_dict: dict, rank: int = 0, timeout: float = 600.
     elif run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise SystemExit(f"error: {run_dir} exists, is not empty and has no config.yaml; not writing into it. "
                          "Choose another name with --set run_name=NAME.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:  # other ranks never read half a file
-        dump_config(cfg, tmp)
+    last = run_dir / "last.ckpt"
     return last if last.exists() else None
 
 
@@ -199,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.locks import LockError, directory_lock
     from utils.methods import method_class
     from utils.methods.base import MethodSetupError
+    from utils.methods.dry_run import data_built_aside
     from utils.methods.experiment_logger import check_logger
     from utils.methods.memory import check_training_memory
     from utils.methods.run_summary import RunSummary, config_changes
@@ -210,11 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             summary = RunSummary(args.config_path, config_changes(args.config_path, args.overrides, config_dict))
             t = cfg.train_args
             check_logger(t)
+            if args.dry_run:  # a missing synthetic set is built aside, not where the run would build it
+                cfg = held.enter_context(data_built_aside(cfg))
             pl.seed_everything(t.seed, workers=True)
             dm = EchoDataModule(cfg.data_args, t.batch_size, t.seed, rank, cfg.model_args.spatial_dims)
             module = method_class(cfg.method).for_data(cfg, dm)
             if cfg.model_args.spatial_dims == 3:  # a volume too large fails here, not inside the first step
                 check_training_memory(module, resolve_devices(t, torch.cuda.device_count())[0])
+            if args.dry_run:
+                return dry_run(cfg, config_dict, module, dm)
             if rank == 0:  # one launch per run directory; its other ranks follow it
                 held.enter_context(directory_lock(cfg.run_dir))
             resume = prepare_run_dir(cfg, config_dict, rank)
@@ -228,6 +247,23 @@ def main(argv: list[str] | None = None) -> int:
             if file_log is not None:
                 logging.getLogger().removeHandler(file_log)
                 file_log.close()
+
+
+def dry_run(cfg, config_dict: dict, module, dm) -> int:
+    """What the run would do (resume or start, data, model, estimated time and memory), writing nothing."""
+    import torch
+
+    from utils.methods.dry_run import report
+    from utils.precision import resolve_precision
+
+    t = cfg.train_args
+    resume = check_run_dir(cfg, config_dict)
+    epoch, step = checkpoint_progress(resume) if resume is not None else (-1, 0)
+    state = "a new run" if resume is None else f"would resume from {resume} (epoch {epoch}, step {step})"
+    accelerator, devices = resolve_devices(t, torch.cuda.device_count())
+    accumulate = accumulation_steps(t.effective_batch_size, t.batch_size, devices * t.num_nodes)
+    report(cfg, module, dm, accelerator, resolve_precision(t.precision, accelerator), accumulate, state, epoch + 1)
+    return 0
 
 
 def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None, summary) -> int:

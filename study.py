@@ -4,6 +4,7 @@ Examples:
     python study.py configs/studies/seed_ablation_quick.yaml
     python study.py configs/studies/seed_results.yaml --set seeds=[0,1,2,3,4]
     python study.py configs/studies/seed_ablation_quick.yaml --report_only    # tables from finished runs
+    python study.py configs/studies/seed_results_quick.yaml --dry_run         # what would run; writes nothing
 
 Writes into <output_dir>/<name>/: results.md (the seed's table layout and the differences from the
 baseline row), results.csv and results.json (every per-image value), samples.png, metrics.png, configs/
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the study file, e.g. --set seeds=[0,1] (repeatable)")
     p.add_argument("--report_only", action="store_true", help="only write the tables from finished runs")
+    p.add_argument("--dry_run", action="store_true",
+                   help="list every stage: done earlier or to run, with its command; write nothing")
     return p
 
 
@@ -38,14 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     from utils.config import ConfigError
     from utils.locks import LockError, directory_lock
     from utils.studies.report import write_report
-    from utils.studies.runner import run_study
+    from utils.studies.runner import plan_study, run_study
     from utils.studies.spec import load_study
 
+    try:
+        spec = load_study(args.study, args.overrides)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.dry_run:
+        print("\n".join(plan_study(spec)))
+        return 0
     with ExitStack() as held:
         try:
-            spec = load_study(args.study, args.overrides)
             held.enter_context(directory_lock(spec.study_dir))  # one study.py per study directory
-        except (ConfigError, LockError) as e:
+        except LockError as e:
             raise SystemExit(f"error: {e}") from None
         if not args.report_only:
             import evaluate

@@ -279,3 +279,23 @@ def test_ctrl_c_in_a_studys_training_stops_the_study_and_the_run_resumes(tmp_pat
     assert study.main([path]) == 0
     assert any(r.getMessage().startswith(f"resuming from {run / 'last.ckpt'}") for r in said)
     assert (tmp_path / "tiny_study" / "done" / "motfm-seed0.train.json").is_file()
+
+
+def test_a_dry_run_lists_each_stage_with_its_command_and_writes_nothing(tmp_path, tiny_data, capsys):
+    import study
+    from utils.config import config_to_dict
+    from utils.studies.runner import _mark
+    from utils.studies.spec import row_config
+
+    path = _study(tmp_path, tiny_data)
+    spec = load_study(path)
+    _mark(spec, spec.rows[0], 0, "train", config_to_dict(row_config(spec, spec.rows[0], 0)))
+    before = sorted(tmp_path.rglob("*"))
+    assert study.main([path, "--dry_run"]) == 0
+    assert sorted(tmp_path.rglob("*")) == before  # no lock, run, table or marker
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[1/10] row 'MOTFM' seed 0: train: done earlier, would be skipped"
+    assert lines[1].startswith("[2/10] row 'MOTFM' seed 0: evaluate: would run  python evaluate.py --checkpoint ")
+    assert lines[3].startswith("[4/10] row '+ warm start' seed 0: evaluate: would run")
+    assert "python trainer.py --config_path configs/tiny.yaml --set prior_args.alpha=0" in lines[5]  # seed 1
+    assert lines[-1].startswith("3 training(s) and 6 evaluation(s) to run, into ")

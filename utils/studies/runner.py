@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -81,6 +82,36 @@ def evaluate_argv(spec: StudySpec, row: RowSpec, seed: int) -> list[str]:
             *(["--segmenter", e.segmenter] if e.segmenter else [])]
 
 
+def study_stages(spec: StudySpec) -> list[tuple[RowSpec, int, str, dict]]:
+    """Every (row, seed, stage) in the order a study runs them, with the record its done marker holds (the row's
+    config for a training, the evaluation protocol for an evaluation). An evaluation split that the data lack is
+    refused here, before any work."""
+    todo = jobs(spec)
+    configs = {(row.name, seed): row_config(spec, row, seed) for row, seed in todo}
+    check_evaluation_split(spec, list(configs.values()))
+    protocol = {row.name: {**asdict(spec.evaluation), "num_steps": spec.num_steps(row)} for row in spec.rows}
+    return [(row, seed, stage, config_to_dict(configs[row.name, seed]) if stage == "train" else protocol[row.name])
+            for row, seed in todo for stage in ("train", "evaluate") if stage == "evaluate" or not row.runs_of]
+
+
+def plan_study(spec: StudySpec) -> list[str]:
+    """What running ``spec`` would do, one line per stage with the command a stage to run would be (a row whose
+    config changed is refused as a run would refuse it); reads only."""
+    stages = study_stages(spec)
+    lines, pending = [], []
+    for k, (row, seed, stage, record) in enumerate(stages, 1):
+        where = f"[{k}/{len(stages)}] row '{row.name}' seed {seed}: {stage}"
+        if _finished(spec, row, seed, stage, record):
+            lines.append(f"{where}: done earlier, would be skipped")
+            continue
+        pending.append(stage)
+        command = ["trainer.py", *train_argv(spec, row, seed)] if stage == "train" else \
+            ["evaluate.py", *evaluate_argv(spec, row, seed)]
+        lines.append(f"{where}: would run  python {shlex.join(command)}")
+    return [*lines, f"{pending.count('train')} training(s) and {pending.count('evaluate')} evaluation(s) to run, "
+                    f"into {spec.study_dir}; `trainer.py --dry_run` with a row's arguments times its training"]
+
+
 def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: Callable[[list[str]], object]) -> None:
     """Train and evaluate every (row, seed) not done yet, logging one line per stage with the time left.
 
@@ -88,19 +119,12 @@ def run_study(spec: StudySpec, train: Callable[[list[str]], object], evaluate: C
     caller: a study runs exactly what a user would type."""
     from utils.methods.pace import run_estimates
 
-    todo = jobs(spec)
-    records = {(row.name, seed): config_to_dict(row_config(spec, row, seed)) for row, seed in todo}
-    protocol = {row.name: {**asdict(spec.evaluation), "num_steps": spec.num_steps(row)} for row in spec.rows}
-    stages = [(row, seed, stage) for row, seed in todo for stage in ("train", "evaluate")
-              if stage == "evaluate" or not row.runs_of]
-    check_evaluation_split(spec, [row_config(spec, row, seed) for row, seed in todo])
-    pending = [stage for row, seed, stage in stages  # refuse a changed row before any work
-               if not _finished(spec, row, seed, stage,
-                                records[row.name, seed] if stage == "train" else protocol[row.name])]
+    stages = study_stages(spec)
+    pending = [stage for row, seed, stage, record in stages  # refuse a changed row before any work
+               if not _finished(spec, row, seed, stage, record)]
     start, spent = time.perf_counter(), {"train": [], "evaluate": []}
     forecast = Forecast(pending.count("train"), pending.count("evaluate"))
-    for k, (row, seed, stage) in enumerate(stages, 1):
-        record = records[row.name, seed] if stage == "train" else protocol[row.name]
+    for k, (row, seed, stage, record) in enumerate(stages, 1):
         where = f"[{k}/{len(stages)}] row '{row.name}' seed {seed}: {stage}"
         if _finished(spec, row, seed, stage, record):
             log.info("%s: done earlier, skipped", where)

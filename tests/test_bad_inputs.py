@@ -294,3 +294,19 @@ def test_2d_masks_given_to_a_3d_model_are_refused(tiny_data):
     with pytest.raises(MaskError, match=r"test\[0\]: a mask of shape \[1, 32, 32\] is a 2-D label map"):
         load_masks(tiny_data, "test", 4, 32, spatial_dims=3)
     assert len(load_masks(tiny_data, "test", 4, 32).masks) > 0  # the same file for a 2-D model
+
+
+def test_a_folder_of_png_masks_loads_without_a_warning(tmp_path):
+    """PIL's arrays are read-only, and torch warned (once per process, so checked in a fresh one) on every --masks
+    run that it cannot protect them."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.fromarray(np.array([[0, 1], [2, 3]], dtype=np.uint8)).save(tmp_path / "a.png")
+    code = (f"from utils.data.masks import load_masks; s = load_masks({str(tmp_path)!r}, 'test', 4, 2); "
+            "print(s.masks.shape)")
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch.Size([1, 1, 2, 2])"

@@ -85,7 +85,7 @@ def _check_labels(mask: np.ndarray, where: str, num_classes: int) -> None:
 
 def _check(mask: np.ndarray, where: str, num_classes: int, image_size: int, resize: bool) -> torch.Tensor:
     _check_labels(mask, where, num_classes)
-    t = torch.from_numpy(np.asarray(mask, dtype=np.uint8).reshape(1, 1, *mask.shape[-2:]))
+    t = torch.from_numpy(np.array(mask, dtype=np.uint8).reshape(1, 1, *mask.shape[-2:]))  # a copy: PIL's is read-only
     if t.shape[-2:] != (image_size, image_size):
         if not resize:
             raise MaskError(f"{where}: mask is {tuple(t.shape[-2:])}, the model makes {image_size}x{image_size} "

@@ -73,7 +73,7 @@ def reading_guide(results: dict) -> str:
 
         lines += [line for warning in below_constant(c["rows"]) for line in (warning, "")]  # a paragraph each
         oracle = ("the oracle, a perfect sampler (a second real image of each mask): the score to reach, and the "
-                  "diversity to match" if c["oracle"] == "used" else f"no oracle ({c['oracle']})")
+                  "diversity to match" if c["oracle"] == "used" else c["oracle"])
         where = ("The reference values are the rows of 'Beyond paired metrics' below, scored the same way: "
                  f"{oracle}; the real images themselves, the best a set of that size scores on the distribution "
                  "metrics; the mean of K samples, what averaging scores (a paired score near it rewards blur, not "

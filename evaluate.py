@@ -4,11 +4,12 @@ precision/recall/density/coverage and per-mask diversity, beside what an average
 Examples:
     python evaluate.py --checkpoint checkpoints/quickstart --samples_per_mask 4 --skip_missing_metrics
     python evaluate.py --checkpoint checkpoints/comet_camus --num_samples 2000 --num_steps 10 \\
-        --inception_weights weights/pt_inception-2015-12-05-6726825d.pth --clip_dir weights/clip-vit-large-patch14-336
+        --inception_weights weights/weights-inception-2015-12-05-6726825d.pth \\
+        --clip_dir weights/clip-vit-large-patch14-336
     python evaluate.py --samples outputs/quickstart/samples.npz --skip_missing_metrics
     python evaluate.py --checkpoint checkpoints/quickstart --num_samples 160 --skip_missing_metrics --segmenter auto
     python evaluate.py --checkpoint checkpoints/quickstart_3d --num_samples 20 \
-        --r3d_weights weights/r3d_18-b3b3357e.pth --inception_weights weights/pt_inception-2015-12-05-6726825d.pth
+        --r3d_weights weights/r3d_18-b3b3357e.pth --inception_weights weights/weights-inception-2015-12-05-6726825d.pth
 
 Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, surface Dice
 (NSD at --surface_dice_tolerance px, beside the pixel-exact B-Dice) and HD95 of their edge maps);

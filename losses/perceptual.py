@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.vgg import cfgs, make_layers
 
-# The perceptual loss's network, from torchvision (ImageNet weights): a file the user provides, never downloaded.
-VGG19_FILE = "vgg19-dcbb9e9d.pth"
-VGG19_URL = "https://download.pytorch.org/models/" + VGG19_FILE
+# The perceptual loss's network, from torchvision (ImageNet weights): a file the user provides, never downloaded
+# (python -m utils.evaluation.weights fetch vgg19, on a machine with internet).
+from utils.evaluation.weights import VGG19_FILE, VGG19_URL
 
 LAYER_ENDS = (2, 7, 12, 21, 30)  # features[:2] ends at relu1_1, ..., features[:30] at relu5_1
 LAYER_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)

@@ -315,11 +315,12 @@ def test_evaluate_compares_volumes_with_3d_radiomics_and_says_why_there_is_no_or
                           "--samples_per_mask", "3", "--skip_missing_metrics", "--n_boot", "10",
                           "--no-memorisation", "--output_dir", str(out)]) == 0
     c = json.loads((out / "metrics.json").read_text())["comparison"]
-    assert "no data_args.synthetic" in c["oracle"] and list(c["rows"]) == ["samples", "mean_of_k", "real"]
+    assert "no data_args.synthetic" in c["oracle"] and list(c["rows"]) == ["samples", "mean_of_k", "real", "constant"]
     samples = c["rows"]["samples"]
     assert samples["frd_v0"]["n"] == 2 and samples["pixel_std"]["k"] == 3 and "pairwise_dissimilarity" not in samples
     assert "k-NN balls" in samples["precision"]["skipped"]  # 2 volumes per row, 4 in the training split
     assert c["rows"]["mean_of_k"]["ssim"]["n"] == 2 and c["rows"]["real"]["frd_v1"]["n"] == 2
+    assert c["rows"]["constant"]["ssim"]["n"] == 2 and "HD95 in voxels" in (out / "report.md").read_text()
 
 
 def test_evaluate_writes_each_volume_with_its_source_records_affine(tiny_3d_run, no_metric_weights):

@@ -181,7 +181,7 @@ def test_evaluate_bad_samples(samples, tmp_path, no_weights, kind):
 
 def test_evaluate_unreadable_inception_weights(samples, tmp_path, no_weights):
     """A junk --inception_weights file once ended in a KeyError traceback from torch.load."""
-    weights, out = tmp_path / "pt_inception.pth", tmp_path / "out"
+    weights, out = tmp_path / "junk.pth", tmp_path / "out"
     weights.write_text("not a state dict")
     _expect_error(lambda: evaluate.main(["--samples", str(samples), "--skip_missing_metrics", "--inception_weights",
                                          str(weights), "--output_dir", str(out)]),

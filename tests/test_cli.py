@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # entry point -> how to reach its argparse parser(s)
 CLIS = ["trainer", "evaluate", "inferer", "study", "utils.evaluation.downstream", "utils.evaluation.memorisation",
-        "utils.evaluation.segmenter", "utils.evaluation.ranking", "utils.studies.conditioning",
-        "utils.motfm.__main__", "bench.throughput"]
+        "utils.evaluation.segmenter", "utils.evaluation.ranking", "utils.evaluation.weights",
+        "utils.studies.conditioning", "utils.motfm.__main__", "bench.throughput"]
 # what a flag is called here, and the spellings that once meant the same
 RENAMED = {"--num_inference_steps": "--num_steps", "--real": "--data_path", "--data": "--data_path",
            "--synthetic": "--generated", "--method": "--sampler"}
@@ -51,8 +51,8 @@ def test_an_old_spelling_works_and_says_it_was_renamed(capsys):
 # every command line as a person types it: a script path (python X.py) or a module (python -m X)
 COMMANDS = ["trainer.py", "inferer.py", "evaluate.py", "study.py", "bench/throughput.py",
             "utils.evaluation.downstream", "utils.evaluation.memorisation", "utils.evaluation.ranking",
-            "utils.evaluation.segmenter", "utils.studies.conditioning", "utils.motfm", "utils.data.camus",
-            "utils.data.synthetic_echo", "utils.data.dataset_info"]
+            "utils.evaluation.segmenter", "utils.evaluation.weights", "utils.studies.conditioning", "utils.motfm",
+            "utils.data.camus", "utils.data.synthetic_echo", "utils.data.dataset_info"]
 # seconds to import each; none is needed to print a usage
 HEAVY = ("torch", "monai", "pytorch_lightning", "lightning", "scipy", "skimage", "matplotlib")
 # runs one command with --help as `python` would, then reports its exit code and the heavy modules it loaded

@@ -21,8 +21,10 @@ from utils.data.synthetic_brain import render_brain
 from utils.data.synthetic_echo import render_patient
 from utils.evaluation.comparison import (
     FLAG_AVERAGING,
+    FLAG_BROKEN,
     FLAG_COLLAPSE,
     Reference,
+    below_constant,
     build_sets,
     compare,
     flags,
@@ -227,10 +229,10 @@ def test_mean_of_k_identical_samples_scores_exactly_like_the_samples(records):
     masks = torch.tensor(np.stack([r["mask"] for r in records[:3]]))
     sample = (0.8 * real.flip(-1) + 0.1).clamp(0, 1)  # one imperfect sample per mask
     indices = np.array([0, 1, 2] * 3)
-    sets = build_sets(sample[indices], indices, None, real, None, groups(indices))
+    sets = build_sets(sample[indices], indices, None, real, None, groups(indices), 0.5)
     assert torch.equal(sets["mean_of_k"].images, sample)
     rows = compare(sets, real, masks, Reference({}, None), {}, paired_metrics, n_boot=50)
-    assert list(rows) == ["samples", "mean_of_k", "real"]
+    assert list(rows) == ["samples", "mean_of_k", "real", "constant"]
     for metric in ("ssim", "psnr", "b_dice", "surface_dice", "hd95"):
         samples, mean = rows["samples"][metric], rows["mean_of_k"][metric]
         assert (samples["n"], mean["n"], samples["n_masks"], mean["n_masks"]) == (9, 3, 3, 3)
@@ -238,6 +240,47 @@ def test_mean_of_k_identical_samples_scores_exactly_like_the_samples(records):
         assert mean["ci95"] == pytest.approx(samples["ci95"], rel=1e-12)
     assert rows["samples"]["pixel_std"]["value"] == 0.0 and rows["samples"]["pixel_std"]["k"] == 3
     assert "pixel_std" not in rows["mean_of_k"]
+
+
+def _rows(records, samples, indices, constant: float):
+    """The comparison rows of ``samples`` against the first records, without distribution metrics."""
+    real = torch.tensor(np.stack([r["image"] for r in records[:len(set(indices))]]) / 255.0, dtype=torch.float32)
+    masks = torch.tensor(np.stack([r["mask"] for r in records[:len(real)]]))
+    sets = build_sets(samples, np.asarray(indices), None, real, None, groups(indices), constant)
+    return compare(sets, real, masks, Reference({}, None), {}, paired_metrics, n_boot=50), sets, real
+
+
+def test_the_constant_row_is_a_flat_image_per_mask_scored_like_the_samples(records):
+    """Samples of masks 0, 1, 2 (mask 0 twice): the constant row holds one flat image per mask; its SSIM is
+    scikit-image's, its PSNR 10 log10(1 / mean((c - real)^2)), and it gets no distribution metric (copies of one
+    flat image have no distribution)."""
+    indices = [0, 1, 2, 0]
+    rows, sets, real = _rows(records, torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0)),
+                             indices, 0.25)
+    flat = torch.full_like(real, 0.25)
+    assert torch.equal(sets["constant"].images, flat) and sets["constant"].indices.tolist() == [0, 1, 2]
+    ssim = np.mean([skimage_ssim(flat[i], real[i]) for i in range(3)])
+    psnr = np.mean([10 * math.log10(1 / ((0.25 - real[i].double()) ** 2).mean().item()) for i in range(3)])
+    assert rows["constant"]["ssim"]["value"] == pytest.approx(ssim, abs=1e-5)
+    assert rows["constant"]["psnr"]["value"] == pytest.approx(psnr, rel=1e-5)
+    assert rows["constant"]["b_dice"]["value"] == 0.0  # a flat image has no edges
+    assert not {"frd_v0", "precision"} & set(rows["constant"]) and "precision" in rows["samples"]
+
+
+def test_samples_below_a_constant_image_are_flagged_and_the_real_images_are_not(records):
+    """Noise and a mid-grey image score below a flat image at the data's mean intensity on SSIM and PSNR: the
+    report calls the model untrained or broken; the real images themselves (SSIM 1, PSNR infinite) are not."""
+    real = torch.tensor(np.stack([r["image"] for r in records[:4]]) / 255.0, dtype=torch.float32)
+    mean = float(torch.tensor(np.stack([r["image"] for r in records]) / 255.0).mean())
+    noise = torch.rand(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    for samples in (noise, torch.full_like(real, 0.5)):
+        rows = _rows(records, samples, [0, 1, 2, 3], mean)[0]
+        warnings = below_constant(rows)
+        assert [w.split(" ")[:2] for w in warnings] == [[FLAG_BROKEN, "SSIM"], [FLAG_BROKEN, "PSNR"]]
+        ssim, floor = rows["samples"]["ssim"]["value"], rows["constant"]["ssim"]["value"]
+        assert warnings[0] == (f"{FLAG_BROKEN} SSIM {ssim:.3g} is below what a constant image scores ({floor:.3g}): "
+                               "the model looks untrained or broken")
+    assert below_constant(_rows(records, real, [0, 1, 2, 3], mean)[0]) == []
 
 
 def test_oracle_redraws_count_earlier_samples_of_the_same_mask():
@@ -407,7 +450,7 @@ def test_every_distribution_row_scores_one_image_per_mask_of_the_same_masks():
     images = torch.arange(5, dtype=torch.float32).reshape(5, 1, 1, 1).expand(5, 1, 4, 4) / 10
     indices = np.array([0, 1, 2, 0, 2])
     real = torch.full((3, 1, 4, 4), 0.9) * torch.arange(1, 4).reshape(3, 1, 1, 1)
-    sets = build_sets(images, indices, None, real, images + 0.05, groups(indices))
+    sets = build_sets(images, indices, None, real, images + 0.05, groups(indices), 0.5)
     assert torch.equal(sets["samples"].distribution, images[[0, 2]])
     assert torch.equal(sets["oracle"].distribution, (images + 0.05)[[0, 2]])
     means = torch.stack([(images[0] + images[3]) / 2, (images[2] + images[4]) / 2])

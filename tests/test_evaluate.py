@@ -63,11 +63,16 @@ def test_skip_missing_metrics_records_reasons_and_computes_the_rest(tiny_run, tm
     assert (out / "best_worst.png").exists() and (out / "samples" / "samples.npz").exists()
     # the comparison rows (on by default): the tiny data are the echo phantom, so the oracle row is there
     c = results["comparison"]
-    assert list(c["rows"]) == ["samples", "mean_of_k", "oracle", "real"] and c["oracle"] == "used"
+    assert list(c["rows"]) == ["samples", "mean_of_k", "oracle", "real", "constant"] and c["oracle"] == "used"
     assert c["rows"]["samples"]["pixel_std"]["k"] == 2  # masks 0-3 got 2 of the 12 samples, 4-7 one
     assert c["rows"]["samples"]["frd_v0"]["n_reference"] == 16 == c["n_reference"]  # the training split
     assert m["frd_v0"] == c["rows"]["samples"]["frd_v0"] and "precision" in m and "pairwise_dissimilarity" in m
     assert "## Beyond paired metrics" in report and "| oracle: a second real image of each mask" in report
+    # the constant row: a flat image at the training split's mean intensity, paired metrics only
+    assert 0 < c["constant"] < 1 and c["rows"]["constant"]["ssim"]["n_masks"] == 8
+    assert "frd_v0" not in c["rows"]["constant"] and "| a constant image at the training mean intensity" in report
+    assert "## How to read these numbers" in report and "PSNR in dB" in report and "HD95 in px" in report
+    assert "within 2 px" in report and "↑ higher is better, ↓ lower is better" in report
     audit = results["memorisation"]  # on by default
     assert audit["n"] == 12 and audit["n_test"] == 8 and audit["threshold"] > 0
     assert "## Memorisation audit" in report and (out / "memorisation_hist.png").exists()
@@ -130,6 +135,7 @@ def test_real_images_against_themselves_score_perfectly(tiny_run, tiny_data, tmp
     rows = json.loads((tmp_path / "ev" / "metrics.json").read_text())["comparison"]["rows"]
     for metric in ("frd_v0", "frd_v1", "precision", "recall", "density", "coverage"):  # the same images, the
         assert rows["samples"][metric]["value"] == rows["real"][metric]["value"]     # same distribution scores
+    assert "⚠" not in (tmp_path / "ev" / "report.md").read_text()  # no better model than the real images
 
 
 def test_samples_from_another_dataset_are_refused(tiny_run, tmp_path, no_weights):
@@ -193,3 +199,27 @@ def test_sample_plan_gives_k_samples_to_each_of_the_first_n_over_k_masks(num_sam
 def test_sample_plan_refuses_what_k_per_mask_cannot_give(num_samples):
     with pytest.raises(SystemExit, match=f"--num_samples {num_samples} with --samples_per_mask 4"):
         evaluate.sample_plan(num_samples, 4, 8, False)
+
+
+def _results(comparison: dict | None = None, **metrics) -> dict:
+    """What evaluate.py gives report(), reduced to ``metrics`` ({name: value}) and ``comparison``."""
+    results = {"checkpoint": "c.ckpt", "split": "test", "dataset": "d.npz", "num_samples": 8, "num_masks": 8,
+               "num_steps": 2, "sampler": "euler", "seed": 0, "surface_dice_tolerance_px": 2.0,
+               "metrics": {m: {"value": v, "n": 8} for m, v in metrics.items()}}
+    return results if comparison is None else {**results, "comparison": comparison}
+
+
+def test_the_report_says_how_to_read_the_numbers_and_flags_a_model_below_a_constant_image():
+    from utils.evaluation.report import report
+
+    rows = {"samples": {"ssim": {"value": 0.017}, "psnr": {"value": 18.0}},
+            "constant": {"ssim": {"value": 0.12}, "psnr": {"value": 17.2}}}
+    text = report(_results({"rows": rows, "oracle": "used", "n_reference": 16, "constant": 0.21}, ssim=0.017,
+                           psnr=18.0, hd95=3.5))
+    guide = text.split("## How to read these numbers\n\n")[1]
+    assert guide.startswith("⚠ SSIM 0.017 is below what a constant image scores (0.12): the model looks untrained "
+                            "or broken\n\n")  # first, and PSNR 18 above the constant's 17.2 is not flagged
+    assert "PSNR in dB" in guide and "HD95 in px" in guide and "within 2 px" in guide
+    assert "the oracle, a perfect sampler" in guide and "training split's mean intensity (0.21)" in guide
+    volumes = report(_results(ssim=0.5, mmd=0.1))  # no comparison rows; volumes count voxels
+    assert "HD95 in voxels" in volumes and "No reference rows in this evaluation (--no-comparison)" in volumes

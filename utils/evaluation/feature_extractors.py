@@ -44,18 +44,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from utils.evaluation.weights import (
+    CLIP_ENV,
+    CLIP_MODEL_ID,
+    INCEPTION_ENV,
+    INCEPTION_FILE_NAME,
+    INCEPTION_URL,
+    R3D_ENV,
+    R3D_FILE_NAME,
+    R3D_URL,
+)
 from utils.files import atomic_path, load_torch_file, sha256_file
 
 logger = logging.getLogger(__name__)
 
-INCEPTION_ENV = "COMET_INCEPTION_WEIGHTS"
-CLIP_ENV = "COMET_CLIP_DIR"
-INCEPTION_FILE_NAME = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE_NAME}"
-CLIP_MODEL_ID = "openai/clip-vit-large-patch14-336"
-R3D_ENV = "COMET_R3D_WEIGHTS"
-R3D_FILE_NAME = "r3d_18-b3b3357e.pth"
-R3D_URL = f"https://download.pytorch.org/models/{R3D_FILE_NAME}"
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)  # torchvision's R3D_18_Weights.KINETICS400_V1 transform
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
@@ -100,7 +102,8 @@ def _weights_file(flag_value, flag: str, env: str, hub_path: Path, what: str, or
         return path
     raise MissingWeightsError(
         f"{what} not found: tried {path} (from {source}). They are {origin}, normally downloaded from {url}. "
-        f"On a machine with internet, download that file and copy it to {hub_path}, or pass {flag} FILE, or set "
+        f"On a machine with internet, download that file (`python -m utils.evaluation.weights fetch` downloads and "
+        f"verifies it) and copy it to {hub_path}, or pass {flag} FILE, or set "
         f"{env}=FILE. Use --skip_missing_metrics to evaluate without {without}."
     )
 

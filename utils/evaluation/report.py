@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.evaluation.columns import HIGHER_IS_BETTER, METRICS, METRICS_3D
+from utils.evaluation.columns import HIGHER_IS_BETTER, METRICS, METRICS_3D, UNITS
 from utils.images import display_tiles, grid_image, mask_to_unit, save_png
 
 
@@ -37,8 +37,9 @@ def write_results(out_dir: Path, results: dict, per_image: dict, indices, images
 
 
 def report(results: dict) -> str:
-    """The metrics table, then the mask fidelity and memorisation sections when they were computed."""
-    parts = [report_table(results)]
+    """The metrics table and how to read it, then the comparison, mask fidelity and memorisation sections when they
+    were computed."""
+    parts = [report_table(results), "", reading_guide(results)]
     if "comparison" in results:
         parts += ["", comparison_section(results)]
     if "skipped_2d_only" in results:
@@ -58,6 +59,39 @@ def report(results: dict) -> str:
         m = results["memorisation"]
         parts += ["", f"Memorisation audit skipped: {m['skipped']}" if "skipped" in m else report_section(m)]
     return "\n".join(parts)
+
+
+def reading_guide(results: dict) -> str:
+    """For a reader who is not a metrics expert: a warning when the samples score below a constant image (the
+    model is untrained or broken), the direction and unit of each metric, and which rows to compare them with."""
+    c = results.get("comparison", {})
+    voxels = "mmd" in results["metrics"]  # volumes: the edge-map metrics count voxels
+    unit = "voxels" if voxels else UNITS["hd95"]
+    lines = ["## How to read these numbers", ""]
+    if "rows" in c:
+        from utils.evaluation.comparison import below_constant
+
+        lines += [line for warning in below_constant(c["rows"]) for line in (warning, "")]  # a paragraph each
+        oracle = ("the oracle, a perfect sampler (a second real image of each mask): the score to reach, and the "
+                  "diversity to match" if c["oracle"] == "used" else c["oracle"])
+        where = ("The reference values are the rows of 'Beyond paired metrics' below, scored the same way: "
+                 f"{oracle}; the real images themselves, the best a set of that size scores on the distribution "
+                 "metrics; the mean of K samples, what averaging scores (a paired score near it rewards blur, not "
+                 f"realism); a constant image at the training split's mean intensity ({c['constant']:.3g}), what a "
+                 "model that learned nothing scores.")
+    else:
+        where = ("No reference rows in this evaluation (" + c.get("skipped", "--no-comparison") + "): run it with "
+                 "--comparison to see what a perfect sampler, the real images and a constant image score.")
+    lines += ["- Direction: ↑ higher is better, ↓ lower is better (the arrow after each name); ≈ (diversity) should "
+              "match the real data's, neither more nor less.",
+              f"- Units: PSNR in {UNITS['psnr']} (10 log10(1 / MSE), images in [0, 1]); HD95 in {unit}, between the "
+              "edge maps of a generated image and the real image of its mask; NSD counts the edge pixels within "
+              f"{results['surface_dice_tolerance_px']:g} {unit} of the other map's. SSIM, MS-SSIM, B-Dice, NSD, "
+              "precision, recall and coverage lie in [0, 1], 1 being the real image's (the reference's) score. FID, "
+              "KID, CMMD, MMD and FRD are distances between sets, 0 for identical distributions, with no unit: "
+              "compare them only at the same N against the same reference.",
+              f"- {where}"]
+    return "\n".join(lines)
 
 
 def comparison_section(results: dict) -> str:

@@ -1,10 +1,26 @@
-"""Dry runs: the estimate extrapolates one timed batch."""
+"""--dry_run of inferer.py: the plan names what a run would load and write, nothing is written, bad inputs stop
+as in a run; the estimate extrapolates one timed batch."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
+import inferer
+from utils.generation.checkpoints import find_checkpoint
 from utils.generation.generate import Generated
 from utils.generation.plan import describe_samples, estimate_generation, extrapolate
+
+
+def listing(*roots: Path) -> dict:
+    """Every path under ``roots`` with its size and modification time: what a dry run must leave as it was."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for root in roots if root.exists() for p in root.rglob("*")}
+
+
+def plan_of(out: str) -> dict[str, str]:
+    """The printed plan as {line name: text}."""
+    assert out.startswith("dry run: nothing was written\n")
+    return {k: v.strip() for k, v in (line.strip().split(":", 1) for line in out.splitlines()[1:])}
 
 
 @pytest.mark.parametrize("batch_seconds, batch_size, n, devices, expected", [
@@ -36,3 +52,42 @@ def test_the_estimate_times_the_second_of_two_first_batches_and_extrapolates():
 def test_describe_samples_counts_samples_per_mask():
     assert describe_samples(torch.arange(12) % 8, "X") == "12 samples of 8 masks (1-2 per mask) from X"
     assert describe_samples(torch.arange(8) % 4, "X") == "8 samples of 4 masks (2 per mask) from X"
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch):
+    """COMET_CACHE_DIR and the torch hub under tmp_path (no metric weights there), the variables naming weights
+    unset."""
+    monkeypatch.setenv("COMET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for k in ("COMET_INCEPTION_WEIGHTS", "COMET_CLIP_DIR", "COMET_R3D_WEIGHTS"):
+        monkeypatch.delenv(k, raising=False)
+    return tmp_path / "cache"
+
+
+def test_inferer_dry_run_plans_and_writes_nothing(tiny_run, tmp_path, caches, capsys):
+    before = listing(tmp_path, tiny_run)
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "12", "--num_steps", "2",
+                         "--dry_run"]) == 0
+    assert listing(tmp_path, tiny_run) == before and not caches.exists()
+    plan = plan_of(capsys.readouterr().out)
+    assert plan["checkpoint"] == str(find_checkpoint(tiny_run).resolve())
+    assert plan["samples"].startswith("12 samples of 8 masks (1-2 per mask) from split 'test'")
+    assert plan["output"] == str(tiny_run / "samples_test_2steps")  # the default output folder, not created
+    assert plan["method"] == "flow_matching, sampler euler, 2 steps"
+    assert plan["estimate"].startswith("about ") and "timed batch of" in plan["estimate"]
+    assert ("GiB, peak GPU memory" if torch.cuda.is_available() else "GiB, peak resident memory") in plan["memory"]
+
+
+@pytest.mark.parametrize("cli, extra, message", [
+    (inferer, ["--checkpoint", "nope"], "nope: checkpoint does not exist"),
+    (inferer, ["--masks", "no_such_masks"], "no_such_masks")])
+def test_a_bad_input_stops_a_dry_run_as_it_stops_a_run(cli, extra, message, tiny_run, tmp_path, caches):
+    argv = ["--checkpoint", str(tiny_run), "--num_samples", "2", "--num_steps", "1",
+            "--output_dir", str(tmp_path / "out"), *extra]
+    errors = []
+    for dry in ([], ["--dry_run"]):
+        with pytest.raises(SystemExit, match=message) as e:
+            cli.main(argv + dry)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and not (tmp_path / "out").exists()

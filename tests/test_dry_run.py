@@ -1,11 +1,13 @@
-"""--dry_run of inferer.py: the plan names what a run would load and write, nothing is written, bad inputs stop
-as in a run; the estimate extrapolates one timed batch."""
+"""--dry_run of inferer.py and evaluate.py: the plan names what a run would load and write, nothing is written
+(no output folder, no samples, no feature cache, no segmenter), bad inputs stop as in a run; the estimate
+extrapolates one timed batch."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
+import evaluate
 import inferer
 from utils.generation.checkpoints import find_checkpoint
 from utils.generation.generate import Generated
@@ -79,9 +81,39 @@ def test_inferer_dry_run_plans_and_writes_nothing(tiny_run, tmp_path, caches, ca
     assert ("GiB, peak GPU memory" if torch.cuda.is_available() else "GiB, peak resident memory") in plan["memory"]
 
 
+def test_evaluate_dry_run_plans_the_metrics_and_writes_nothing(tiny_run, tmp_path, caches, capsys):
+    before = listing(tmp_path, tiny_run)
+    assert evaluate.main(["--checkpoint", str(tiny_run), "--num_samples", "12", "--num_steps", "2",
+                          "--skip_missing_metrics", "--segmenter", "auto", "--output_dir", str(tmp_path / "ev"),
+                          "--dry_run"]) == 0
+    assert listing(tmp_path, tiny_run) == before and not caches.exists()  # no samples, features, segmenter
+    plan = plan_of(capsys.readouterr().out)
+    assert plan["checkpoint"] == str(find_checkpoint(tiny_run).resolve()) and plan["output"] == str(tmp_path / "ev")
+    assert plan["samples"].startswith("12 samples of 8 masks (1-2 per mask)")
+    assert plan["computes"] == "ssim, psnr, b_dice, hd95, surface_dice, comparison, memorisation, mask_fidelity"
+    assert plan["skips fid, kid"].startswith("Inception-v3 weights for FID/KID") and "skips cmmd" in plan
+    assert plan["segmenter"].startswith(str(caches / "segmenters")) and "not cached" in plan["segmenter"]
+    assert plan["estimate"].endswith("; metrics not included")
+
+
+def test_evaluate_dry_run_of_samples_generates_nothing(tiny_run, tmp_path, caches, capsys):
+    assert inferer.main(["--checkpoint", str(tiny_run), "--num_samples", "4", "--num_steps", "1",
+                         "--output_dir", str(tmp_path / "gen")]) == 0
+    before = listing(tmp_path)
+    assert evaluate.main(["--samples", str(tmp_path / "gen" / "samples.npz"), "--skip_missing_metrics",
+                          "--no-memorisation", "--dry_run"]) == 0
+    assert listing(tmp_path) == before
+    plan = plan_of(capsys.readouterr().out)
+    assert plan["samples"].startswith("4 samples of 4 masks (1 per mask)")
+    assert plan["output"] == str(tmp_path / "gen" / "eval") and plan["skips memorisation"] == "--no-memorisation"
+    assert plan["estimate"].startswith("nothing to generate")
+
+
 @pytest.mark.parametrize("cli, extra, message", [
     (inferer, ["--checkpoint", "nope"], "nope: checkpoint does not exist"),
-    (inferer, ["--masks", "no_such_masks"], "no_such_masks")])
+    (inferer, ["--masks", "no_such_masks"], "no_such_masks"),
+    (evaluate, ["--checkpoint", "nope"], "nope: checkpoint does not exist"),
+    (evaluate, [], "weights-inception-2015-12-05-6726825d.pth.*--skip_missing_metrics")])
 def test_a_bad_input_stops_a_dry_run_as_it_stops_a_run(cli, extra, message, tiny_run, tmp_path, caches):
     argv = ["--checkpoint", str(tiny_run), "--num_samples", "2", "--num_steps", "1",
             "--output_dir", str(tmp_path / "out"), *extra]

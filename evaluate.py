@@ -10,6 +10,7 @@ Examples:
     python evaluate.py --checkpoint checkpoints/quickstart --num_samples 160 --skip_missing_metrics --segmenter auto
     python evaluate.py --checkpoint checkpoints/quickstart_3d --num_samples 20 \
         --r3d_weights weights/r3d_18-b3b3357e.pth --inception_weights weights/weights-inception-2015-12-05-6726825d.pth
+    python evaluate.py --checkpoint checkpoints/quickstart --skip_missing_metrics --segmenter auto --dry_run
 
 Generated image i is paired with the real image whose mask conditioned it (SSIM, PSNR, B-Dice, surface Dice
 (NSD at --surface_dice_tolerance px, beside the pixel-exact B-Dice) and HD95 of their edge maps);
@@ -34,6 +35,11 @@ Volumes (samples and data [N, 1, D, H, W]; utils.evaluation.volume_metrics): 3D-
 and their mean), MMD, and per volume SSIM, MS-SSIM, PSNR and the edge-map B-Dice, NSD and HD95 in voxels.
 KID, CMMD and the segmenter are 2-D only and are skipped with the reason recorded; the memorisation audit
 compares voxels.
+
+--dry_run checks every input as a run would (checkpoint, dataset, weights, segmenter), then prints the plan: the
+checkpoint, method, sampler and steps, the samples and masks, the output folder, the metrics computed and those
+skipped with why, and the time and peak memory of the generation, extrapolated from one batch generated after a
+warm-up (metrics not included). It writes nothing: no samples, no feature cache, no segmenter training.
 """
 
 from __future__ import annotations
@@ -107,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tolerance in pixels of the surface Dice (NSD) of edge maps (default: %(default)s)")
     out.add_argument("--n_boot", type=int, default=1000, help="bootstrap resamples for 95%% CIs (default: 1000)")
     out.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    out.add_argument("--dry_run", action="store_true",
+                     help="print the plan, the metrics that would be skipped and why, time and memory (from one "
+                          "batch), and write nothing (see above)")
     return p
 
 
@@ -180,8 +189,9 @@ def run(args) -> int:
     from utils.evaluation.metrics import paired_metrics, summarise
     from utils.evaluation.report import report, write_results
     from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
-    from utils.generation.generate import default_batch_size, generate
+    from utils.generation.generate import generate
     from utils.generation.outputs import read_samples, write_samples
+    from utils.generation.plan import describe_samples, estimate_generation
     from utils.methods import load_module, resolve_checkpoint, sampling_overrides
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,6 +228,8 @@ def run(args) -> int:
     real = torch.from_numpy(np.stack([normalise_image(r["image"]) for r in records]))
     split_masks = torch.from_numpy(np.stack([np.asarray(r["mask"], dtype=np.uint8) for r in records]))
     volumes = real.ndim == 5  # records [1, D, H, W]
+    if module is None:
+        _check_samples(images, masks, indices, real, split_masks, data_path, split)
     extractors, skipped = _extractors(args, device, volumes)  # fail on missing weights before generating anything
     skipped_2d_only = {k: v for k, v in NOT_FOR_VOLUMES.items() if volumes and (k != "mask_fidelity" or args.segmenter)}
     for part, reason in skipped_2d_only.items():
@@ -225,21 +237,18 @@ def run(args) -> int:
     segmenter = None if volumes else _segmenter(args, data_path, num_classes)  # trained or loaded before generating
 
     if module is not None:
-        n, num_masks = sample_plan(args.num_samples, args.samples_per_mask, len(records), volumes)
-        indices = torch.arange(n) % num_masks  # mask by mask, round the masks again and again
-        masks = split_masks[indices]
-        batch = args.batch_size or default_batch_size(device, volumes)
-        classes = None
-        if module.class_names:  # a class-conditional model makes each image of its source record's class
-            from utils.data.masks import MaskSource
-            from utils.generation.classes import sample_classes
-
-            source = MaskSource(split_masks, list(range(len(records))), f"split '{split}' of {data_path}",
-                                [r.get("class") for r in records])
-            try:
-                classes = sample_classes(module.class_names, source, indices)
-            except ValueError as e:
-                raise SystemExit(f"error: {e}") from None
+        indices, masks, classes, batch = _to_generate(args, module, records, split_masks, split, data_path, volumes,
+                                                      device)
+    if args.dry_run:
+        plan = {"checkpoint": str(Path(ckpt).resolve()) if module is not None else f"none: --samples {args.samples}",
+                "method": f"{method}, sampler {sampler}, {steps} steps",
+                "samples": f"{describe_samples(indices, f'split {split!r} of {data_path}')}, seed {seed}",
+                "output": str(out_dir.absolute()),
+                **_metric_plan(args, dataset, masks.shape, extractors, {**skipped, **skipped_2d_only}, segmenter)}
+        return _print_plan(plan, None if module is None else estimate_generation(
+            module, masks, seed, steps, sampler, batch, [device], classes=classes))
+    if module is not None:
+        n = len(indices)
         result = generate(module, masks, torch.arange(n), seed, steps, sampler, batch, [device], classes=classes)
         images = result.images
         manifest = {"checkpoint": str(ckpt), "num_samples": n, "num_inference_steps": steps, "method": method,
@@ -249,13 +258,6 @@ def run(args) -> int:
         grids = [_record_grid(records[i]) for i in indices.tolist()] if volumes else None
         write_samples(out_dir / "samples", images, masks, indices.tolist(), manifest,
                       module.cfg.data_args.num_classes, split=split, classes=classes, grids=grids)
-    if images.ndim != real.ndim:
-        raise SystemExit(f"error: the samples are {'volumes' if images.ndim == 5 else 'images'} "
-                         f"{list(images.shape[1:])}, the real data of {data_path} {list(real.shape[1:])}; pass the "
-                         "--data_path they were generated from")
-    if indices.min() < 0 or indices.max() >= len(records) or not torch.equal(masks, split_masks[indices]):
-        raise SystemExit(f"error: the samples' masks are not those of {data_path} split '{split}' at their "
-                         "indices; pass the --data_path and --split they were generated from")
     paired = real[indices]
 
     log.info("per-%s metrics on %d pairs", "volume" if volumes else "image", len(images))
@@ -305,6 +307,20 @@ def run(args) -> int:
     return 0
 
 
+def _check_samples(images, masks, indices, real, split_masks, data_path, split: str) -> None:
+    """Stop unless --samples were generated from the masks of ``split`` of ``data_path`` (images or volumes like
+    its real ones, each sample's mask that of its index); checked before generating or writing anything."""
+    import torch
+
+    if images.ndim != real.ndim:
+        raise SystemExit(f"error: the samples are {'volumes' if images.ndim == 5 else 'images'} "
+                         f"{list(images.shape[1:])}, the real data of {data_path} {list(real.shape[1:])}; pass the "
+                         "--data_path they were generated from")
+    if indices.min() < 0 or indices.max() >= len(split_masks) or not torch.equal(masks, split_masks[indices]):
+        raise SystemExit(f"error: the samples' masks are not those of {data_path} split '{split}' at their "
+                         "indices; pass the --data_path and --split they were generated from")
+
+
 def _record_grid(record: dict):
     """The NIfTI grid of a volume generated for ``record``'s mask: the record (fitted to the model's grid) with
     its affine, identity when it has none."""
@@ -313,6 +329,78 @@ def _record_grid(record: dict):
     from utils.data.masks import VolumeGrid
 
     return VolumeGrid() if record.get("affine") is None else VolumeGrid(np.asarray(record["affine"], np.float64))
+
+
+def _to_generate(args, module, records: list[dict], split_masks, split: str, data_path, volumes: bool,
+                 device: str) -> tuple:
+    """(indices (N,) of each sample's mask in the split, masks (N, 1, ...) uint8, classes (N,) or None, batch
+    size): the samples --num_samples and --samples_per_mask ask for; class-conditional models make each image
+    of its source record's class."""
+    import torch
+
+    from utils.generation.generate import default_batch_size
+
+    n, num_masks = sample_plan(args.num_samples, args.samples_per_mask, len(records), volumes)
+    indices = torch.arange(n) % num_masks  # mask by mask, round the masks again and again
+    classes = None
+    if module.class_names:
+        from utils.data.masks import MaskSource
+        from utils.generation.classes import sample_classes
+
+        source = MaskSource(split_masks, list(range(len(records))), f"split '{split}' of {data_path}",
+                            [r.get("class") for r in records])
+        try:
+            classes = sample_classes(module.class_names, source, indices)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    return indices, split_masks[indices], classes, args.batch_size or default_batch_size(device, volumes)
+
+
+def _metric_plan(args, dataset: dict, shape: tuple, extractors: dict, skipped: dict, segmenter) -> dict[str, str]:
+    """A dry run's lines on what the run would compute and what it would skip and why: ``skipped`` {part:
+    reason} from the checks a run makes before generating, and those it makes later (MS-SSIM's size, MMD's
+    count, the comparison's and the audit's splits) made here on the samples' ``shape``."""
+    from utils.evaluation.volume_metrics import ms_ssim_problem
+
+    volumes = len(shape) == 5
+    reasons = dict(skipped)
+    if volumes:
+        later = {"ms_ssim": ms_ssim_problem(shape), "mmd": "MMD needs at least 2 generated volumes" if shape[0] < 2
+                 else None}
+        reasons.update({m: why for m, why in later.items() if why})
+    if not args.comparison or (problem := _comparison_problem(dataset)):
+        reasons["comparison"] = "--no-comparison" if not args.comparison else problem
+    if not args.memorisation or (problem := _memorisation_problem(dataset)):
+        reasons["memorisation"] = "--no-memorisation" if not args.memorisation else problem
+    if not args.segmenter:
+        reasons["mask_fidelity"] = "no --segmenter"
+    computed = [m for m in (METRICS_3D if volumes else METRICS) if m not in reasons]
+    computed += [part for part in ("comparison", "memorisation", "mask_fidelity") if part not in reasons]
+    lines = {"computes": ", ".join(computed)}
+    if segmenter is not None:
+        lines["segmenter"] = str(segmenter[1]) + ("" if segmenter[0] is not None else
+                                                  " (not cached: a run trains it on the train split first)")
+    if extractors:
+        lines["feature cache"] = f"{_cache_dir(args)} (real-set features read from or written to it)"
+    by_reason: dict[str, list[str]] = {}
+    for part, why in reasons.items():
+        by_reason.setdefault(why, []).append(part)
+    # the first sentence: what is missing and where it was looked for (the warnings above say how to fix it)
+    return lines | {f"skips {', '.join(parts)}": why.split(". ")[0] for why, parts in by_reason.items()}
+
+
+def _print_plan(plan: dict, estimate) -> int:
+    """Print a dry run's ``plan`` with the generation's time and memory (``estimate``; None: nothing to
+    generate)."""
+    from utils.generation.plan import format_plan
+
+    if estimate is None:
+        plan["estimate"] = "nothing to generate (--samples); metrics not timed"
+    else:
+        lines = estimate.lines()
+        plan |= {**lines, "estimate": lines["estimate"] + "; metrics not included"}
+    print(format_plan(plan))
+    return 0
 
 
 def sample_plan(num_samples: int | None, per_mask: int | None, split_masks: int, volumes: bool) -> tuple[int, int]:
@@ -338,13 +426,10 @@ def _comparison(args, config: dict, dataset: dict, records: list[dict], real, ma
     reference), or ``{"skipped": reason}``."""
     from utils.evaluation.comparison import evaluate_rows
     from utils.evaluation.metrics import paired_metrics
-    from utils.evaluation.radiomics import radiomics_problem
     from utils.evaluation.segmenter import split_tensors
     from utils.evaluation.volume_metrics import paired_volume_metrics
 
-    problem = radiomics_problem() or (None if dataset.get("train") else
-                                      "the dataset has no train split, the distribution metrics' reference")
-    if problem:
+    if problem := _comparison_problem(dataset):
         log.warning("skipping the comparison rows: %s", problem)
         return {"skipped": problem}
     if records is dataset["train"]:
@@ -356,6 +441,21 @@ def _comparison(args, config: dict, dataset: dict, records: list[dict], real, ma
                          config.get("data_args", {}).get("synthetic"),
                          lambda a, b, m: score(a, b, m, tolerance=args.surface_dice_tolerance), args.n_boot, cache,
                          inception)
+
+
+def _comparison_problem(dataset: dict) -> str | None:
+    """Why the comparison rows cannot be computed (a package missing, no training split), or None."""
+    from utils.evaluation.radiomics import radiomics_problem
+
+    return radiomics_problem() or (None if dataset.get("train") else
+                                   "the dataset has no train split, the distribution metrics' reference")
+
+
+def _memorisation_problem(dataset: dict) -> str | None:
+    """Why the memorisation audit cannot run, or None."""
+    if dataset.get("train") and dataset.get("test"):
+        return None
+    return "the dataset needs train and test splits (training images, unseen reference)"
 
 
 def _fitted(dataset: dict, config: dict) -> dict:
@@ -400,17 +500,30 @@ def _feature_metrics(extractors: dict, cache, split: str, real, images, metrics:
 
 
 def _segmenter(args, data_path, num_classes: int):
-    """(network, where it came from) for --segmenter, or None without it; bad files stop with their name."""
+    """(network, where it came from) for --segmenter, or None without it; bad files stop with their name.
+
+    A dry run trains nothing: with `auto` and no cached segmenter it gives (None, the cache directory)."""
     if not args.segmenter:
         return None
-    from utils.evaluation.segmenter import SegmenterError, cached_segmenter, load_segmenter
+    from utils.evaluation.segmenter import (
+        CHECKPOINT,
+        SegmenterError,
+        cached_segmenter,
+        load_segmenter,
+        segmenter_cache,
+    )
 
     path = args.segmenter
     if path == "auto":
         if not Path(data_path).is_file():
             raise SystemExit(f"error: --segmenter auto caches by the dataset file's hash; {data_path} is not a "
                              "file: train one with `python -m utils.evaluation.segmenter train` and pass it")
-        path = cached_segmenter(data_path, _cache_dir(args), num_classes)
+        if args.dry_run:
+            path = segmenter_cache(data_path, _cache_dir(args), num_classes)
+            if not (path / CHECKPOINT).is_file():
+                return None, path
+        else:
+            path = cached_segmenter(data_path, _cache_dir(args), num_classes)
     try:
         net, ckpt = load_segmenter(path)
     except SegmenterError as e:
@@ -425,8 +538,8 @@ def _memorisation(dataset: dict, images, out_dir: Path) -> dict:
     from utils.evaluation.memorisation import audit, write_audit
     from utils.evaluation.segmenter import split_tensors
 
-    if not dataset.get("train") or not dataset.get("test"):
-        return {"skipped": "the dataset needs train and test splits (training images, unseen reference)"}
+    if problem := _memorisation_problem(dataset):
+        return {"skipped": problem}
     train, _ = split_tensors(dataset["train"])
     test, _ = split_tensors(dataset["test"])
     log.info("memorisation audit: %d generated and %d test images against %d training images",

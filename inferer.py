@@ -7,6 +7,7 @@ Examples:
     python inferer.py --checkpoint checkpoints/quickstart --split train --num_samples 480 --export synth.npz
     python inferer.py --checkpoint checkpoints/meddtfm_quickstart --reference data/synthetic_echo_64.npz --t0 0.5
     python inferer.py --checkpoint checkpoints/class_quickstart --class 4CH_ED --set sampling_args.guidance_scale=2
+    python inferer.py --checkpoint checkpoints/quickstart --num_samples 2000 --dry_run
 
 Masks come from a split of the checkpoint's dataset (default: test, cycled when --num_samples exceeds it)
 or from --masks (a folder of PNG/NPY label maps, or a dataset file; for a 3-D model a folder of NIfTI masks
@@ -27,6 +28,10 @@ format, or .pkl, MOTFM's pickle layout, by suffix) whose one split (--export_spl
 generated images as uint8 with the masks that conditioned them (and their class when the source records have
 one; metadata: sample, source index or file, source_patient), plus PATH's <stem>.manifest.json (checkpoint,
 sampler, seed, mask source). It holds no real image: pair it with the real valid/test splits downstream.
+
+--dry_run checks every input as a run would, then prints the plan (the checkpoint, method, sampler and steps,
+the samples and masks, where it would write) with the time and peak memory of the generation, extrapolated from
+one batch generated after a warm-up, and writes nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", metavar="PATH",
                    help="write a synthetic dataset file (.npz or .pkl) and PATH's .manifest.json instead of samples")
     p.add_argument("--export_split", default="train", help="split of the exported dataset (default: %(default)s)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="print the plan, time and memory (from one batch) and write nothing (see above)")
     return p
 
 
@@ -161,10 +168,12 @@ def run(args) -> int:
     references, reference_record = reference_images(args, module, n)
     log.info("checkpoint %s: %d images from %s, %d %s steps, seed %d, batch %d on %s",
              ckpt, n, source.description, steps, sampler, args.seed, batch, ", ".join(devices))
-    result = generate(module, masks, torch.arange(n), args.seed, steps, sampler, batch, devices,
-                      batch_invariant=args.batch_invariant, references=references,
-                      t0=reference_record["t0"] if references is not None else 0.0,
-                      feature_guidance=args.feature_guidance, classes=classes)
+    options = {"batch_invariant": args.batch_invariant, "references": references, "classes": classes,
+               "t0": reference_record["t0"] if references is not None else 0.0,
+               "feature_guidance": args.feature_guidance}
+    if args.dry_run:
+        return _dry_run(args, ckpt, module, masks, pick, source.description, batch, devices, out_dir, options)
+    result = generate(module, masks, torch.arange(n), args.seed, steps, sampler, batch, devices, **options)
 
     from utils.files import sha256_file
 
@@ -195,6 +204,22 @@ def run(args) -> int:
         target = out_dir
     log.info("wrote %d images to %s (%.3f s/image, %d network evaluations each)", n, target,
              result.seconds / n, result.nfe)
+    return 0
+
+
+def _dry_run(args, ckpt: Path, module, masks, pick, source: str, batch: int, devices: list[str], out_dir: Path,
+             options: dict) -> int:
+    """Print what the run would do and write, timing one batch of its generation; write nothing."""
+    from utils.generation.plan import describe_samples, estimate_generation, format_plan
+
+    steps, sampler = module.cfg.sampling_args.num_steps, module.cfg.sampling_args.sampler
+    estimate = estimate_generation(module, masks, args.seed, steps, sampler, batch, devices, **options)
+    target = f"{Path(args.export).absolute()} and its .manifest.json (--export)" if args.export else \
+        str(out_dir.absolute())
+    print(format_plan({
+        "checkpoint": str(ckpt.resolve()), "method": f"{module.cfg.method}, sampler {sampler}, {steps} steps",
+        "samples": f"{describe_samples(pick, source)}, seed {args.seed}, batch {batch} on {', '.join(devices)}",
+        "output": target, **estimate.lines()}))
     return 0
 
 

@@ -221,16 +221,22 @@ def train_on_dataset(data_path: str | Path, recipe: Recipe = Recipe(), tolerance
     return net, described, scores
 
 
-def cached_segmenter(data_path: str | Path, cache_dir: str | Path, num_classes: int) -> Path:
-    """A segmenter for ``data_path`` trained with the default recipe, from ``cache_dir`` when one was trained
-    for the same data file (by SHA-256) and recipe, otherwise trained now and stored there."""
+def segmenter_cache(data_path: str | Path, cache_dir: str | Path, num_classes: int) -> Path:
+    """The directory in ``cache_dir`` of the default-recipe segmenter of ``data_path`` (keyed by the data file's
+    SHA-256, the recipe and ``num_classes``), trained or not; a dry run looks there without training."""
     import hashlib
 
     from utils.files import sha256_file
 
+    key = hashlib.sha256(f"{sha256_file(data_path)} {asdict(Recipe())} {num_classes}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "segmenters" / key
+
+
+def cached_segmenter(data_path: str | Path, cache_dir: str | Path, num_classes: int) -> Path:
+    """A segmenter for ``data_path`` trained with the default recipe, from ``cache_dir`` when one was trained
+    for the same data file (by SHA-256) and recipe, otherwise trained now and stored there."""
     recipe = Recipe()
-    key = hashlib.sha256(f"{sha256_file(data_path)} {asdict(recipe)} {num_classes}".encode()).hexdigest()[:16]
-    directory = Path(cache_dir) / "segmenters" / key
+    directory = segmenter_cache(data_path, cache_dir, num_classes)
     if (directory / CHECKPOINT).is_file():
         log.info("segmenter for %s from the cache %s", data_path, directory)
         return directory

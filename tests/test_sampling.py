@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from utils.methods.networks import VelocityAdapter
-from utils.methods.ode_sampler import motfm_time_grid, sample, time_grid
+from utils.methods.ode_sampler import NFE_PER_STEP, motfm_time_grid, sample, time_grid
 
 
 class Field(torch.nn.Module):
@@ -67,3 +67,63 @@ def test_motfms_grid_floors_to_other_integer_times_than_ours_at_some_step_counts
     floored = lambda grid: (grid * 999).floor()  # noqa: E731  MOTFM's network time
     assert torch.equal(floored(motfm_time_grid(10)), floored(time_grid(10)))
     assert not torch.equal(floored(motfm_time_grid(3)), floored(time_grid(3)))
+
+
+def _odesolver_sample(adapter, x_0, mask, num_steps, method, t0=0.0, classes=None, motfm_grid=False):
+    """The sampler as it was: flow_matching's ODESolver (torchdiffeq's fixed-grid solvers) on the same grids."""
+    from flow_matching.solver import ODESolver
+
+    grid = motfm_time_grid(num_steps) if motfm_grid else time_grid(num_steps, t0=t0)
+    conditions = {"mask": mask} if classes is None else {"mask": mask, "classes": classes}
+    return ODESolver(velocity_model=adapter).sample(x_init=x_0, step_size=None, method=method, time_grid=grid,
+                                                    **conditions)
+
+
+def _tiny_network(conditioning):
+    """The tiny config's UNet + ControlNet (16 x 16 inputs suffice) with random weights."""
+    from utils.methods import load_config
+    from utils.methods.networks import build_model
+
+    classes = 3 if conditioning.uses_class else 0
+    model = build_model(load_config("configs/tiny.yaml").model_args, 4, conditioning, classes)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 1, 16, 16, generator=g), torch.randint(0, 4, (2, 1, 16, 16), generator=g, dtype=torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def class_network():
+    from utils.config import ConditioningConfig
+
+    return _tiny_network(ConditioningConfig(mode="mask+class"))
+
+
+@pytest.mark.parametrize("method", ["euler", "midpoint", "heun3", "rk4"])
+@pytest.mark.parametrize("t0, classes, motfm_grid", [(0.0, [0, 2], False), (0.5, [1, -1], False),
+                                                     (0.0, [2, 0], True)])
+def test_the_host_grid_sampler_is_odesolver_bit_for_bit(class_network, method, t0, classes, motfm_grid):
+    (x_0, mask), classes = _inputs(), torch.tensor(classes)
+    steps = 3 if motfm_grid else 4  # N = 3: MOTFM's grid differs from ours
+    new, old = VelocityAdapter(class_network), VelocityAdapter(class_network)
+    got = sample(new, x_0, mask, steps, method, t0, classes, motfm_grid)
+    want = _odesolver_sample(old, x_0, mask, steps, method, t0, classes, motfm_grid)
+    assert (got - x_0).abs().max() > 0.1  # the network moved the state
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert new.nfe == old.nfe == round((1 - t0) * steps) * NFE_PER_STEP[method]
+
+
+@pytest.mark.parametrize("t0", [0.0, 0.5])
+def test_the_host_grid_sampler_is_odesolver_bit_for_bit_without_classes(t0):
+    from utils.config import ConditioningConfig
+
+    network, (x_0, mask) = _tiny_network(ConditioningConfig()), _inputs()
+    for method in NFE_PER_STEP:
+        got = sample(VelocityAdapter(network), x_0, mask, 4, method, t0)
+        assert torch.equal(got, _odesolver_sample(VelocityAdapter(network), x_0, mask, 4, method, t0)), method

@@ -1,4 +1,4 @@
-"""The one model factory (MONAI DiffusionModelUNet + ControlNet) and the one adapter for the ODE solver."""
+"""The one model factory (MONAI DiffusionModelUNet + ControlNet) and the one adapter for the ODE sampler."""
 
 from __future__ import annotations
 
@@ -163,12 +163,13 @@ def compile_blocks(model: ConditionalVelocityField, **compile_kwargs) -> int:
 
 
 class VelocityAdapter(ModelWrapper):
-    """The only adapter between the network and ``flow_matching``'s ODESolver.
+    """The only adapter between the network and the sampler (:mod:`utils.methods.ode_sampler`), a
+    ``flow_matching`` ModelWrapper.
 
-    The solver calls ``forward(x, t, mask=..., [classes=...])`` with a scalar ``t``; this broadcasts it to (B,),
-    applies classifier-free guidance, v = v_u + w (v_c - v_u) with v_u the network given ``null(conditions)``
-    (two calls; w = 1 makes the one conditional call), and counts network evaluations in ``nfe`` (reset it
-    before a solve).
+    The sampler calls ``forward(x=x, t=t, mask=..., [classes=...])`` with ``t`` (B,); a scalar ``t`` (as
+    ``flow_matching``'s ODESolver passes) is broadcast to (B,). It applies classifier-free guidance,
+    v = v_u + w (v_c - v_u) with v_u the network given ``null(conditions)`` (two calls; w = 1 makes the one
+    conditional call), and counts network evaluations in ``nfe`` (reset it before a solve).
     """
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null: Callable[[dict], dict] | None = None):

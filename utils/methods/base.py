@@ -42,6 +42,22 @@ def use_fused_adam(on_cuda: bool, precision: str, gradient_clip_val: float) -> b
     return on_cuda and not (precision == "16-mixed" and gradient_clip_val > 0)
 
 
+@torch.no_grad()
+def update_ema(average: AveragedModel, network: torch.nn.Module, decay: float) -> None:
+    """``AveragedModel.update_parameters`` with ``get_ema_multi_avg_fn(decay)``, bit for bit, without reading
+    the device: the first update copies the weights, the later ones lerp towards them by 1 - decay. torch
+    branches on ``n_averaged == 0`` on the host (two device-to-host syncs a step); here the weight is a device
+    tensor, where(n_averaged == 0, 1, 1 - decay) in float32, and lerp with weight 1 returns the network's value
+    exactly. Buffers are copied, as ``AveragedModel`` does without ``use_buffers``."""
+    averaged = [p.detach() for p in average.module.parameters()]
+    live = [p.detach() for p in network.parameters()]
+    weight = torch.where(average.n_averaged == 0, 1.0, 1.0 - decay).to(averaged[0])
+    torch._foreach_lerp_(averaged, live, [weight] * len(averaged))
+    for b_average, b_live in zip(average.module.buffers(), network.buffers(), strict=True):
+        b_average.copy_(b_live)
+    average.n_averaged += 1
+
+
 def copy_power_iteration(average: torch.nn.Module, network: torch.nn.Module) -> None:
     """Spectral norm's power-iteration vectors (u, v) of ``network`` into its averaged copy, which never iterates
     (it only makes images, in eval mode) and so estimates its weights' largest singular value with the trained
@@ -175,7 +191,7 @@ class SynthesisMethod(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None and self.generator_steps() != self._steps_before_batch:  # once per generator step
-            self.ema.update_parameters(self.model)
+            update_ema(self.ema, self.model, self.cfg.train_args.ema_decay)
             copy_power_iteration(self.ema.module, self.model)
         if self._time_first_step:
             if batch["x_1"].is_cuda:

@@ -28,7 +28,7 @@ _MACHINERY = {Path(__file__).resolve(), *(Path(torch.__file__).resolve().parent 
 @dataclass(frozen=True)
 class Sync:
     op: str  # e.g. "aten._local_scalar_dense.default"
-    where: str  # "file:line function" of the innermost frame outside torch, which asked for the value
+    where: str  # "file:line function" of the code that asked for the value (outside the dispatch machinery)
 
 
 def forces_sync(func, args, kwargs) -> bool:
@@ -87,10 +87,3 @@ class SyncDetector(TorchDispatchMode):
         source, target = (args[1], args[0].device) if func._schema.name == "aten::copy_" else (
             args[0], kwargs.get("device"))
         return source.device.type == self.device_type and target is not None and torch.device(target).type == "cpu"
-
-    def summary(self) -> dict[str, int]:
-        """How many times each (op, caller) synced, for a report."""
-        counts: dict[str, int] = {}
-        for s in self.syncs:
-            counts[f"{s.op} at {s.where}"] = counts.get(f"{s.op} at {s.where}", 0) + 1
-        return counts

@@ -42,21 +42,23 @@ class Setting:
     name: str
     precision: str  # Lightning precision for training and sampling (fp16 becomes fp32 on a CPU, as in trainer.py)
     flash: bool  # model_args.use_flash_attention: PyTorch SDPA instead of MONAI's einsum attention
-    compile: bool  # train_args.compile == "blocks"
+    compile: str  # train_args.compile: none, blocks or full
     about: str
 
 
-BASELINE = Setting("motfm", "16-mixed", False, False,
+BASELINE = Setting("motfm", "16-mixed", False, "none",
                    "MOTFM-like plain loop: fp16 autocast, einsum attention, Adam, clip 1.0, MSE, N(0, I) prior")
 SETTINGS = {s.name: s for s in (
-    Setting("comet-fp16-einsum", "16-mixed", False, False, "framework, the seed recipe with MONAI's einsum attention"),
-    Setting("comet-fp16", "16-mixed", True, False, "framework, the seed config as shipped: fp16, SDPA attention"),
-    Setting("comet-fp32", "32-true", True, False, "framework, fp32 (TF32 matmuls), SDPA, fused Adam on CUDA"),
-    Setting("comet-bf16", "bf16-mixed", True, False, "framework, bf16, SDPA, fused Adam on CUDA"),
-    Setting("comet-bf16-compiled", "bf16-mixed", True, True,
+    Setting("comet-fp16-einsum", "16-mixed", False, "none", "framework, the seed recipe with MONAI's einsum attention"),
+    Setting("comet-fp16", "16-mixed", True, "none", "framework, the seed config as shipped: fp16, SDPA attention"),
+    Setting("comet-fp32", "32-true", True, "none", "framework, fp32 (TF32 matmuls), SDPA, fused Adam on CUDA"),
+    Setting("comet-bf16", "bf16-mixed", True, "none", "framework, bf16, SDPA, fused Adam on CUDA"),
+    Setting("comet-bf16-compiled", "bf16-mixed", True, "blocks",
             "framework, bf16, SDPA, fused Adam, torch.compile of each UNet/ControlNet block (training only)"),
+    Setting("comet-bf16-fullgraph", "bf16-mixed", True, "full",
+            "framework, bf16, SDPA, fused Adam, torch.compile of the whole network as one graph (training only)"),
 )}
-DEFAULT_SETTINGS = [name for name, s in SETTINGS.items() if not s.compile]
+DEFAULT_SETTINGS = [name for name, s in SETTINGS.items() if s.compile == "none"]
 
 # Dense (not sparse) 16-bit tensor-core peaks in TFLOP/s from NVIDIA's datasheets; first match in the name wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed sampling batches, after one untimed batch (default: 3; --tiny: 1)")
     p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=DEFAULT_SETTINGS,
                    help="framework settings besides the baseline, which always runs (default: all but "
-                        "comet-bf16-compiled, whose first step compiles for minutes)")
+                        "the compiled ones, whose first step compiles for minutes)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available (--tiny: cpu)")
     p.add_argument("--peak_tflops", type=float,
                    help="the device's dense 16-bit peak for 'of peak' (default: known NVIDIA GPUs by name)")
@@ -264,7 +266,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     values["data_args"].update(path=str(data_path), synthetic=None)
     values["model_args"]["use_flash_attention"] = setting.flash
     values["train_args"].update(batch_size=batch, effective_batch_size=batch, precision=setting.precision,
-                                compile="blocks" if setting.compile else "none", accelerator=accelerator, devices=1)
+                                compile=setting.compile, accelerator=accelerator, devices=1)
     if "contrastive_args" in values:
         keys = values["contrastive_args"]
         keys["warmup_epochs"] = 0  # the contrastive term is part of every timed step
@@ -278,7 +280,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     if "train" in args.tasks:
         train = train_framework(module, dm, precision, setting, batch, args, device, workdir)
         info["optimizer"] = train["optimizer"]
-    if setting.compile or "sample" not in args.tasks:  # inference does not compile: its sampling is the eager row's
+    if setting.compile != "none" or "sample" not in args.tasks:  # sampling does not compile: the eager row's
         return train, {}
     module.to(device).eval()  # Lightning moves the module back to the CPU after fit
     masks = dm.train_set.mask[: batch * args.sample_batches]
@@ -409,7 +411,7 @@ def result(setting: Setting, task: str, batch: int, timing: dict, flop_per_image
     ips = batch / timing["per_call_s"]
     tflops = ips * flop_per_image / 1e12
     peak = env["peak_tflops_16bit"]
-    compile_s = timing["first_s"] - timing["per_call_s"] if setting.compile else None
+    compile_s = timing["first_s"] - timing["per_call_s"] if setting.compile != "none" else None
     row = {"record": "result", "setting": setting.name, "task": task, "batch_size": batch,
            "precision": timing["precision"], "attention": "sdpa" if setting.flash else "einsum",
            "optimizer": timing["optimizer"] if task == "train" else "-", "compile": setting.compile,

@@ -4,6 +4,8 @@ Tolerances (outputs of a randomised tiny network are O(1); images are in [0, 1])
 - SDPA vs MONAI's einsum attention, fp32: max |difference| <= 1e-5 (seen: 2e-7).
 - Blocks compiled with torch.compile vs eager, fp32: max |difference| <= 1e-5 for the training loss and
   every gradient (aot_eager seen: 0; inductor may reorder float sums, 1e-4 allowed).
+- The whole network compiled as one graph (aot_eager) vs eager: the same 1e-5; and no graph break in the tiny or
+  the seed network's training forward (torch._dynamo.explain).
 - bf16 autocast vs fp32: training loss within 1% relative (seen 0.03%), gradients within 2% relative L2
   (seen 0.2%); sampled images (10 Euler steps) max |difference| <= 1e-2 of the [0, 1] range (2.5 grey levels
   of 255; seen 2.6e-3), and the difference must be non-zero (autocast really ran).
@@ -20,7 +22,7 @@ from utils.generation.generate import generate
 from utils.methods import config_from_dict, load_config
 from utils.methods.base import use_fused_adam
 from utils.methods.flow_matching.module import FlowMatchingModule
-from utils.methods.networks import build_model, compile_blocks, count_parameters, repeated_blocks
+from utils.methods.networks import build_model, compile_blocks, compile_network, count_parameters, repeated_blocks
 from utils.precision import autocast
 
 TINY = load_config("configs/tiny.yaml")
@@ -112,13 +114,42 @@ def test_inductor_compiled_blocks_match_eager():
     assert abs(loss_e - loss_f) <= 1e-4 and (grad_e - grad_f).abs().max() <= 1e-4
 
 
-def test_module_compiles_its_blocks_only_when_configured():
-    plain, compiled = tiny_module(), tiny_module(train_args={"compile": "blocks"})
-    plain.configure_model()
-    compiled.configure_model()
-    assert all(b._compiled_call_impl is None for b in repeated_blocks(plain.model))
-    assert all(b._compiled_call_impl is not None for b in repeated_blocks(compiled.model))
-    assert list(plain.state_dict()) == list(compiled.state_dict())
+def test_module_compiles_its_blocks_or_its_whole_network_only_when_configured():
+    plain, blocks, full = (tiny_module(train_args={"compile": mode}) for mode in ("none", "blocks", "full"))
+    for module in (plain, blocks, full):
+        module.configure_model()
+    assert all(b._compiled_call_impl is None for b in repeated_blocks(plain.model) + repeated_blocks(full.model))
+    assert all(b._compiled_call_impl is not None for b in repeated_blocks(blocks.model))
+    assert plain.model._compiled_call_impl is None and blocks.model._compiled_call_impl is None
+    assert full.model._compiled_call_impl is not None
+    assert list(plain.state_dict()) == list(blocks.state_dict()) == list(full.state_dict())
+
+
+def _graph_breaks(model_args, size: int) -> tuple[int, int, list[str]]:
+    """(graphs, graph breaks, their reasons) of one training-mode forward and backward of the network."""
+    model = build_model(model_args, 4).train()
+    x_t, t = torch.randn(2, 1, size, size), torch.rand(2)
+    mask = torch.randint(0, 4, (2, 1, size, size), dtype=torch.uint8)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda *a: model(*a).square().mean())(x_t, t, mask)
+    return explained.graph_count, explained.graph_break_count, [str(b.reason) for b in explained.break_reasons]
+
+
+def test_the_tiny_network_is_one_graph_without_breaks():
+    assert _graph_breaks(TINY.model_args, 32) == (1, 0, [])  # what train_args.compile: full asks of it
+
+
+@pytest.mark.slow  # traces the 91.6 M network at 256 px
+def test_the_seed_network_is_one_graph_without_breaks():
+    assert _graph_breaks(load_config("configs/comet_camus.yaml").model_args, 256) == (1, 0, [])
+
+
+@pytest.mark.slow
+def test_the_fully_compiled_network_gives_the_eager_loss_and_gradients():
+    eager, fast = tiny_module(), tiny_module()
+    compile_network(fast.model, backend="aot_eager")  # the whole network, fullgraph: a break would raise
+    (loss_e, grad_e), (loss_f, grad_f) = loss_and_grads(eager), loss_and_grads(fast)
+    assert abs(loss_e - loss_f) <= 1e-5 and (grad_e - grad_f).abs().max() <= 1e-5
 
 
 def test_bf16_training_step_matches_fp32():

@@ -173,7 +173,8 @@ class TrainConfig:
     log_every_n_steps: int = 10
     # "blocks": torch.compile each UNet/ControlNet down/mid/up block in place (regional compilation:
     # state_dict keys unchanged). Faster steps after a first step that compiles (minutes on the seed network).
-    compile: Literal["none", "blocks"] = "none"
+    # "full": the whole network as one graph (fullgraph, fixed shapes), the step towards CUDA graphs.
+    compile: Literal["none", "blocks", "full"] = "none"
     # 3-D only: the memory (GiB) a training step may use; the fit is refused before it starts when the estimate
     # (utils.methods.memory) exceeds it. 0 = what the device has free (CUDA free memory, or available RAM).
     memory_limit_gb: float = 0.0

@@ -25,7 +25,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from utils.config import RunConfig, config_to_dict
-from utils.methods.networks import count_parameters
+from utils.methods.networks import compile_blocks, compile_network, count_parameters
 from utils.seeding import SampleNoise, noise_for_indices, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class SynthesisMethod(pl.LightningModule):
         self.save_hyperparameters({"config": config_to_dict(cfg), **hyperparameters})
         self.ema: AveragedModel | None = None
         self._steps_before_batch = 0
-        self._compiled_blocks = 0
+        self._compiled = ""  # what train_args.compile compiled
         self._time_first_step = False  # log the first step's wall time (it includes the compilation)
         self._first_step_clock = 0.0
         # Set by the trainer; a method that optimises by hand (automatic_optimization = False) accumulates this many.
@@ -173,16 +173,20 @@ class SynthesisMethod(pl.LightningModule):
         x_1 = batch["x_1"]
         return noise_for_indices(batch["index"].cpu(), tuple(x_1.shape[1:]), self.cfg.train_args.seed).to(x_1)
 
-    def compile_blocks(self) -> int:
-        """Compile the network's repeated blocks in place for ``train_args.compile: blocks``; how many."""
-        return 0
+    def compilable_network(self) -> torch.nn.Module | None:
+        """The UNet + ControlNet that ``train_args.compile`` compiles, for the methods that have one; None."""
+        return None
 
     def configure_model(self):
-        """Regional compilation when ``train_args.compile`` is "blocks" (training only; called by the Trainer)."""
-        if self.cfg.train_args.compile == "blocks" and not self._compiled_blocks:
-            self._compiled_blocks = self.compile_blocks()
-            self._time_first_step = self._compiled_blocks > 0
-            log.info("torch.compile on %d blocks: the first training step compiles them", self._compiled_blocks)
+        """``train_args.compile`` (training only; called by the Trainer): "blocks" compiles the network's repeated
+        blocks, "full" the whole network as one graph; both in place."""
+        network, mode = self.compilable_network(), self.cfg.train_args.compile
+        if mode == "none" or network is None or self._compiled:
+            return
+        self._compiled = f"{compile_blocks(network)} blocks" if mode == "blocks" else \
+            f"the whole network as {compile_network(network)} graph"
+        self._time_first_step = True
+        log.info("torch.compile of %s: the first training step compiles it", self._compiled)
 
     def on_train_batch_start(self, batch, batch_idx):
         self._steps_before_batch = self.generator_steps()
@@ -196,8 +200,8 @@ class SynthesisMethod(pl.LightningModule):
         if self._time_first_step:
             if batch["x_1"].is_cuda:
                 torch.cuda.synchronize()
-            log.info("first training step took %.1f s (it compiled the %d blocks; inductor caches the kernels)",
-                     time.perf_counter() - self._first_step_clock, self._compiled_blocks)
+            log.info("first training step took %.1f s (it compiled %s; inductor caches the kernels)",
+                     time.perf_counter() - self._first_step_clock, self._compiled)
             self._time_first_step = False
 
     def validation_step(self, batch, batch_idx):

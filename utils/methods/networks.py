@@ -162,6 +162,14 @@ def compile_blocks(model: ConditionalVelocityField, **compile_kwargs) -> int:
     return len(blocks)
 
 
+def compile_network(model: nn.Module, **compile_kwargs) -> int:
+    """Whole-network compilation in place (``nn.Module.compile``: the state dict keeps its names), as one graph
+    (``fullgraph``: a graph break is an error, not a silent fall-back to Python) for fixed shapes
+    (``dynamic=False``), which is what a CUDA graph can later capture. Returns 1, the one graph."""
+    model.compile(fullgraph=True, dynamic=False, **compile_kwargs)
+    return 1
+
+
 class VelocityAdapter(ModelWrapper):
     """The only adapter between the network and the sampler (:mod:`utils.methods.ode_sampler`), a
     ``flow_matching`` ModelWrapper.

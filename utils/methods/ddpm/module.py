@@ -14,7 +14,7 @@ from utils.images import to_unit
 from utils.methods.base import SynthesisMethod
 from utils.methods.ddpm.config import DDPMRunConfig
 from utils.methods.ddpm.sampler import noise_schedule, sample
-from utils.methods.networks import build_model, compile_blocks, controlnet_parameter_counts
+from utils.methods.networks import build_model, controlnet_parameter_counts
 from utils.seeding import SampleNoise, fixed_times
 
 
@@ -34,8 +34,8 @@ class DDPMModule(SynthesisMethod):
     def parameter_counts(self) -> dict[str, int]:
         return controlnet_parameter_counts(self.model)
 
-    def compile_blocks(self) -> int:
-        return compile_blocks(self.model)
+    def compilable_network(self) -> torch.nn.Module:
+        return self.model
 
     # --- the method -------------------------------------------------------------------------------
     def diffusion_loss(self, network, x_1, mask, eps, timesteps) -> torch.Tensor:

@@ -26,7 +26,6 @@ from utils.methods.networks import (
     ConditionalVelocityField,
     VelocityAdapter,
     build_model,
-    compile_blocks,
     controlnet_parameter_counts,
 )
 from utils.methods.ode_sampler import NFE_PER_STEP, sample
@@ -113,8 +112,8 @@ class FlowMatchingModule(SynthesisMethod):
     def parameter_counts(self) -> dict[str, int]:
         return controlnet_parameter_counts(self.model)
 
-    def compile_blocks(self) -> int:
-        return compile_blocks(self.model)
+    def compilable_network(self) -> torch.nn.Module:
+        return self.model
 
     # --- the method -------------------------------------------------------------------------------
     def prior(self, mask: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from utils.methods.base import MethodSetupError
 from utils.methods.med_dt_fm.bridged import BridgedVelocityField, ProjectionHeads, bridge_channels
 from utils.methods.med_dt_fm.config import MedDTFMRunConfig
 from utils.methods.med_dt_fm.ukan_training import build_ukan, encoder_statistics, foreground_dice, predict, train_ukan
-from utils.methods.networks import VelocityAdapter, compile_blocks, count_parameters
+from utils.methods.networks import VelocityAdapter, count_parameters
 from utils.methods.ode_sampler import NFE_PER_STEP, reference_steps, sample
 from utils.seeding import SampleNoise, fixed_times
 
@@ -183,8 +183,8 @@ class MedDTFMModule(AdversarialMethod):
     def generator_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.model.parameters()) + list(self.heads.parameters())
 
-    def compile_blocks(self) -> int:
-        return compile_blocks(self.model)
+    def compilable_network(self) -> torch.nn.Module:
+        return self.model
 
     def adversarial_start_epoch(self) -> int:
         return math.ceil(self.cfg.med_dt_fm_args.adv_start_fraction * self.cfg.train_args.max_epochs)

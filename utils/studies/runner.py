@@ -186,4 +186,4 @@ def _time_left(remaining: list, spent: dict[str, list[float]]) -> float:
     """The remaining stages at this run's mean time per stage kind (unknown kinds count as trainings)."""
     mean = {s: sum(v) / len(v) for s, v in spent.items() if v}
     fallback = mean.get("train", max(mean.values(), default=0.0))
-    return sum(mean.get(stage, fallback) for *_, stage in remaining)
+    return sum(mean.get(stage, fallback) for _, _, stage, _ in remaining)

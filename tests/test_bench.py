@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from bench import throughput
+from bench import device_probe, throughput
 
 FIELDS = {"setting", "task", "batch_size", "precision", "attention", "optimizer", "images_per_s", "ratio_to_baseline",
           "peak_gib", "gflop_per_image", "tflops", "fraction_of_peak", "first_step_s", "compile_s", "timed_images"}
@@ -89,3 +89,19 @@ def test_tiny_benchmark_of_a_3d_config_times_volumes(capsys):
     assert [(r["setting"], r["task"]) for r in rows] == [(n, t) for n in ("motfm", "comet-fp32")
                                                          for t in ("train", "sample")]
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_device_probe_runs_on_the_cpu_with_the_cuda_steps_skipped(tmp_path):
+    assert device_probe.main(["--tiny", "--backend", "aot_eager", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "probe.json").read_text())
+    train = record["train"]
+    assert train["+cudnn.benchmark"] == {"skipped": "cuDNN is CUDA's"}
+    assert train["+cuda-graph"] == {"skipped": "CUDA graphs need CUDA"}
+    for name in ("eager", "+channels-last", "+compile(fullgraph)"):  # fp32 on the CPU: the reference's numbers
+        assert train[name]["per_call_s"] > 0 and train[name]["loss_rel_err"] <= 1e-6, name
+        assert train[name]["grad_rel_err"] <= 1e-5, name
+    assert record["sample"]["+cuda-graph batch 2"] == {"skipped": "CUDA graphs need CUDA"}
+    assert record["sample"]["+compile(fullgraph) batch 2"]["per_call_s"] > 0
+    assert record["groupnorm_check"]["weight_grad_rel_err"] < 1e-2
+    assert "Name" in (tmp_path / "profile.txt").read_text()

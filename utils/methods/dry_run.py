@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from utils.cli import clock
+from utils.generation.plan import peak_memory
 
 log = logging.getLogger("comet.trainer")
 
@@ -65,15 +64,6 @@ def run_batches(train, batches_per_epoch: int, accumulate: int) -> int:
     return min(total, train.max_steps * accumulate) if train.max_steps > 0 else total
 
 
-def peak_memory(accelerator: str) -> str:
-    """The peak memory so far: the GPU's allocations, or on a CPU the whole process's resident set."""
-    if accelerator == "gpu":
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB of GPU memory at most (torch allocations)"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    gib = kib / 2**30 if sys.platform == "darwin" else kib / 2**20
-    return f"{gib:.2f} GiB peak resident memory of this process (CPU; data, model and the timed batches)"
-
-
 def time_training(module, dm, accelerator: str, precision: str, batches: int = 4) -> tuple[float, str]:
     """Train ``batches`` batches of ``dm`` on one device of ``accelerator``: seconds per batch and peak memory."""
     if accelerator == "gpu":
@@ -85,7 +75,8 @@ def time_training(module, dm, accelerator: str, precision: str, batches: int = 4
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[watch], default_root_dir=tmp)
         trainer.fit(module, datamodule=dm)
-    return seconds_per_batch(watch.ends), peak_memory(accelerator)
+    peak, kind = peak_memory("cuda" if accelerator == "gpu" else "cpu")
+    return seconds_per_batch(watch.ends), f"{peak / 2**30:.2f} GiB, {kind}"
 
 
 def report(cfg, module, dm, accelerator: str, precision: str, accumulate: int, run_state: str,

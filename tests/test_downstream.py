@@ -74,3 +74,24 @@ def test_sets_of_another_image_size_are_refused_before_any_training(tiny_data, t
         downstream.main(["--data_path", str(tiny_data), "--generated", str(tmp_path / "synth.npz"),
                          "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dry_run_lists_the_trainings_with_their_time_and_writes_nothing(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(downstream, "run", lambda *a, **k: pytest.fail("a dry run trained"))
+    monkeypatch.setattr(downstream, "seconds_per_step", lambda *a: 0.5)  # timed for real in the next test
+    save_dataset(tmp_path / "synth.npz", {"train": _as_synthetic(load_dataset(tiny_data)["train"])})
+    before = sorted(tmp_path.rglob("*"))
+    assert downstream.main(["--data_path", str(tiny_data), "--generated", str(tmp_path / "synth.npz"),
+                            "--output_dir", str(tmp_path / "out"), "--seeds", "0", "1", "--dry_run"]) == 0
+    assert sorted(tmp_path.rglob("*")) == before
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == "  seed 0: real 16 images, synthetic 16 images, real+synthetic 32 images, real25 4 images, " \
+                     "real25+synthetic 16 images"
+    assert out[3].startswith("  10 segmenter trainings of 600 steps at 0.500 s per step: about 50m00s")
+
+
+def test_the_time_per_segmenter_step_is_the_difference_of_two_trainings(tiny_data, monkeypatch):
+    clock = iter([0.0, 3.0, 10.0, 17.0])  # after a warm-up, a 2-step training takes 3 s, a 6-step one 7 s
+    monkeypatch.setattr("time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr(downstream, "train_segmenter", lambda *a, **k: None)
+    assert downstream.seconds_per_step(None, None, 4) == 1.0

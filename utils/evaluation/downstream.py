@@ -22,6 +22,8 @@ condition, seed and label), ``downstream.json`` and ``downstream.md``.
 Example:
     python -m utils.evaluation.downstream --data_path data/synthetic_echo_64.npz --generated synth.npz \\
         --seeds 0 1 2 --output_dir outputs/downstream
+    python -m utils.evaluation.downstream --data_path data/synthetic_echo_64.npz --generated synth.npz \\
+        --output_dir outputs/downstream --dry_run        # the trainings it would run and their time; writes nothing
 """
 
 from __future__ import annotations
@@ -142,6 +144,39 @@ def run(real: dict, synthetic: list[dict], seeds: list[int], fraction: float, nu
     return per_seed, sizes
 
 
+def seconds_per_step(images01: torch.Tensor, masks: torch.Tensor, num_classes: int, short: int = 2,
+                     long: int = 6) -> float:
+    """One optimiser step of the segmenter's recipe on these images, from two timed trainings after an untimed
+    one (imports and first allocations): ``long`` minus ``short`` steps, so the start-up of each cancels."""
+    import time
+
+    seconds = []
+    train_segmenter(images01, masks, num_classes, Recipe(steps=1), progress=False)
+    for steps in (short, long):
+        start = time.perf_counter()
+        train_segmenter(images01, masks, num_classes, Recipe(steps=steps), progress=False)
+        seconds.append(time.perf_counter() - start)
+    return max(seconds[1] - seconds[0], 0.0) / (long - short)
+
+
+def plan(real: dict, synthetic: list[dict], seeds: list[int], fraction: float, num_classes: int,
+         steps: int) -> str:
+    """What a run would do (``--dry_run``): each condition's training-set size per seed, the trainings and their
+    estimated time from :func:`seconds_per_step` (testing not included); writes nothing."""
+    from utils.cli import clock
+
+    sizes = {seed: {name: len(train) for name, train in conditions(real["train"], synthetic, fraction, seed).items()}
+             for seed in seeds}
+    trainings = sum(map(len, sizes.values()))
+    per_step = seconds_per_step(*split_tensors(real["train"]), num_classes)
+    lines = ["dry run: nothing was written"]
+    lines += [f"  seed {seed}: " + ", ".join(f"{name} {n} images" for name, n in by_name.items())
+              for seed, by_name in sizes.items()]
+    lines.append(f"  {trainings} segmenter trainings of {steps} steps at {per_step:.3f} s per step: about "
+                 f"{clock(trainings * steps * per_step)} (scoring the {len(real['test'])} test images not included)")
+    return "\n".join(lines)
+
+
 def write(out_dir: Path, per_seed: dict, summary: dict, sizes: dict, seeds: list[int], info: dict) -> str:
     """downstream.csv/.json/.md in ``out_dir``; returns the Markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                 help="optimiser steps per run (default: %(default)s)")
     p.add_argument("--num_classes", type=int, default=4, help="labels incl. background (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier run in --output")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check the inputs, list the trainings with an estimate of their time, write nothing")
     return p
 
 
@@ -221,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     synthetic = [r for records in synthetic_data.values() for r in records]
     if not synthetic:
         raise SystemExit(f"error: {args.generated} holds no records")
+    if args.dry_run:
+        print(plan(real, synthetic, args.seeds, args.fraction, args.num_classes, args.train_steps))
+        return 0
     per_seed, sizes = run(real, synthetic, args.seeds, args.fraction, args.num_classes, args.train_steps)
     info = {"real": str(args.data_path), "synthetic": str(args.generated), "steps": args.train_steps,
             "fraction": args.fraction, "n_test": len(real["test"])}

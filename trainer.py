@@ -174,10 +174,12 @@ def checkpoint_progress(path: Path) -> tuple[int, int]:
 def keep_csv_log(path: Path, step: int) -> None:
     """Lightning's CSV logger deletes an existing metrics.csv when it starts: keep it under another name (the run
     summary's loss curve reads it back)."""
+    import itertools
+
     from utils.methods.run_summary import kept_csv_name
 
     if path.is_file():
-        kept = path.with_name(kept_csv_name(step))
+        kept = next(k for n in itertools.count() if not (k := path.with_name(kept_csv_name(step, n))).exists())
         path.replace(kept)
         log.info("the metrics logged before step %d are in %s; metrics.csv holds those from here on", step, kept)
 

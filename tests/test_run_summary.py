@@ -69,3 +69,21 @@ def test_a_resumed_run_summarises_both_starts(tmp_path, tiny_data):
     text = (run / "summary.md").read_text()
     assert "this start, resumed at step 4" in text and "`csv/metrics_to_step0000004.csv`, `csv/metrics.csv`" in text
     assert "train_args.max_epochs" not in text  # this start's --set max_epochs=2 is what the file says
+    train(2)  # the same command on the finished run: Lightning skips training, the summary is still written
+    assert loss_series(read_metrics(metrics_files(run / "csv")))["train/loss"][0] == list(range(8))
+
+
+def test_a_second_start_from_the_same_checkpoint_keeps_the_first_ones_log(tmp_path):
+    """A start killed before its next checkpoint resumes from the same step: both earlier logs are kept, in order."""
+    import trainer
+
+    log = tmp_path / "csv" / "metrics.csv"
+    log.parent.mkdir()
+    for rows in ("step,train/loss\n0,1.0\n4,0.9\n", "step,train/loss\n4,0.8\n", "step,train/loss\n4,0.7\n"):
+        log.write_text(rows)
+        trainer.keep_csv_log(log, 4)
+    log.write_text("step,train/loss\n4,0.6\n5,0.5\n")
+    files = metrics_files(tmp_path / "csv")
+    assert [f.name for f in files] == ["metrics_to_step0000004.csv", "metrics_to_step0000004_001.csv",
+                                       "metrics_to_step0000004_002.csv", "metrics.csv"]
+    assert loss_series(read_metrics(files))["train/loss"] == ([0, 4, 5], [1.0, 0.6, 0.5])

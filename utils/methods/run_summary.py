@@ -24,10 +24,11 @@ log = logging.getLogger(__name__)
 CSV_NAME, KEPT_PREFIX = "metrics.csv", "metrics_to_step"
 
 
-def kept_csv_name(step: int) -> str:
+def kept_csv_name(step: int, start: int = 0) -> str:
     """The name the trainer keeps ``metrics.csv`` under when a run resumes at ``step`` (Lightning's CSV logger would
-    delete it); the zero padding sorts the kept files by step."""
-    return f"{KEPT_PREFIX}{step:07d}.csv"
+    delete it) for the ``start``-th time from that step (a start killed before its next checkpoint resumes from the
+    same one); the zero padding sorts the kept files in the order they were written."""
+    return f"{KEPT_PREFIX}{step:07d}.csv" if start == 0 else f"{KEPT_PREFIX}{step:07d}_{start:03d}.csv"
 
 
 def metrics_files(csv_dir: Path) -> list[Path]:
@@ -183,6 +184,7 @@ class RunSummary(pl.Callback):
 
     def __init__(self, config_path: str, changes: list[str]):
         self.config_path, self.changes = config_path, changes
+        self.start = None  # a run restored already finished never starts training (Lightning skips the loop)
 
     def on_train_start(self, trainer, module) -> None:
         self.start = (time.perf_counter(), module.generator_steps())
@@ -192,7 +194,7 @@ class RunSummary(pl.Callback):
             logger.save()
         if not trainer.is_global_zero:
             return
-        began, first_step = self.start
+        began, first_step = self.start or (time.perf_counter(), module.generator_steps())
         batch = module.cfg.train_args.batch_size * trainer.world_size * module.accumulate_grad_batches
         budget = Budget(trainer.current_epoch, module.generator_steps(), batch, time.perf_counter() - began,
                         first_step)

@@ -213,6 +213,7 @@ def test_the_report_says_how_to_read_the_numbers_and_flags_a_model_below_a_const
     from utils.evaluation.report import report
 
     rows = {"samples": {"ssim": {"value": 0.017}, "psnr": {"value": 18.0}},
+            "oracle": {"ssim": {"value": 0.5}, "psnr": {"value": 20.0}},
             "constant": {"ssim": {"value": 0.12}, "psnr": {"value": 17.2}}}
     text = report(_results({"rows": rows, "oracle": "used", "n_reference": 16, "constant": 0.21}, ssim=0.017,
                            psnr=18.0, hd95=3.5))
@@ -221,5 +222,12 @@ def test_the_report_says_how_to_read_the_numbers_and_flags_a_model_below_a_const
                             "or broken\n\n")  # first, and PSNR 18 above the constant's 17.2 is not flagged
     assert "PSNR in dB" in guide and "HD95 in px" in guide and "within 2 px" in guide
     assert "the oracle, a perfect sampler" in guide and "training split's mean intensity (0.21)" in guide
+    from utils.evaluation.comparison import below_constant
+
+    rows["oracle"]["ssim"]["value"] = 0.11  # a perfect sampler below the floor too: the floor says nothing here
+    assert below_constant(rows) == []
+    del rows["oracle"]
+    assert below_constant(rows)[0].endswith("the model may be untrained or broken (no oracle row checks that a "
+                                            "perfect sampler scores above it on these data)")
     volumes = report(_results(ssim=0.5, mmd=0.1))  # no comparison rows; volumes count voxels
     assert "HD95 in voxels" in volumes and "No reference rows in this evaluation (--no-comparison)" in volumes

@@ -76,3 +76,14 @@ def test_a_dry_run_refuses_what_the_run_would_refuse(tiny_run, tiny_data):
     extra = {"data_args.path": tiny_data, "model_args.channels": "[16, 16]"}
     with pytest.raises(SystemExit, match="already holds run 'tiny' with a different configuration"):
         trainer.main(_argv(tiny_run.parent.parent, **extra))
+
+
+@pytest.mark.slow
+def test_a_dry_run_times_several_batches_when_an_epoch_has_one(tmp_path, tiny_data, said):
+    import trainer
+
+    extra = {"data_args.path": tiny_data, "train_args.batch_size": 16, "train_args.effective_batch_size": 16,
+             "contrastive_args.num_keys": 16}
+    assert trainer.main(_argv(tmp_path, **extra)) == 0  # 16 training images: one batch an epoch
+    assert any("1 batches of 16 per epoch x 2 epochs = 2 batches, 2 left" in m for m in said)
+    assert any(m.startswith("timed on one cpu device:") for m in said)

@@ -70,8 +70,8 @@ def time_training(module, dm, accelerator: str, precision: str, batches: int = 4
         torch.cuda.reset_peak_memory_stats()
     watch = _BatchClock()
     with tempfile.TemporaryDirectory(prefix="comet-dry-run-") as tmp:
-        trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=1,
-                             limit_train_batches=batches, limit_val_batches=0, num_sanity_val_steps=0,
+        trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=-1,  # as needed
+                             **module.trainer_arguments(1, batches), limit_val_batches=0, num_sanity_val_steps=0,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[watch], default_root_dir=tmp)
         trainer.fit(module, datamodule=dm)
@@ -84,7 +84,8 @@ def report(cfg, module, dm, accelerator: str, precision: str, accumulate: int, r
     """Log the plan of ``cfg``'s run (``epochs_done`` of it by an earlier start) and the estimate from
     :func:`time_training` (``module`` is trained a few batches: the caller discards it)."""
     t = cfg.train_args
-    per_epoch = -(-len(dm.train_set) // t.batch_size)
+    per_epoch = len(dm.train_dataloader())  # as the run's loader batches (it drops a last short batch)
+    per_epoch = min(per_epoch, t.limit_train_batches) if t.limit_train_batches else per_epoch
     total = run_batches(t, per_epoch, accumulate)
     left = max(total - epochs_done * per_epoch, 0)
     counts = module.parameter_counts()

@@ -552,5 +552,10 @@ def _cache_dir(args) -> Path:
     return Path(args.cache_dir or os.environ.get("COMET_CACHE_DIR") or Path.home() / ".cache" / "comet")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject.toml): Ctrl-C ends with one line and status 130."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -275,5 +275,10 @@ def _source(index: int, record: dict) -> dict:
     return source
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject.toml): Ctrl-C ends with one line and status 130."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    cli()

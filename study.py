@@ -71,5 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject.toml): Ctrl-C ends with one line and status 130."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -339,5 +339,10 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None, 
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The console script (pyproject.toml): Ctrl-C ends with one line and status 130."""
     run_command(main)
+
+
+if __name__ == "__main__":
+    cli()

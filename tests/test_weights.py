@@ -91,3 +91,19 @@ def test_an_unknown_name_is_refused(capsys):
     with pytest.raises(SystemExit):
         weights.main(["fetch", "inceptoin"])
     assert "unknown weights ['inceptoin']" in capsys.readouterr().err
+
+
+def test_the_inception_file_is_recorded_not_refused_by_digits_no_loader_checks(tmp_path, monkeypatch, capsys):
+    """torch-fidelity loads its Inception file without check_hash: the 6726825d in its name may not be the start
+    of its SHA-256, so a file of that name is kept, its digest printed and its status says it was not checked."""
+    server = tmp_path / "server"
+    server.mkdir()
+    (server / weights.INCEPTION_FILE_NAME).write_bytes(b"any bytes")
+    entry = weights.FILES["inception"]
+    monkeypatch.setattr(weights, "FILES", {"inception": weights.WeightsFile(
+        entry.file, (server / entry.file).as_uri(), entry.used_for, entry.point_to)})
+    assert weights.main(["fetch", "--dir", str(tmp_path / "w"), "inception"]) == 0
+    digest = hashlib.sha256(b"any bytes").hexdigest()
+    assert f"present (its name's digits are no published checksum: not checked), sha256 {digest}" in \
+        capsys.readouterr().out
+    assert weights.status(tmp_path / "w" / entry.file, entry.file).startswith("present (")

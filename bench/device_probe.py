@@ -8,7 +8,8 @@ Training (a flow-matching step of the velocity network: MSE, backward, clipping 
 on CUDA) and sampling (N Euler steps on the host time grid) are timed cumulatively:
 eager -> +cudnn.benchmark -> +channels-last -> +compile(fullgraph) -> +CUDA graph, each against the first in the
 same process, with its compile seconds, peak memory and, for training, the loss's and gradients' relative error
-against fp32 eager on the same weights and batch. A GroupNorm gradient check at 128 channels / 32 groups / 64x64
+against fp32 eager (TF32 off) on the same weights and batch, from the variant's uncaptured step (a captured step
+is timed, not yet compared with eager). A GroupNorm gradient check at 128 channels / 32 groups / 64x64
 (bf16, channels-last, compiled against fp32 eager: pytorch issue 140913's shape) runs too. CUDA-only steps are
 recorded as skipped on a CPU; a step that fails is recorded with its error and the rest go on. Writes
 probe.json, profile.txt (top 25 kernels of the fastest training variant) and, after compiling, inductor_cache.bin
@@ -18,6 +19,7 @@ probe.json, profile.txt (top 25 kernels of the fastest training variant) and, af
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed calls per variant (default: %(default)s)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     p.add_argument("--cache", help="inductor_cache.bin of an earlier probe, loaded before compiling")
-    p.add_argument("--budget", type=float, default=400.0,
+    p.add_argument("--budget", type=float, default=330.0,
                    help="seconds after which no further variant starts (default: %(default)s)")
     return p
 
@@ -96,7 +98,8 @@ class Probe:
         self.t = torch.rand(batch, generator=g).to(device)
         self.mask = torch.randint(0, cfg.data_args.num_classes, (batch, 1, size, size), generator=g,
                                   dtype=torch.uint8).to(device)
-        self.reference = self.gradients(self.network(), torch.float32)
+        with exact_fp32():
+            self.reference = self.gradients(self.network(), torch.float32)
 
     def network(self, channels_last: bool = False):
         import torch
@@ -125,6 +128,21 @@ class Probe:
         return loss.detach(), torch.cat([p.grad.flatten().float() for p in net.parameters() if p.grad is not None])
 
 
+class exact_fp32:
+    """TF32 off for matmuls and convolutions inside (PyTorch lets cuDNN use it by default): the reference is fp32."""
+
+    def __enter__(self):
+        import torch
+
+        self.saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+
 def set_cudnn(device, on: bool) -> None:
     import torch
 
@@ -136,12 +154,15 @@ def train_variant(probe: Probe, k: int, iters: int) -> dict:
     """The training step with the first ``k`` + 1 levers of :data:`VARIANTS` on."""
     import torch
 
+    torch._dynamo.reset()  # each variant compiles afresh: no recompile limit reached, no silent eager fall-back
     set_cudnn(probe.device, k >= 1)
     net = probe.network(channels_last=k >= 2)
     if k >= 3:
         net.compile(fullgraph=True, dynamic=False, backend=probe.backend)
-    loss, grads = probe.gradients(net, probe.dtype)
-    errors = {"loss_rel_err": relative_error(loss, probe.reference[0]),
+    start = time.perf_counter()
+    loss, grads = probe.gradients(net, probe.dtype)  # compiles, for k >= 3; the numerics of the uncaptured step
+    errors = {"first_gradients_s": round(time.perf_counter() - start, 3),
+              "loss_rel_err": relative_error(loss, probe.reference[0]),
               "grad_rel_err": relative_error(grads, probe.reference[1])}
     fused = probe.device.type == "cuda"
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=fused or None, capturable=fused and k >= 4)
@@ -178,6 +199,7 @@ def sample_variant(probe: Probe, k: int, batch: int, num_steps: int, iters: int)
 
     from utils.methods.ode_sampler import host_steps, time_grid
 
+    torch._dynamo.reset()
     set_cudnn(probe.device, k >= 1)
     net = probe.network(channels_last=k >= 2).eval()
     if k >= 3:
@@ -202,7 +224,8 @@ def sample_variant(probe: Probe, k: int, batch: int, num_steps: int, iters: int)
 
 
 def groupnorm_check(device, backend: str) -> dict:
-    """Weight and bias gradients of GroupNorm(32, 128) on 64x64, bf16 channels-last compiled vs fp32 eager."""
+    """Weight and bias gradients of GroupNorm(32, 128) on 64x64, bf16 channels-last compiled vs fp32 eager (the
+    module and input cast to bf16: autocast would run GroupNorm in fp32)."""
     import torch
 
     torch.manual_seed(0)
@@ -211,33 +234,35 @@ def groupnorm_check(device, backend: str) -> dict:
     x = torch.randn(4, 128, 64, 64, device=device)
     upstream = torch.randn_like(x)
 
-    def grads(module, inputs, dtype):
+    def grads(module, inputs):
         module.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            (module(inputs).float() * upstream).sum().backward()
-        return module.weight.grad.clone(), module.bias.grad.clone()
+        (module(inputs).float() * upstream).sum().backward()
+        return module.weight.grad.float(), module.bias.grad.float()
 
-    reference = grads(norm, x, torch.float32)
-    fast = torch.compile(norm, fullgraph=True, dynamic=False, backend=backend)
-    got = grads(fast, x.to(memory_format=torch.channels_last), torch.bfloat16)
+    reference = grads(norm, x)
+    low = copy.deepcopy(norm).to(torch.bfloat16)
+    fast = torch.compile(low, fullgraph=True, dynamic=False, backend=backend)
+    got = grads(fast, x.to(torch.bfloat16, memory_format=torch.channels_last))
     return {"weight_grad_rel_err": relative_error(got[0], reference[0]),
             "bias_grad_rel_err": relative_error(got[1], reference[1])}
 
 
-def attempt(record: dict, name: str, device, fn, deadline: float) -> None:
+def attempt(record: dict, name: str, device, fn, deadline: float, save) -> None:
     """``record[name]`` = fn()'s result, or why it was skipped or failed (the probe goes on either way); nothing
-    starts after ``deadline`` (``time.perf_counter``), so probe.json is written inside the window."""
-    if device.type != "cuda" and name.split(" ")[0] in CUDA_ONLY:
-        record[name] = {"skipped": CUDA_ONLY[name.split(" ")[0]]}
-        return
-    if time.perf_counter() > deadline:
+    starts after ``deadline`` (``time.perf_counter``), and ``save`` writes probe.json after each, so a window that
+    ends during the next variant still returns this one."""
+    lever = name.split(" ")[0]
+    if device.type != "cuda" and lever in CUDA_ONLY:
+        record[name] = {"skipped": CUDA_ONLY[lever]}
+    elif time.perf_counter() > deadline:
         record[name] = {"skipped": "the probe's time budget (--budget) was spent"}
-        return
-    try:
-        record[name] = fn()
-    except Exception as e:  # a failing lever is a result of the probe, not the end of it
-        record[name] = {"failed": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
+    else:
+        try:
+            record[name] = fn()
+        except Exception as e:  # a failing lever is a result of the probe, not the end of it
+            record[name] = {"failed": f"{type(e).__name__}: {e}", "where": traceback.format_exc(limit=-3)}
     print(f"{name}: {json.dumps(record[name])}", flush=True)
+    save()
 
 
 def profile_top(probe: Probe, k: int, path: Path) -> None:
@@ -262,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.config_path, args.train_batch, args.sample_batches, args.iters = "configs/tiny.yaml", 2, [2], 2
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    if args.cache and Path(args.cache).is_file():
+    caching = hasattr(torch.compiler, "save_cache_artifacts")  # torch >= 2.7
+    if caching and args.cache and Path(args.cache).is_file():
         torch.compiler.load_cache_artifacts(Path(args.cache).read_bytes())
     cfg = load_config(args.config_path)
     probe = Probe(cfg, args.train_batch, device, args.backend)
@@ -270,19 +296,22 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "config": args.config_path, "train_batch": args.train_batch,
               "num_steps": args.num_steps, "backend": args.backend, "train": {}, "sample": {}}
     deadline = time.perf_counter() + args.budget
-    attempt(record, "groupnorm_check", device, lambda: groupnorm_check(device, args.backend), deadline)
+
+    def save():
+        (out / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    attempt(record, "groupnorm_check", device, lambda: groupnorm_check(device, args.backend), deadline, save)
     for k, name in enumerate(VARIANTS):
-        attempt(record["train"], name, device, lambda k=k: train_variant(probe, k, args.iters), deadline)
+        attempt(record["train"], name, device, lambda k=k: train_variant(probe, k, args.iters), deadline, save)
     for batch in args.sample_batches:
         for k, name in enumerate(VARIANTS):
             attempt(record["sample"], f"{name} batch {batch}", device,
-                    lambda k=k, b=batch: sample_variant(probe, k, b, args.num_steps, args.iters), deadline)
-    (out / "probe.json").write_text(json.dumps(record, indent=2) + "\n")
+                    lambda k=k, b=batch: sample_variant(probe, k, b, args.num_steps, args.iters), deadline, save)
     timed_ok = [k for k, name in enumerate(VARIANTS) if "per_call_s" in record["train"][name]]
     if timed_ok:
         profile_top(probe, min(timed_ok, key=lambda k: record["train"][VARIANTS[k]]["per_call_s"]),
                     out / "profile.txt")
-    artifacts = torch.compiler.save_cache_artifacts()
+    artifacts = torch.compiler.save_cache_artifacts() if caching else None
     if artifacts is not None:
         (out / "inductor_cache.bin").write_bytes(artifacts[0])
     print(f"wrote {out / 'probe.json'}")

@@ -119,30 +119,32 @@ def test_a_normalised_convolution_has_largest_singular_value_one():
 
 def test_an_averaged_copy_normalises_with_the_trained_networks_power_iteration():
     """The EMA copy makes images in eval mode, where spectral norm does not iterate: without the trained network's
-    (u, v) it would divide its weights by a sigma estimated for the weights it was copied from."""
-    import copy
-
+    (u, v), which the EMA update copies with the other buffers, it would divide its weights by a sigma estimated for
+    the weights it was copied from."""
     from torch.nn.utils.parametrizations import spectral_norm
+    from torch.optim.swa_utils import AveragedModel
 
-    from utils.methods.base import copy_power_iteration
+    from utils.methods.base import update_ema
 
     torch.manual_seed(0)
     live = spectral_norm(torch.nn.Conv2d(8, 16, 3))
-    average = copy.deepcopy(live)
+    average = AveragedModel(live)
+    update_ema(average, live, 0.0)  # the first update copies
     with torch.no_grad():
         live.parametrizations.weight.original.copy_(torch.randn(16, 8, 3, 3) * torch.linspace(0.1, 3, 16)[:, None,
                                                                                                      None, None])
     live.train()
     for _ in range(100):
         live(torch.randn(1, 8, 5, 5))
-    average.parametrizations.weight.original.data.copy_(live.parametrizations.weight.original)  # decay 0
-    average.eval()
+    average.module.eval()
 
     def sigma():
-        return float(torch.linalg.matrix_norm(average.weight.detach().flatten(1), ord=2))
+        return float(torch.linalg.matrix_norm(average.module.weight.detach().flatten(1), ord=2))
 
+    with torch.no_grad():
+        average.module.parametrizations.weight.original.copy_(live.parametrizations.weight.original)
     assert abs(sigma() - 1) > 0.05  # the vectors it was copied with are stale
-    copy_power_iteration(average, live)
+    update_ema(average, live, 0.0)
     assert abs(sigma() - 1) < 1e-3
 
 

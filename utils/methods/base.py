@@ -22,7 +22,7 @@ import time
 
 import pytorch_lightning as pl
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from utils.config import RunConfig, config_to_dict
 from utils.methods.networks import compile_blocks, compile_network, count_parameters
@@ -48,7 +48,9 @@ def update_ema(average: AveragedModel, network: torch.nn.Module, decay: float) -
     the device: the first update copies the weights, the later ones lerp towards them by 1 - decay. torch
     branches on ``n_averaged == 0`` on the host (two device-to-host syncs a step); here the weight is a device
     tensor, where(n_averaged == 0, 1, 1 - decay) in float32, and lerp with weight 1 returns the network's value
-    exactly. Buffers are copied, as ``AveragedModel`` does without ``use_buffers``."""
+    exactly. Buffers are copied, as ``AveragedModel`` does without ``use_buffers``: spectral norm's power-iteration
+    vectors among them, so the copy (which never iterates: it only makes images, in eval mode) normalises with the
+    trained network's current estimate of each weight's largest singular value."""
     averaged = [p.detach() for p in average.module.parameters()]
     live = [p.detach() for p in network.parameters()]
     weight = torch.where(average.n_averaged == 0, 1.0, 1.0 - decay).to(averaged[0])
@@ -56,16 +58,6 @@ def update_ema(average: AveragedModel, network: torch.nn.Module, decay: float) -
     for b_average, b_live in zip(average.module.buffers(), network.buffers(), strict=True):
         b_average.copy_(b_live)
     average.n_averaged += 1
-
-
-def copy_power_iteration(average: torch.nn.Module, network: torch.nn.Module) -> None:
-    """Spectral norm's power-iteration vectors (u, v) of ``network`` into its averaged copy, which never iterates
-    (it only makes images, in eval mode) and so estimates its weights' largest singular value with the trained
-    network's current vectors instead of those it was copied with."""
-    live = dict(network.named_buffers())
-    for name, buffer in average.named_buffers():
-        if "parametrizations." in name and name.endswith(("._u", "._v")):
-            buffer.copy_(live[name])
 
 
 class SynthesisMethod(pl.LightningModule):
@@ -134,7 +126,7 @@ class SynthesisMethod(pl.LightningModule):
         """Keep an EMA of ``self.model`` when ``train_args.ema_decay`` > 0 (call after building it)."""
         decay = self.cfg.train_args.ema_decay
         if decay > 0:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+            self.ema = AveragedModel(self.model)  # stepped by update_ema
             self.ema.requires_grad_(False)  # updated by hand; DDP must not wait for its gradients
 
     def generator_steps(self) -> int:
@@ -196,7 +188,6 @@ class SynthesisMethod(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None and self.generator_steps() != self._steps_before_batch:  # once per generator step
             update_ema(self.ema, self.model, self.cfg.train_args.ema_decay)
-            copy_power_iteration(self.ema.module, self.model)
         if self._time_first_step:
             if batch["x_1"].is_cuda:
                 torch.cuda.synchronize()

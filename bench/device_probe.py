@@ -28,6 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from bench.throughput import timed  # noqa: E402  (first call, one more warm-up, then the timed calls)
+
 VARIANTS = ("eager", "+cudnn.benchmark", "+channels-last", "+compile(fullgraph)", "+cuda-graph")
 CUDA_ONLY = {"+cudnn.benchmark": "cuDNN is CUDA's", "+cuda-graph": "CUDA graphs need CUDA"}
 
@@ -47,32 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=330.0,
                    help="seconds after which no further variant starts (default: %(default)s)")
     return p
-
-
-def timed(fn, iters: int, device) -> dict:
-    """Seconds of the first call (compiles, captures), seconds per later call, peak GiB of those (CUDA)."""
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    first = time.perf_counter() - start
-    fn()  # a second warm-up call: autotuning, lazy allocations
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    sync()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync()
-    per_call = (time.perf_counter() - start) / iters
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"first_s": round(first, 4), "per_call_s": round(per_call, 6), "peak_gib": peak}
 
 
 def relative_error(a, b) -> float:
@@ -173,7 +149,7 @@ def train_variant(probe: Probe, k: int, iters: int) -> dict:
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
         opt.step()
 
-    return {**timed(captured(step, probe.device) if k >= 4 else step, iters, probe.device), **errors}
+    return {**timed(captured(step, probe.device) if k >= 4 else step, 2, iters, probe.device), **errors}
 
 
 def captured(step, device):
@@ -220,7 +196,7 @@ def sample_variant(probe: Probe, k: int, batch: int, num_steps: int, iters: int)
             x = x + dt * v.float()
         out.copy_(x)
 
-    return timed(captured(solve, probe.device) if k >= 4 else solve, iters, probe.device)
+    return timed(captured(solve, probe.device) if k >= 4 else solve, 2, iters, probe.device)
 
 
 def groupnorm_check(device, backend: str) -> dict:

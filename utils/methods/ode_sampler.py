@@ -57,19 +57,19 @@ def reference_steps(num_steps: int, t0: float) -> int:
     return round((1.0 - t0) * num_steps)
 
 
-def time_grid(num_steps: int, device=None, t0: float = 0.0) -> torch.Tensor:
-    """[t0, ..., 1] with :func:`reference_steps` steps; [0, 1/N, ..., 1] at t0 = 0. (``linspace(0, 1, N)`` would
-    be N - 1 steps, and none at N = 1.)"""
-    return torch.linspace(t0, 1.0, reference_steps(num_steps, t0) + 1, device=device)
+def time_grid(num_steps: int, t0: float = 0.0) -> torch.Tensor:
+    """[t0, ..., 1] on the CPU with :func:`reference_steps` steps; [0, 1/N, ..., 1] at t0 = 0. (``linspace(0, 1,
+    N)`` would be N - 1 steps, and none at N = 1.)"""
+    return torch.linspace(t0, 1.0, reference_steps(num_steps, t0) + 1)
 
 
-def motfm_time_grid(num_steps: int, device=None) -> torch.Tensor:
+def motfm_time_grid(num_steps: int) -> torch.Tensor:
     """MOTFM's grid: its solver passes ``step_size`` 1 / N to torchdiffeq, whose fixed-step grid is k * step_size
     in float32 for k < ceil(1 / step_size + 1), the last point set to 1. Under MOTFM's floor(t * 999) it can
     differ from :func:`time_grid` by one integer time (N = 3, 6, 12, 15, 24, 27, ... of 1 to 59)."""
-    ends, step = torch.tensor([0.0, 1.0], device=device), 1.0 / num_steps
+    ends, step = torch.tensor([0.0, 1.0]), 1.0 / num_steps
     points = int(torch.ceil((ends[1] - ends[0]) / step + 1).item())
-    grid = torch.arange(0, points, dtype=ends.dtype, device=device) * step + ends[0]
+    grid = torch.arange(0, points, dtype=ends.dtype) * step + ends[0]
     grid[-1] = ends[1]
     return grid
 

@@ -188,7 +188,7 @@ def run(args) -> int:
     from utils.evaluation.feature_extractors import FeatureCache
     from utils.evaluation.metrics import paired_metrics, summarise
     from utils.evaluation.report import report, write_results
-    from utils.evaluation.volume_metrics import mmd, ms_ssim_problem, paired_volume_metrics
+    from utils.evaluation.volume_metrics import mmd, mmd_problem, ms_ssim_problem, paired_volume_metrics
     from utils.generation.generate import generate
     from utils.generation.outputs import read_samples, write_samples
     from utils.generation.plan import describe_samples, estimate_generation
@@ -270,8 +270,8 @@ def run(args) -> int:
         metrics[name] = summary_cell(summarise(per_image[name], indices.numpy(), n_boot=args.n_boot, seed=0))
     if volumes:
         metrics.setdefault("ms_ssim", {"skipped": ms_ssim_problem(images.shape)})
-        metrics["mmd"] = ({"value": mmd(paired, images), "n": len(images)} if len(images) > 1 else
-                          {"skipped": "MMD needs at least 2 generated volumes"})
+        why = mmd_problem(len(images))
+        metrics["mmd"] = {"skipped": why} if why else {"value": mmd(paired, images), "n": len(images)}
     cache = FeatureCache(_cache_dir(args))
     weights = _feature_metrics(extractors, cache, split, real, images, metrics)
     comparison = _comparison(args, config, dataset, records, real, split_masks, images, indices, per_image, cache,
@@ -360,13 +360,12 @@ def _metric_plan(args, dataset: dict, shape: tuple, extractors: dict, skipped: d
     """A dry run's lines on what the run would compute and what it would skip and why: ``skipped`` {part:
     reason} from the checks a run makes before generating, and those it makes later (MS-SSIM's size, MMD's
     count, the comparison's and the audit's splits) made here on the samples' ``shape``."""
-    from utils.evaluation.volume_metrics import ms_ssim_problem
+    from utils.evaluation.volume_metrics import mmd_problem, ms_ssim_problem
 
     volumes = len(shape) == 5
     reasons = dict(skipped)
     if volumes:
-        later = {"ms_ssim": ms_ssim_problem(shape), "mmd": "MMD needs at least 2 generated volumes" if shape[0] < 2
-                 else None}
+        later = {"ms_ssim": ms_ssim_problem(shape), "mmd": mmd_problem(shape[0])}
         reasons.update({m: why for m, why in later.items() if why})
     if not args.comparison or (problem := _comparison_problem(dataset)):
         reasons["comparison"] = "--no-comparison" if not args.comparison else problem

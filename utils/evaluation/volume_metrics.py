@@ -94,6 +94,11 @@ def ms_ssim_per_volume(generated: torch.Tensor, real: torch.Tensor) -> np.ndarra
     return metric(generated.float(), real.float()).double().flatten().cpu().numpy()
 
 
+def mmd_problem(count: int) -> str | None:
+    """Why MMD cannot be computed on ``count`` generated volumes, or None when it can."""
+    return None if count >= 2 else "MMD needs at least 2 generated volumes"
+
+
 def mmd(real: torch.Tensor, generated: torch.Tensor) -> float:
     """MONAI's unbiased linear-kernel MMD^2 between two sets of ``[N,1,D,H,W]`` volumes (float64; module
     docstring). Memory: the sets as ``N x D*H*W`` float64 matrices."""

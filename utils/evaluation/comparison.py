@@ -11,8 +11,8 @@ Rows (each a set of images with the split index of the mask that conditioned eac
   reference;
 - ``constant`` (paired metrics only): for every mask a flat image at the training split's mean intensity: what a
   model that learned only the mean brightness scores, the floor under which :func:`below_constant` calls a model
-  untrained or broken (on the echo phantom at 64 px: SSIM 0.13 and PSNR 17 dB, the oracle 0.53 and 20 dB, noise
-  0.004 and 6 dB).
+  untrained or broken where the oracle clears it (on the echo phantom at 64 px: SSIM 0.13 and PSNR 17 dB, the
+  oracle 0.53 and 20 dB, noise 0.004 and 6 dB).
 
 Every row gets the paired metrics against the mask's real image (except ``real``), the Fréchet Radiomics
 Distance of each requested version and precision/recall/density/coverage in the first version's radiomic
@@ -335,7 +335,8 @@ def comparison_markdown(rows: dict[str, dict]) -> str:
               f"Distribution metrics: {n or 'N'} images per row, one per mask of the same masks (the first sample, "
               "the mean of K, the first oracle image, the real image), against the training split; the real row "
               "is the floor at that N. The constant row (paired metrics only) is a flat image at the training "
-              "split's mean intensity: samples that do not beat it on SSIM or PSNR learned nothing. FRD v0 ranked "
+              "split's mean intensity: samples that do not beat it on SSIM or PSNR learned nothing, unless the "
+              "oracle does not beat it either. FRD v0 ranked "
               "blur and averaging behind the samples on the quickstart model, v1 did not (README, 'Which FRD to "
               "believe'). FRD of identical sets: about 0 (v0), -inf (v1, "
               "a log; shown as –)."]

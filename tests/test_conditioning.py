@@ -222,7 +222,7 @@ def test_no_dropout_leaves_the_conditions_and_the_training_draws_alone():
     plain, dropping = module(), module("conditioning_args.mask_dropout=0.5")
     x_1 = torch.zeros(4, 1, 32, 32)
     conditions = plain.conditions(torch.zeros(4, 1, 32, 32, dtype=torch.uint8), None)
-    assert plain.dropped_conditions(conditions, 0) is conditions
+    assert plain.dropped_conditions(conditions, plain.step_draws(x_1, 0)) is conditions
     for a, b in zip(plain.training_draws(x_1, 3), dropping.training_draws(x_1, 3)):
         assert torch.equal(a, b)  # dropout has its own stream: t and eps do not move
 
@@ -233,7 +233,8 @@ def test_dropout_draws_whole_masks_labels_and_classes_from_their_own_stream():
     b = 400
     classes = torch.arange(b) % len(NAMES)
     conditions = m.conditions(torch.zeros(b, 1, 32, 32, dtype=torch.uint8), classes)
-    out = m.dropped_conditions(conditions, 0)
+    x_1 = torch.zeros(b, 1, 32, 32)
+    out = m.dropped_conditions(conditions, m.step_draws(x_1, 0))
     kept = out["labels_kept"]
     whole = ~kept.any(1)
     assert 0.2 < whole.float().mean() < 0.4  # the whole mask: 0.3
@@ -241,7 +242,7 @@ def test_dropout_draws_whole_masks_labels_and_classes_from_their_own_stream():
     assert 0.6 < kept[~whole, 1:].float().mean() < 0.8  # each anatomy: kept with 0.7
     null = out["classes"] == -1
     assert 0.2 < null.float().mean() < 0.4 and torch.equal(out["classes"][~null], classes[~null])
-    again, other = m.dropped_conditions(conditions, 0), m.dropped_conditions(conditions, 1)
+    again, other = (m.dropped_conditions(conditions, m.step_draws(x_1, i)) for i in (0, 1))
     assert torch.equal(again["labels_kept"], kept) and torch.equal(again["classes"], out["classes"])
     assert not torch.equal(other["labels_kept"], kept)
 

@@ -1,16 +1,18 @@
 """Per-rank random streams, the contrastive key set, and a resume that continues the uninterrupted run."""
 
+import copy
 import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
 
 import trainer
 import utils.methods.flow_matching.contrastive_keys as contrastive_keys
-from losses.contrastive_flow import info_nce_from_cosines
+from losses.contrastive_flow import contrastive_velocity_loss, info_nce_from_cosines
 from utils.config import ConfigError
 from utils.methods import load_config
 from utils.methods.flow_matching.contrastive_keys import ContrastiveKeys, valid_keys
@@ -42,15 +44,86 @@ def test_key_bank_tops_up_one_process_to_num_keys():
     keys = ContrastiveKeys(num_keys=8)
     batches = [(torch.randn(4, 1, 2, 2), torch.randn(4, 1, 2, 2), torch.arange(4) + 10 * k) for k in range(3)]
     first = keys(*batches[0])
-    assert len(first.x_0) == 4 and first.positive.tolist() == [0, 1, 2, 3]  # nothing earlier yet
+    assert len(first.x_0) == 8 and first.positive.tolist() == [0, 1, 2, 3]  # M rows from the first step
+    assert first.filled.tolist() == [True] * 4 + [False] * 4 and first.patient.tolist()[4:] == [-1] * 4
+    storage = keys.bank["x_0"].data_ptr()
     second = keys(*batches[1])
     assert torch.equal(second.x_0, torch.cat([batches[1][0], batches[0][0]]))  # current first, then the bank
     assert second.patient.tolist() == [10, 11, 12, 13, 0, 1, 2, 3] and second.positive.tolist() == [0, 1, 2, 3]
+    assert second.filled.all()
     third = keys(*batches[2])
     assert third.patient.tolist() == [20, 21, 22, 23, 10, 11, 12, 13]  # the oldest left the bank
+    assert keys.bank["x_0"].data_ptr() == storage  # updated in place: a captured graph's buffer stays valid
     restored = ContrastiveKeys(num_keys=8)
     restored.load_state_dict(keys.state_dict())
     assert torch.equal(restored(*batches[0]).x_1, keys(*batches[0]).x_1)
+
+
+def test_a_bank_saved_before_it_had_a_fixed_size_loads_padded():
+    old = {"x_0": torch.ones(2, 1, 2, 2), "x_1": torch.ones(2, 1, 2, 2), "patient": torch.tensor([5, 6])}
+    keys = ContrastiveKeys(num_keys=8)
+    keys.load_state_dict(old)  # 2 keys seen of the 4 the bank holds
+    got = keys(torch.zeros(4, 1, 2, 2), torch.zeros(4, 1, 2, 2), torch.arange(4))
+    assert got.patient.tolist() == [0, 1, 2, 3, 5, 6, -1, -1]
+    assert got.filled.tolist() == [True] * 6 + [False] * 2
+
+
+@pytest.mark.parametrize("target", ["velocity", "same_noise", "denoised"])
+def test_empty_bank_slots_change_nothing_in_the_loss(target):
+    """The first step's M rows, half of them empty slots, give the loss of the filled keys alone (what the
+    bank gave before it had a fixed size), and their gradient."""
+    g = torch.Generator().manual_seed(0)
+    x_0, x_1, v = (torch.randn(4, 1, 3, 3, generator=g) for _ in range(3))
+    t, patient = torch.rand(4, generator=g), torch.tensor([0, 0, 1, -1])
+    keys = ContrastiveKeys(num_keys=8)(x_0, x_1, patient)
+    grads = []
+    for k_0, k_1, k_patient, filled in ((keys.x_0, keys.x_1, keys.patient, keys.filled),
+                                        (x_0, x_1, patient, torch.ones(4, dtype=torch.bool))):
+        v_ = v.clone().requires_grad_(True)
+        valid = filled.expand(4, -1) & valid_keys(patient, k_patient)
+        out = contrastive_velocity_loss(target, v_, x_0, x_0 + v, t, k_0, k_1, keys.positive, 0.07, valid)
+        out.loss.backward()
+        grads.append((out.loss, out.valid_keys, out.chance, out.neg_cos, v_.grad))
+    for full, subset in zip(*grads):
+        torch.testing.assert_close(full, subset, rtol=1e-6, atol=1e-7)
+
+
+def test_step_draws_are_the_seed_rank_epoch_batch_streams():
+    """t and eps come from the stream SeedSequence([seed, rank, epoch, batch]) seeds, the dropout draws from
+    the same entropy plus stream 1, bit for bit (a resumed or re-run step draws the same numbers)."""
+    module = FlowMatchingModule(load_config("configs/tiny.yaml", ["conditioning_args.mask_dropout=0.5"]),
+                                [0.0, -0.5, 0.5, -0.4])
+    x_1 = torch.zeros(4, 1, 32, 32)
+    draws = module.step_draws(x_1, batch_idx=3)
+
+    def stream(*entropy):
+        seed = int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] >> 1)
+        return torch.Generator().manual_seed(seed)
+
+    g = stream(0, 0, 0, 3)  # tiny.yaml's seed 0, rank 0, epoch 0, batch 3
+    assert torch.equal(draws.t, torch.rand(4, generator=g))
+    assert torch.equal(draws.eps, torch.randn(4, 1, 32, 32, generator=g))
+    g = stream(0, 0, 0, 3, 1)
+    torch.rand(4, 4, generator=g)  # the per-label draws: no label dropout here, so only the background...
+    keep_mask = torch.rand(4, 1, generator=g) >= 0.5  # ...and the whole mask decide
+    assert torch.equal(draws.labels_kept, keep_mask.expand(4, 4)) and draws.drop_class is None
+
+
+def test_the_training_step_is_a_function_of_its_draws(tiny_data):
+    """training_step draws, then computes step_loss(batch, draws): the same loss from the same draws on a copy
+    of the module (weights and key bank), another from other draws."""
+    cfg = load_config("configs/tiny.yaml", [f"data_args.path={tiny_data}", "conditioning_args.mask_dropout=0.5"])
+    module = FlowMatchingModule(cfg, [0.0, -0.5, 0.5, -0.4])
+    module.log_dict = module.log = lambda *a, **k: None
+    g = torch.Generator().manual_seed(1)
+    batch = {"x_1": torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, "patient": torch.tensor([0, 1, 1, 2]),
+             "mask": torch.randint(0, 4, (4, 1, 32, 32), generator=g, dtype=torch.uint8)}
+    twin = copy.deepcopy(module)
+    loss = module.training_step(batch, batch_idx=5)
+    same, logs = twin.step_loss(batch, twin.step_draws(batch["x_1"], batch_idx=5))
+    assert torch.equal(loss, same) and logs["train/nce_valid_keys"].item() <= 4  # half the bank is empty
+    other, _ = copy.deepcopy(module).step_loss(batch, module.step_draws(batch["x_1"], batch_idx=6))
+    assert not torch.equal(other, same)
 
 
 def test_many_ranks_contrast_within_groups_of_num_keys(monkeypatch):

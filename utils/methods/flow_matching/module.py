@@ -9,6 +9,7 @@ a null class), which classifier-free guidance (``sampling_args.guidance_scale``)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,17 @@ from utils.seeding import SampleNoise, fixed_times, seeded_generator
 log = logging.getLogger(__name__)
 # The training stream's extra entropy for condition dropout: its own draws, so t and eps do not change with it.
 DROPOUT_STREAM = 1
+
+
+@dataclass(frozen=True)
+class StepDraws:
+    """Everything random in one training step, drawn before it from the (seed, rank, epoch, batch) streams,
+    so that the step itself (:meth:`FlowMatchingModule.step_loss`) is a pure function of them."""
+
+    t: torch.Tensor  # (B,) ~ U[0, 1)
+    eps: torch.Tensor  # N(0, I) like x_1
+    labels_kept: torch.Tensor | None = None  # (B, labels) bool: mask / label dropout; None when off
+    drop_class: torch.Tensor | None = None  # (B,) bool: class dropout; None when off
 
 
 def check_prior_spacing(spacing: tuple[float, ...], datamodule) -> None:
@@ -144,25 +156,33 @@ class FlowMatchingModule(SynthesisMethod):
             out["classes"] = torch.full_like(conditions["classes"], -1)
         return out
 
-    def dropped_conditions(self, conditions: dict, batch_idx: int) -> dict:
-        """``conditions`` after training's condition dropout, drawn from this (seed, rank, epoch, batch)'s own
-        stream: per sample, the whole mask with probability ``mask_dropout``, each label but the background
-        with ``label_dropout``, the class with ``class_dropout``."""
+    def dropout_draws(self, b: int, device: torch.device, batch_idx: int) -> tuple:
+        """Training's condition dropout for ``b`` samples, drawn from this (seed, rank, epoch, batch)'s own
+        stream: (labels_kept (B, labels) bool, drop_class (B,) bool), each None when its dropout is off. Per
+        sample, the whole mask goes with probability ``mask_dropout``, each label but the background with
+        ``label_dropout``, the class with ``class_dropout``."""
         c = self.cfg.conditioning_args
         if not (c.mask_dropout or c.label_dropout or c.class_dropout):
-            return conditions
-        out, mask = dict(conditions), conditions["mask"]
+            return None, None
         t = self.cfg.train_args
-        g = seeded_generator([t.seed, self.global_rank, self.current_epoch, batch_idx, DROPOUT_STREAM], mask.device)
-        b, labels = len(mask), self.cfg.data_args.num_classes
-        keep_label = torch.rand(b, labels, generator=g, device=mask.device) >= c.label_dropout
+        g = seeded_generator([t.seed, self.global_rank, self.current_epoch, batch_idx, DROPOUT_STREAM], device)
+        keep_label = torch.rand(b, self.cfg.data_args.num_classes, generator=g, device=device) >= c.label_dropout
         keep_label[:, 0] = True  # the background is not an anatomy
-        keep_mask = torch.rand(b, 1, generator=g, device=mask.device) >= c.mask_dropout
-        drop_class = torch.rand(b, generator=g, device=mask.device) < c.class_dropout
-        if c.mask_dropout or c.label_dropout:
-            out["labels_kept"] = keep_label & keep_mask
-        if c.class_dropout:
-            out["classes"] = torch.where(drop_class, -1, conditions["classes"])
+        keep_mask = torch.rand(b, 1, generator=g, device=device) >= c.mask_dropout
+        drop_class = torch.rand(b, generator=g, device=device) < c.class_dropout
+        return (keep_label & keep_mask if c.mask_dropout or c.label_dropout else None,
+                drop_class if c.class_dropout else None)
+
+    @staticmethod
+    def dropped_conditions(conditions: dict, draws: StepDraws) -> dict:
+        """``conditions`` after the condition dropout in ``draws`` (themselves, when there is none)."""
+        if draws.labels_kept is None and draws.drop_class is None:
+            return conditions
+        out = dict(conditions)
+        if draws.labels_kept is not None:
+            out["labels_kept"] = draws.labels_kept
+        if draws.drop_class is not None:
+            out["classes"] = torch.where(draws.drop_class, -1, conditions["classes"])
         return out
 
     def flow_matching_loss(self, network, x_1, mask, eps, t, conditions: dict | None = None):
@@ -179,27 +199,40 @@ class FlowMatchingModule(SynthesisMethod):
         t = torch.rand(x_1.shape[0], generator=g, device=x_1.device)
         return t, torch.randn(x_1.shape, generator=g, device=x_1.device, dtype=x_1.dtype)
 
-    def training_step(self, batch, batch_idx):
-        x_1, mask = from_signed(batch["x_1"], self.cfg.prior_args.image_range), batch["mask"]
+    def step_draws(self, x_1: torch.Tensor, batch_idx: int) -> StepDraws:
+        """Everything random in the training step on ``x_1``, drawn before the step."""
         t, eps = self.training_draws(x_1, batch_idx)
-        conditions = self.dropped_conditions(self.conditions(mask, batch.get("class")), batch_idx)
-        fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, eps, t, conditions)
+        return StepDraws(t, eps, *self.dropout_draws(len(x_1), x_1.device, batch_idx))
+
+    def step_loss(self, batch: dict, draws: StepDraws) -> tuple[torch.Tensor, dict]:
+        """The training loss and its logs: a function of the batch, ``draws``, the weights and the key bank
+        alone, with the batch's shapes (the contrastive term's key set is ``num_keys`` rows from the first
+        step), so a CUDA graph can capture it."""
+        x_1, mask = from_signed(batch["x_1"], self.cfg.prior_args.image_range), batch["mask"]
+        conditions = self.dropped_conditions(self.conditions(mask, batch.get("class")), draws)
+        fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, draws.eps, draws.t, conditions)
         c = self.cfg.contrastive_args
         weight = contrastive_weight(c.weight, c.warmup_epochs, self.current_epoch)
-        loss = fm
         logs = {"train/fm_loss": fm, "train/nce_weight": weight}
-        if weight > 0:
-            keys = self.keys(x_0, x_1, batch["patient"])
-            valid = valid_keys(batch["patient"], keys.patient) if c.exclude_same_patient else None
-            out = contrastive_velocity_loss(c.target, v, x_0, ps.x_t, t, keys.x_0, keys.x_1, keys.positive,
-                                            c.temperature, valid)
-            loss = fm + weight * out.loss
-            logs.update({"train/nce_loss": out.loss, "train/nce_pos_cos": out.pos_cos,
-                         "train/nce_neg_cos": out.neg_cos, "train/nce_keys": float(out.num_keys),
-                         "train/nce_valid_keys": out.valid_keys, "train/nce_chance": out.chance})
+        if weight == 0:
+            return fm, logs
+        keys = self.keys(x_0, x_1, batch["patient"])
+        valid = keys.filled.expand(len(x_1), -1)
+        if c.exclude_same_patient:
+            valid = valid & valid_keys(batch["patient"], keys.patient)
+        out = contrastive_velocity_loss(c.target, v, x_0, ps.x_t, draws.t, keys.x_0, keys.x_1, keys.positive,
+                                        c.temperature, valid)
+        logs.update({"train/nce_loss": out.loss, "train/nce_pos_cos": out.pos_cos,
+                     "train/nce_neg_cos": out.neg_cos, "train/nce_keys": float(out.num_keys),
+                     "train/nce_valid_keys": out.valid_keys, "train/nce_chance": out.chance})
+        return fm + weight * out.loss, logs
+
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.step_loss(batch, self.step_draws(batch["x_1"], batch_idx))
         logs["train/loss"] = loss
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=x_1.shape[0])
-        self.log("loss", loss, prog_bar=True, logger=False, batch_size=x_1.shape[0])
+        b = batch["x_1"].shape[0]
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, batch_size=b)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=b)
         return loss
 
     def validation_loss(self, batch: dict) -> torch.Tensor:

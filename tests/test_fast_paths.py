@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from utils.config import config_to_dict
+from utils.config import ConfigError, config_to_dict
 from utils.generation.generate import generate
 from utils.methods import config_from_dict, load_config
 from utils.methods.base import use_fused_adam
@@ -150,6 +150,36 @@ def test_the_fully_compiled_network_gives_the_eager_loss_and_gradients():
     compile_network(fast.model, backend="aot_eager")  # the whole network, fullgraph: a break would raise
     (loss_e, grad_e), (loss_f, grad_f) = loss_and_grads(eager), loss_and_grads(fast)
     assert abs(loss_e - loss_f) <= 1e-5 and (grad_e - grad_f).abs().max() <= 1e-5
+
+
+@pytest.mark.slow  # compiles (a cheap backend, but dynamo still traces three solves' worth of calls)
+def test_compiled_sampling_gives_the_eager_images_from_one_graph(monkeypatch):
+    """sampling_args.compile: full compiles the sampling network once, as one graph: batches of 4, 4 and a last
+    one of 2 (padded to 4) trace a single shape, and the images are the eager ones."""
+    shapes = []
+
+    def counting(graph, example_inputs):  # a backend that records each graph it is given and runs it as traced
+        shapes.append(tuple(example_inputs[0].shape))
+        return graph.forward
+
+    monkeypatch.setattr("utils.methods.base.compile_network", lambda net: compile_network(net, backend=counting))
+    torch._dynamo.reset()
+    eager, fast = tiny_module(), tiny_module(sampling_args={"compile": "full"})
+    fast.load_state_dict(eager.state_dict())
+    masks = torch.randint(0, 4, (10, 1, 32, 32), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+
+    def images(module):
+        return generate(module.eval(), masks, torch.arange(10), 0, 3, "euler", 4, ["cpu"], progress=False).images
+
+    ref, got = images(eager), images(fast)
+    assert len(shapes) == 1 and fast._sampling_compiled and eager.model._compiled_call_impl is None
+    assert 0.1 < ref.std() and (got - ref).abs().max() <= 1e-5
+
+
+def test_only_unet_methods_compile_for_sampling():
+    assert load_config("configs/tiny.yaml", ["sampling_args.compile=full"]).sampling_args.compile == "full"
+    with pytest.raises(ConfigError, match="sampling_args.compile.*must be none for method spade"):
+        load_config("configs/spade_quickstart.yaml", ["sampling_args.compile=full"])
 
 
 def test_bf16_training_step_matches_fp32():

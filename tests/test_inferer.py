@@ -240,7 +240,7 @@ def test_set_num_steps_keeps_the_checkpoints_method(tiny_run, tmp_path):
                          "--output_dir", str(out), "--set", "sampling_args.num_steps=2"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["sampling_args"] == {"num_steps": 2, "sampler": "midpoint", "precision": "32-true",
-                                                   "guidance_scale": 1.0}
+                                                   "guidance_scale": 1.0, "compile": "none"}
     assert manifest["sampler"] == "midpoint" and manifest["nfe_per_image"] == 4
 
 

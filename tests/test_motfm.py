@@ -103,7 +103,7 @@ def test_a_motfm_checkpoint_imports_and_makes_motfms_images(motfm_run, tiny_data
     t = config["train_args"]
     assert (t["max_epochs"], t["batch_size"], t["sample_every_n_epochs"], t["num_sample_images"]) == (1, 2, 5, 3)
     assert config["sampling_args"] == {"num_steps": STEPS, "sampler": "euler", "precision": "32-true",
-                                       "guidance_scale": 1.0}
+                                       "guidance_scale": 1.0, "compile": "none"}
     assert inferer.main(["--checkpoint", str(out / "imported.ckpt"), "--num_samples", "3",
                          "--output_dir", str(tmp_path / "samples")]) == 0
     got = torch.from_numpy(np.load(tmp_path / "samples" / "samples.npz")["images"])

@@ -20,15 +20,16 @@ import yaml
 # What --set may change at inference: where the masks come from and how the sampler runs. Every other key
 # changes what the trained network means (its shape, classes, prior, normalisation) or only matters to training.
 INFERENCE_OVERRIDES = ("data_args.path", "data_args.num_workers", "sampling_args.num_steps", "sampling_args.sampler",
-                       "sampling_args.precision", "sampling_args.guidance_scale", "model_args.use_flash_attention",
-                       "output_dir")
+                       "sampling_args.precision", "sampling_args.guidance_scale", "sampling_args.compile",
+                       "model_args.use_flash_attention", "output_dir")
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = {
     "train_args.max_epochs", "train_args.max_steps", "train_args.devices", "train_args.num_nodes",
     "train_args.accelerator", "data_args.num_workers", "train_args.limit_train_batches",
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
     # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
-    "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "train_args.memory_limit_gb",
+    "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "sampling_args.compile",
+    "train_args.memory_limit_gb",
     "train_args.logger", "train_args.logger_uri",  # where the metrics go besides TensorBoard and CSV
 }
 
@@ -210,6 +211,11 @@ class SamplingConfig:
     # Classifier-free guidance w (flow matching): v = v_uncond + w (v_cond - v_uncond), where v_uncond drops the
     # conditions training dropped (conditioning_args). 1 = no guidance (one network call per step; 2 otherwise).
     guidance_scale: float = 1.0
+    # "full": the network that makes images (the EMA weights when kept) compiled as one graph for fixed shapes
+    # (torch.compile fullgraph, dynamic=False), in place, before the first batch; the last partial batch is padded
+    # so one shape serves. Methods with the UNet + ControlNet only. The first batch compiles (minutes on the seed
+    # network; inductor caches the kernels).
+    compile: Literal["none", "full"] = "none"
 
     def check(self, key):
         require(self.num_steps >= 1, key("num_steps"), f"must be >= 1, got {self.num_steps}")
@@ -254,6 +260,8 @@ class RunConfig:
         require(self.GUIDANCE or self.sampling_args.guidance_scale == 1.0, "sampling_args.guidance_scale",
                 f"must be 1 for method {self.method} (guidance is flow matching's), "
                 f"got {self.sampling_args.guidance_scale}")
+        require(self.UNET or self.sampling_args.compile == "none", "sampling_args.compile",
+                f"must be none for method {self.method}: only the UNet + ControlNet methods compile their network")
         if self.UNET:
             depth = 2 ** (len(self.model_args.channels) - 1)
             require(self.data_args.image_size % depth == 0, "data_args.image_size",

@@ -49,7 +49,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
     still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
     network on one image at a time, which makes results bitwise identical for any batch size, at a cost.
-    The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none).
+    The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none), compiled
+    when its ``sampling_args.compile`` says so.
     """
     n = len(masks)
     if (classes is not None) != bool(module.class_names):
@@ -59,6 +60,10 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     out = torch.empty((n, *shape), dtype=torch.float32)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]
+    for m in models:
+        m.compile_for_sampling()
+    # a network compiled for fixed shapes sees every batch at batch_size: the last one padded with its last sample
+    pad_to = batch_size if module.cfg.sampling_args.compile != "none" and not batch_invariant else 0
     bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
 
     if references is not None and not module.supports_reference:
@@ -75,7 +80,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
 
     def work(k: int, chunk: list[int]) -> None:
         m = models[k % len(models)]
-        idx = torch.tensor(chunk)
+        idx = torch.tensor(chunk + chunk[-1:] * (pad_to - len(chunk)))
         mask, ids = masks[idx].to(m.device), sample_ids[idx]
         ref, cls = (None if x is None else x[idx].to(m.device) for x in (references, classes))
         if batch_invariant:  # the network sees one image at a time
@@ -86,7 +91,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
                                 for j in range(len(chunk))])
         else:
             images = solve(m, mask, ids, ref, cls)
-        out[idx] = images.cpu()
+        out[idx[:len(chunk)]] = images[:len(chunk)].cpu()
         bar.update(len(chunk))
 
     start = time.perf_counter()

@@ -81,6 +81,7 @@ class SynthesisMethod(pl.LightningModule):
         self.ema: AveragedModel | None = None
         self._steps_before_batch = 0
         self._compiled = ""  # what train_args.compile compiled
+        self._sampling_compiled = False  # whether sampling_args.compile compiled the sampling network
         self._time_first_step = False  # log the first step's wall time (it includes the compilation)
         self._first_step_clock = 0.0
         # Set by the trainer; a method that optimises by hand (automatic_optimization = False) accumulates this many.
@@ -179,6 +180,15 @@ class SynthesisMethod(pl.LightningModule):
             f"the whole network as {compile_network(network)} graph"
         self._time_first_step = True
         log.info("torch.compile of %s: the first training step compiles it", self._compiled)
+
+    def compile_for_sampling(self) -> None:
+        """``sampling_args.compile: full``: the network images are made with (:meth:`sampling_network`) compiled in
+        place as one graph for fixed shapes, once; nothing otherwise."""
+        if self.cfg.sampling_args.compile == "none" or self._sampling_compiled:
+            return
+        compile_network(self.sampling_network())
+        self._sampling_compiled = True
+        log.info("torch.compile of the sampling network as one graph: the first batch compiles it")
 
     def on_train_batch_start(self, batch, batch_idx):
         self._steps_before_batch = self.generator_steps()

@@ -176,10 +176,14 @@ def test_compiled_sampling_gives_the_eager_images_from_one_graph(monkeypatch):
     assert 0.1 < ref.std() and (got - ref).abs().max() <= 1e-5
 
 
-def test_only_unet_methods_compile_for_sampling():
-    assert load_config("configs/tiny.yaml", ["sampling_args.compile=full"]).sampling_args.compile == "full"
-    with pytest.raises(ConfigError, match="sampling_args.compile.*must be none for method spade"):
-        load_config("configs/spade_quickstart.yaml", ["sampling_args.compile=full"])
+def test_only_the_ode_methods_compile_or_cast_their_sampling_network():
+    sampling = load_config("configs/tiny.yaml", ["sampling_args.compile=full", "sampling_args.precision=bf16-true"])
+    assert (sampling.sampling_args.compile, sampling.sampling_args.precision) == ("full", "bf16-true")
+    for config in ("configs/spade_quickstart.yaml", "configs/ddpm_quickstart.yaml"):
+        with pytest.raises(ConfigError, match="sampling_args.compile.*must be none for method"):
+            load_config(config, ["sampling_args.compile=full"])
+        with pytest.raises(ConfigError, match="bf16-true is for the methods the ODE sampler samples"):
+            load_config(config, ["sampling_args.precision=bf16-true"])
 
 
 def test_bf16_training_step_matches_fp32():
@@ -203,6 +207,26 @@ def test_mixed_precision_sampling_matches_fp32(precision):
     ref, got = images(plain), images(fast)
     assert 0.1 < ref.std()  # images, not a constant
     assert 0 < (got - ref).abs().max() <= 1e-2
+
+
+def test_bf16_weights_sample_like_fp32_with_the_state_and_time_in_fp32():
+    """sampling_args.precision: bf16-true samples with a bfloat16 copy of the network: the images within the
+    mixed-precision tolerance of fp32 (and not equal), the network given bf16 images and fp32 times, the ODE
+    state fp32, the module's own weights untouched."""
+    masks = inputs()[2]
+    plain = tiny_module()
+    fast = tiny_module(sampling_args={"precision": "bf16-true"})
+    fast.load_state_dict(plain.state_dict())
+    seen = []
+    fast.model.register_forward_pre_hook(lambda net, args: seen.append((args[0].dtype, args[1].dtype)))
+
+    def images(module):
+        return generate(module.eval(), masks, torch.arange(4), 0, 10, "euler", 4, ["cpu"], progress=False).images
+
+    ref, got = images(plain), images(fast)
+    assert 0.1 < ref.std() and 0 < (got - ref).abs().max() <= 1e-2
+    assert got.dtype == torch.float32 and next(fast.model.parameters()).dtype == torch.float32
+    assert seen == [(torch.bfloat16, torch.float32)] * 10  # the copy (hooks and all) ran the 10 steps
 
 
 def test_fused_adam_only_on_cuda_and_never_with_fp16_clipping():

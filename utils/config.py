@@ -206,8 +206,10 @@ class SamplingConfig:
     # The sampler, one of the method's SAMPLERS; left out, the method's first (flow matching: euler; ddpm: ddim).
     # Configs written before it was named sampler call it method (utils.methods.upgrade renames it).
     sampler: str | None = None
-    # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none.
-    precision: Literal["32-true", "16-mixed", "bf16-mixed"] = "32-true"
+    # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none;
+    # "bf16-true": a copy of the network with bfloat16 weights, the ODE state and time values in float32
+    # (methods sampled by the ODE sampler only).
+    precision: Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"] = "32-true"
     # Classifier-free guidance w (flow matching): v = v_uncond + w (v_cond - v_uncond), where v_uncond drops the
     # conditions training dropped (conditioning_args). 1 = no guidance (one network call per step; 2 otherwise).
     guidance_scale: float = 1.0
@@ -260,8 +262,13 @@ class RunConfig:
         require(self.GUIDANCE or self.sampling_args.guidance_scale == 1.0, "sampling_args.guidance_scale",
                 f"must be 1 for method {self.method} (guidance is flow matching's), "
                 f"got {self.sampling_args.guidance_scale}")
-        require(self.UNET or self.sampling_args.compile == "none", "sampling_args.compile",
-                f"must be none for method {self.method}: only the UNet + ControlNet methods compile their network")
+        ode = "euler" in self.SAMPLERS  # sampled by the ODE sampler, which calls the network through one adapter
+        require(ode or self.sampling_args.compile == "none", "sampling_args.compile",
+                f"must be none for method {self.method}: only the methods the ODE sampler samples (flow_matching, "
+                f"med_dt_fm) compile their network for sampling")
+        require(ode or self.sampling_args.precision != "bf16-true", "sampling_args.precision",
+                f"bf16-true is for the methods the ODE sampler samples (flow_matching, med_dt_fm), not "
+                f"{self.method}: use bf16-mixed")
         if self.UNET:
             depth = 2 ** (len(self.model_args.channels) - 1)
             require(self.data_args.image_size % depth == 0, "data_args.image_size",

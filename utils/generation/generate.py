@@ -49,8 +49,8 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     do not change the noise, the prior or the sampler; batched kernels (convolutions, matrix products)
     still round differently for different batch sizes (about 1e-7 here). ``batch_invariant`` runs the
     network on one image at a time, which makes results bitwise identical for any batch size, at a cost.
-    The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none), compiled
-    when its ``sampling_args.compile`` says so.
+    The network runs under the autocast of the checkpoint's ``sampling_args.precision`` (default: none; bf16-true:
+    bfloat16 weights, :func:`sampling_copy`), compiled when its ``sampling_args.compile`` says so.
     """
     n = len(masks)
     if (classes is not None) != bool(module.class_names):
@@ -59,9 +59,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     shape = tuple(masks.shape[1:])
     out = torch.empty((n, *shape), dtype=torch.float32)
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
-    models = [module if same_device(module.device, d) else _copy_to(module, d) for d in devices]
-    for m in models:
-        m.compile_for_sampling()
+    models = [sampling_copy(module, d) for d in devices]
     # a network compiled for fixed shapes sees every batch at batch_size: the last one padded with its last sample
     pad_to = batch_size if module.cfg.sampling_args.compile != "none" and not batch_invariant else 0
     bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
@@ -120,6 +118,18 @@ def same_device(a: str | torch.device, b: str | torch.device) -> bool:
         return d.type, torch.cuda.current_device() if d.type == "cuda" and torch.cuda.is_available() else 0
 
     return canonical(a) == canonical(b)
+
+
+def sampling_copy(module, device: str):
+    """The module that samples on ``device``: itself where it is, a copy elsewhere; with ``sampling_args.precision:
+    bf16-true`` always a copy whose sampling network holds bfloat16 weights (the module keeps its own). Compiled
+    for sampling when its ``sampling_args.compile`` says so."""
+    cast = module.cfg.sampling_args.precision == "bf16-true"
+    m = module if same_device(module.device, device) and not cast else _copy_to(module, device)
+    if cast:
+        m.sampling_network().to(torch.bfloat16)
+    m.compile_for_sampling()
+    return m
 
 
 def _copy_to(module, device: str):

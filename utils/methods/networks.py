@@ -177,7 +177,10 @@ class VelocityAdapter(ModelWrapper):
     The sampler calls ``forward(x=x, t=t, mask=..., [classes=...])`` with ``t`` (B,); a scalar ``t`` (as
     ``flow_matching``'s ODESolver passes) is broadcast to (B,). It applies classifier-free guidance,
     v = v_u + w (v_c - v_u) with v_u the network given ``null(conditions)`` (two calls; w = 1 makes the one
-    conditional call), and counts network evaluations in ``nfe`` (reset it before a solve).
+    conditional call), and counts network evaluations in ``nfe`` (reset it before a solve). A network with
+    low-precision weights (``sampling_args.precision: bf16-true``) gets ``x`` in its dtype and ``t`` as given (the
+    time embedding is computed from float32 values); its velocity comes back in ``x``'s dtype, so the ODE state
+    and guidance's combination stay float32.
     """
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0, null: Callable[[dict], dict] | None = None):
@@ -187,10 +190,12 @@ class VelocityAdapter(ModelWrapper):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **conditions) -> torch.Tensor:
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        weights = next((p.dtype for p in self.model.parameters()), x.dtype)
+        x_in = x.to(weights) if weights.is_floating_point else x
         self.nfe += 1
-        v_c = self.model(x, t, **conditions)
+        v_c = self.model(x_in, t, **conditions).to(x.dtype)
         if self.guidance_scale == 1.0:
             return v_c
         self.nfe += 1
-        v_u = self.model(x, t, **self.null(conditions))
+        v_u = self.model(x_in, t, **self.null(conditions)).to(x.dtype)
         return v_u + self.guidance_scale * (v_c - v_u)

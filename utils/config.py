@@ -215,8 +215,8 @@ class SamplingConfig:
     guidance_scale: float = 1.0
     # "full": the network that makes images (the EMA weights when kept) compiled as one graph for fixed shapes
     # (torch.compile fullgraph, dynamic=False), in place, before the first batch; the last partial batch is padded
-    # so one shape serves. Methods with the UNet + ControlNet only. The first batch compiles (minutes on the seed
-    # network; inductor caches the kernels).
+    # so one shape serves. The ODE-sampled methods only (flow_matching, med_dt_fm). The first batch compiles
+    # (minutes on the seed network; inductor caches the kernels).
     compile: Literal["none", "full"] = "none"
 
     def check(self, key):

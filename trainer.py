@@ -327,6 +327,7 @@ def fit(cfg, module, dm, resume: Path | None, progress: tuple[int, int] | None, 
         check_val_every_n_epoch=t.val_every_n_epochs, log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches or None, limit_val_batches=t.limit_val_batches or None,
         default_root_dir=cfg.run_dir, callbacks=callbacks, logger=loggers, num_sanity_val_steps=0,
+        benchmark=True,  # cuDNN times its convolution algorithms once per shape; a run's shapes are fixed
     )
     if resume is not None:
         log.info("resuming from %s (epoch %d, step %d)", resume, *progress)

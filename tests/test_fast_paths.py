@@ -186,6 +186,24 @@ def test_only_the_ode_methods_compile_or_cast_their_sampling_network():
             load_config(config, ["sampling_args.precision=bf16-true"])
 
 
+def test_channels_last_weights_give_the_nchw_loss_and_gradients():
+    """train_args.channels_last: every convolution weight of the network and its EMA channels-last, the
+    activations following them, and the NCHW loss and gradients (fp32, 1e-5)."""
+    plain, fast = tiny_module(), tiny_module(train_args={"channels_last": True, "ema_decay": 0.9})
+    fast.load_state_dict(plain.state_dict(), strict=False)  # the EMA copy is the only extra
+    fast.configure_model()
+    convs = [p for net in (fast.model, fast.ema.module) for p in net.parameters() if p.dim() == 4]
+    assert fast._channels_last == len(convs) > 0
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert not any(p.is_contiguous() for p in convs if p.shape[1] > 1 and p.shape[2] > 1)  # 1x1 kernels are both
+    out = []
+    fast.model.unet.out.register_forward_hook(lambda m, a, y: out.append(y))
+    (loss_p, grad_p), (loss_f, grad_f) = loss_and_grads(plain), loss_and_grads(fast)
+    assert out[0].is_contiguous(memory_format=torch.channels_last)
+    assert abs(loss_p - loss_f) <= 1e-5 and (grad_p - grad_f).abs().max() <= 1e-5
+    assert list(fast.state_dict()) == list(tiny_module(train_args={"ema_decay": 0.9}).state_dict())
+
+
 def test_bf16_training_step_matches_fp32():
     module = tiny_module()
     (loss32, grad32), (loss16, grad16) = loss_and_grads(module), loss_and_grads(module, "bf16-mixed")

@@ -58,6 +58,24 @@ def test_missing_dataset_says_how_to_make_it(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_trainer_lets_cudnn_time_its_kernels(tmp_path, tiny_data, monkeypatch):
+    import pytorch_lightning as pl
+
+    class Built(Exception):
+        pass
+
+    def trainer_arguments(**kwargs):
+        raise Built(kwargs)
+
+    monkeypatch.setattr(pl, "Trainer", trainer_arguments)
+    args = ["--config_path", "configs/tiny.yaml"]
+    for s in tiny_overrides(tmp_path, **{"data_args.path": tiny_data}):
+        args += ["--set", s]
+    with pytest.raises(Built) as built:
+        trainer.main(args)
+    assert built.value.args[0]["benchmark"] is True  # fixed shapes: cudnn.benchmark pays once per shape
+
+
 def test_bad_config_exits_with_the_key():
     with pytest.raises(SystemExit, match="train_args.lr must be > 0"):
         trainer.main(["--config_path", "configs/tiny.yaml", "--set", "train_args.lr=-1"])

@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
     # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
     "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "sampling_args.compile",
-    "train_args.memory_limit_gb",
+    "train_args.channels_last", "train_args.memory_limit_gb",
     "train_args.logger", "train_args.logger_uri",  # where the metrics go besides TensorBoard and CSV
 }
 
@@ -176,6 +176,10 @@ class TrainConfig:
     # state_dict keys unchanged). Faster steps after a first step that compiles (minutes on the seed network).
     # "full": the whole network as one graph (fullgraph, fixed shapes), the step towards CUDA graphs.
     compile: Literal["none", "blocks", "full"] = "none"
+    # The network's (and its EMA's) convolution weights stored channels-last (NHWC; NDHWC for volumes), so cuDNN
+    # runs its tensor-core kernels without transposes; the activations follow the weights. Pairs with compile
+    # (inductor fuses the NCHW copies MONAI's attention blocks make). Same parameters and state dict.
+    channels_last: bool = False
     # 3-D only: the memory (GiB) a training step may use; the fit is refused before it starts when the estimate
     # (utils.methods.memory) exceeds it. 0 = what the device has free (CUDA free memory, or available RAM).
     memory_limit_gb: float = 0.0

@@ -25,7 +25,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from utils.config import RunConfig, config_to_dict
-from utils.methods.networks import compile_blocks, compile_network, count_parameters
+from utils.methods.networks import compile_blocks, compile_network, count_parameters, to_channels_last
 from utils.seeding import SampleNoise, noise_for_indices, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class SynthesisMethod(pl.LightningModule):
         self._steps_before_batch = 0
         self._compiled = ""  # what train_args.compile compiled
         self._sampling_compiled = False  # whether sampling_args.compile compiled the sampling network
+        self._channels_last = 0  # convolution weights train_args.channels_last stored channels-last
         self._time_first_step = False  # log the first step's wall time (it includes the compilation)
         self._first_step_clock = 0.0
         # Set by the trainer; a method that optimises by hand (automatic_optimization = False) accumulates this many.
@@ -171,10 +172,18 @@ class SynthesisMethod(pl.LightningModule):
         return None
 
     def configure_model(self):
-        """``train_args.compile`` (training only; called by the Trainer): "blocks" compiles the network's repeated
-        blocks, "full" the whole network as one graph; both in place."""
-        network, mode = self.compilable_network(), self.cfg.train_args.compile
-        if mode == "none" or network is None or self._compiled:
+        """Training only (called by the Trainer), in place: ``train_args.channels_last`` stores the network's and
+        its EMA's convolution weights channels-last; ``train_args.compile`` "blocks" compiles the network's
+        repeated blocks, "full" the whole network as one graph."""
+        network, t = self.compilable_network(), self.cfg.train_args
+        if network is None:
+            return
+        if t.channels_last and not self._channels_last:
+            nets = [network] if self.ema is None else [network, self.ema.module]
+            self._channels_last = sum(to_channels_last(net, self.cfg.model_args.spatial_dims) for net in nets)
+            log.info("channels-last: %d convolution weights", self._channels_last)
+        mode = t.compile
+        if mode == "none" or self._compiled:
             return
         self._compiled = f"{compile_blocks(network)} blocks" if mode == "blocks" else \
             f"the whole network as {compile_network(network)} graph"

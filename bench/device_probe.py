@@ -6,7 +6,8 @@ Examples:
 
 Training (a flow-matching step of the velocity network: MSE, backward, clipping at 1, Adam; fused and capturable
 on CUDA) and sampling (N Euler steps on the host time grid) are timed cumulatively:
-eager -> +cudnn.benchmark -> +channels-last -> +compile(fullgraph) -> +CUDA graph, each against the first in the
+eager -> +cudnn.benchmark -> +channels-last -> +bf16 GroupNorm (``model_args.low_precision_norm``) ->
++compile(fullgraph) -> +CUDA graph, each against the first in the
 same process, with its compile seconds, peak memory and, for training, the loss's and gradients' relative error
 against fp32 eager (TF32 off) on the same weights and batch, from the variant's uncaptured step (a captured step
 is timed, not yet compared with eager). A GroupNorm gradient check at 128 channels / 32 groups / 64x64
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.throughput import timed  # noqa: E402  (first call, one more warm-up, then the timed calls)
 
-VARIANTS = ("eager", "+cudnn.benchmark", "+channels-last", "+compile(fullgraph)", "+cuda-graph")
+VARIANTS = ("eager", "+cudnn.benchmark", "+channels-last", "+bf16-groupnorm", "+compile(fullgraph)", "+cuda-graph")
 CUDA_ONLY = {"+cudnn.benchmark": "cuDNN is CUDA's", "+cuda-graph": "CUDA graphs need CUDA"}
 
 
@@ -43,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_batch", type=int, default=32)
     p.add_argument("--sample_batches", type=int, nargs="+", default=[16, 64, 256])
     p.add_argument("--num_steps", type=int, default=10, help="Euler steps per sample (default: %(default)s)")
-    p.add_argument("--iters", type=int, default=10, help="timed calls per variant (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=10,
+                   help="timed calls per training variant and sampling at batch 16; fewer at larger sampling "
+                        "batches, at least 2 (default: %(default)s)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend (tests: aot_eager)")
     p.add_argument("--cache", help="inductor_cache.bin of an earlier probe, loaded before compiling")
     p.add_argument("--budget", type=float, default=330.0,
@@ -77,13 +80,15 @@ class Probe:
         with exact_fp32():
             self.reference = self.gradients(self.network(), torch.float32)
 
-    def network(self, channels_last: bool = False):
+    def network(self, channels_last: bool = False, low_norm: bool = False):
         import torch
 
-        from utils.methods.networks import build_model
+        from utils.methods.networks import build_model, low_precision_norms
 
         net = build_model(self.cfg.model_args, self.cfg.data_args.num_classes).to(self.device)
         net.load_state_dict(self.initial)
+        if low_norm:
+            low_precision_norms(net)
         return net.to(memory_format=torch.channels_last) if channels_last else net
 
     def loss(self, net, dtype):
@@ -132,24 +137,24 @@ def train_variant(probe: Probe, k: int, iters: int) -> dict:
 
     torch._dynamo.reset()  # each variant compiles afresh: no recompile limit reached, no silent eager fall-back
     set_cudnn(probe.device, k >= 1)
-    net = probe.network(channels_last=k >= 2)
-    if k >= 3:
+    net = probe.network(channels_last=k >= 2, low_norm=k >= 3)
+    if k >= 4:
         net.compile(fullgraph=True, dynamic=False, backend=probe.backend)
     start = time.perf_counter()
-    loss, grads = probe.gradients(net, probe.dtype)  # compiles, for k >= 3; the numerics of the uncaptured step
+    loss, grads = probe.gradients(net, probe.dtype)  # compiles, for k >= 4; the numerics of the uncaptured step
     errors = {"first_gradients_s": round(time.perf_counter() - start, 3),
               "loss_rel_err": relative_error(loss, probe.reference[0]),
               "grad_rel_err": relative_error(grads, probe.reference[1])}
     fused = probe.device.type == "cuda"
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=fused or None, capturable=fused and k >= 4)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4, fused=fused or None, capturable=fused and k >= 5)
 
     def step():
-        opt.zero_grad(set_to_none=k < 4)
+        opt.zero_grad(set_to_none=k < 5)
         probe.loss(net, probe.dtype).backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0, foreach=True)
         opt.step()
 
-    return {**timed(captured(step, probe.device) if k >= 4 else step, 2, iters, probe.device), **errors}
+    return {**timed(captured(step, probe.device) if k >= 5 else step, 2, iters, probe.device), **errors}
 
 
 def captured(step, device):
@@ -170,15 +175,15 @@ def captured(step, device):
 
 
 def sample_variant(probe: Probe, k: int, batch: int, num_steps: int, iters: int) -> dict:
-    """N Euler steps of ``batch`` images with the first ``k`` + 1 levers on (the solve captured whole at k = 4)."""
+    """N Euler steps of ``batch`` images with the first ``k`` + 1 levers on (the solve captured whole at k = 5)."""
     import torch
 
     from utils.methods.ode_sampler import host_steps, time_grid
 
     torch._dynamo.reset()
     set_cudnn(probe.device, k >= 1)
-    net = probe.network(channels_last=k >= 2).eval()
-    if k >= 3:
+    net = probe.network(channels_last=k >= 2, low_norm=k >= 3).eval()
+    if k >= 4:
         net.compile(fullgraph=True, dynamic=False, backend=probe.backend)
     reps = -(-batch // len(probe.x_0))
     x_0 = probe.x_0.repeat(reps, 1, 1, 1)[:batch].clone()
@@ -196,7 +201,7 @@ def sample_variant(probe: Probe, k: int, batch: int, num_steps: int, iters: int)
             x = x + dt * v.float()
         out.copy_(x)
 
-    return timed(captured(solve, probe.device) if k >= 4 else solve, 2, iters, probe.device)
+    return timed(captured(solve, probe.device) if k >= 5 else solve, 2, iters, probe.device)
 
 
 def groupnorm_check(device, backend: str) -> dict:
@@ -247,7 +252,7 @@ def profile_top(probe: Probe, k: int, path: Path) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if probe.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        train_variant(probe, min(k, 3), 2)
+        train_variant(probe, min(k, 4), 2)
     key = "cuda_time_total" if probe.device.type == "cuda" else "cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=25))
 
@@ -280,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, name in enumerate(VARIANTS):
         attempt(record["train"], name, device, lambda k=k: train_variant(probe, k, args.iters), deadline, save)
     for batch in args.sample_batches:
+        iters = max(2, min(args.iters, args.iters * 16 // batch))  # about as many images per variant at any batch
         for k, name in enumerate(VARIANTS):
             attempt(record["sample"], f"{name} batch {batch}", device,
-                    lambda k=k, b=batch: sample_variant(probe, k, b, args.num_steps, args.iters), deadline, save)
+                    lambda k=k, b=batch, n=iters: sample_variant(probe, k, b, args.num_steps, n), deadline, save)
     timed_ok = [k for k, name in enumerate(VARIANTS) if "per_call_s" in record["train"][name]]
     if timed_ok:
         profile_top(probe, min(timed_ok, key=lambda k: record["train"][VARIANTS[k]]["per_call_s"]),

@@ -11,6 +11,7 @@ Tolerances (outputs of a randomised tiny network are O(1); images are in [0, 1])
   of 255; seen 2.6e-3), and the difference must be non-zero (autocast really ran).
 """
 
+import copy
 import dataclasses
 import warnings
 
@@ -22,7 +23,15 @@ from utils.generation.generate import generate
 from utils.methods import config_from_dict, load_config
 from utils.methods.base import use_fused_adam
 from utils.methods.flow_matching.module import FlowMatchingModule
-from utils.methods.networks import build_model, compile_blocks, compile_network, count_parameters, repeated_blocks
+from utils.methods.networks import (
+    InputDtypeGroupNorm,
+    build_model,
+    compile_blocks,
+    compile_network,
+    count_parameters,
+    low_precision_norms,
+    repeated_blocks,
+)
 from utils.precision import autocast
 
 TINY = load_config("configs/tiny.yaml")
@@ -202,6 +211,43 @@ def test_channels_last_weights_give_the_nchw_loss_and_gradients():
     assert out[0].is_contiguous(memory_format=torch.channels_last)
     assert abs(loss_p - loss_f) <= 1e-5 and (grad_p - grad_f).abs().max() <= 1e-5
     assert list(fast.state_dict()) == list(tiny_module(train_args={"ema_decay": 0.9}).state_dict())
+
+
+def test_input_dtype_groupnorm_normalises_bf16_in_bf16_within_its_rounding():
+    """At the shape of pytorch issue 140913 (128 channels, 32 groups, 64x64): a bf16 input under autocast gives a
+    bf16 output and weight/bias gradients within bf16's rounding of fp32 GroupNorm on the same values."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 128, 64, 64, generator=g) * 3 + 1).bfloat16()
+    plain = torch.nn.GroupNorm(32, 128)
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(128, generator=g) + 0.5), plain.bias.copy_(torch.randn(128, generator=g))
+    fast = copy.deepcopy(plain)
+    assert low_precision_norms(fast) == 1 and isinstance(fast, InputDtypeGroupNorm)
+    upstream = torch.randn(2, 128, 64, 64, generator=g)
+
+    def run(norm, x):
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x)
+        (y.float() * upstream).sum().backward()
+        return y, norm.weight.grad, norm.bias.grad
+
+    (y32, w32, b32), (y16, w16, b16) = run(plain, x.float()), run(fast, x)
+    assert y16.dtype == torch.bfloat16 and (y16.float() - y32).abs().max() <= 2 ** -7 * y32.abs().max()
+    assert relative(w16, w32) <= 1e-2 and relative(b16, b32) <= 1e-2
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_low_precision_norm_keeps_the_network_and_its_bf16_step_within_tolerance():
+    module = tiny_module(model_args={"low_precision_norm": True})
+    norms = [m for m in module.model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(m) is InputDtypeGroupNorm for m in norms)
+    assert list(module.state_dict()) == list(tiny_module().state_dict())
+    (loss32, grad32), (loss16, grad16) = loss_and_grads(module), loss_and_grads(module, "bf16-mixed")
+    assert abs(loss16 - loss32) <= 0.01 * loss32 and (grad16 - grad32).norm() <= 0.02 * grad32.norm()
 
 
 def test_bf16_training_step_matches_fp32():

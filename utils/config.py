@@ -21,7 +21,7 @@ import yaml
 # changes what the trained network means (its shape, classes, prior, normalisation) or only matters to training.
 INFERENCE_OVERRIDES = ("data_args.path", "data_args.num_workers", "sampling_args.num_steps", "sampling_args.sampler",
                        "sampling_args.precision", "sampling_args.guidance_scale", "sampling_args.compile",
-                       "model_args.use_flash_attention", "output_dir")
+                       "model_args.use_flash_attention", "model_args.low_precision_norm", "output_dir")
 # Keys that may change between a run and its resumption (they do not change what is learned).
 RESUMABLE_CHANGES = {
     "train_args.max_epochs", "train_args.max_steps", "train_args.devices", "train_args.num_nodes",
@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
     # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
     "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "sampling_args.compile",
-    "train_args.channels_last", "train_args.memory_limit_gb",
+    "train_args.channels_last", "model_args.low_precision_norm", "train_args.memory_limit_gb",
     "train_args.logger", "train_args.logger_uri",  # where the metrics go besides TensorBoard and CSV
 }
 
@@ -88,6 +88,9 @@ class ModelConfig:
     # Attention through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels) instead of
     # MONAI's einsum softmax (MOTFM's). Same parameters and state dict; outputs agree to float rounding.
     use_flash_attention: bool = True
+    # GroupNorm in its input's dtype under autocast (CUDA's autocast runs it in float32, which turns the residual
+    # stream float32 and makes every following convolution cast back to bf16). Same parameters and state dict.
+    low_precision_norm: bool = False
     # The output projection of the self-attention blocks (MONAI's include_fc). monai-generative 0.2.3, which the
     # seed's and MOTFM's code run on, defines it (proj_attn) but never applies it: false is that network. Class
     # conditioning puts transformer blocks where the self-attention blocks were, and there MONAI's include_fc

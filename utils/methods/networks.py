@@ -63,6 +63,8 @@ class ConditionalVelocityField(nn.Module):
             )
             # The ControlNet starts as a copy of the UNet's encoder; its zero convolutions make it a no-op.
             self.controlnet.load_state_dict(self.unet.state_dict(), strict=False)
+        if cfg.low_precision_norm:
+            low_precision_norms(self)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor | None = None,
                 labels_kept: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,6 +117,30 @@ def mask_input(mask: torch.Tensor, num_classes: int, encoding: str,
     if labels_kept is not None:
         cond = cond * labels_kept.any(1).view(-1, *[1] * (cond.ndim - 1))
     return cond
+
+
+class InputDtypeGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that keeps its input's dtype under autocast (``model_args.low_precision_norm``).
+
+    CUDA's autocast runs group_norm in float32, so the residual stream turns float32 and every following
+    convolution casts back to bfloat16; here a bfloat16 input is normalised in bfloat16 (the kernel still
+    accumulates its statistics in float32) and the stream stays bfloat16. Same parameters; without autocast, or
+    with an input of the weights' dtype, it is ``nn.GroupNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype or not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def low_precision_norms(model: nn.Module) -> int:
+    """Every affine ``nn.GroupNorm`` of ``model`` made an :class:`InputDtypeGroupNorm` in place; returns how many."""
+    norms = [m for m in model.modules() if type(m) is nn.GroupNorm and m.affine]
+    for m in norms:
+        m.__class__ = InputDtypeGroupNorm
+    return len(norms)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, conditioning: ConditioningConfig = ConditioningConfig(),

@@ -44,6 +44,12 @@ class Setting:
     flash: bool  # model_args.use_flash_attention: PyTorch SDPA instead of MONAI's einsum attention
     compile: str  # train_args.compile: none, blocks or full
     about: str
+    more: tuple[tuple[str, object], ...] = ()  # further config keys, ("section.key", value)
+
+    @property
+    def samples(self) -> bool:
+        """Whether its sampling is timed: eager sampling is the eager row's, unless the setting sets its own."""
+        return self.compile == "none" or any(key.startswith("sampling_args.") for key, _ in self.more)
 
 
 BASELINE = Setting("motfm", "16-mixed", False, "none",
@@ -57,6 +63,11 @@ SETTINGS = {s.name: s for s in (
             "framework, bf16, SDPA, fused Adam, torch.compile of each UNet/ControlNet block (training only)"),
     Setting("comet-bf16-fullgraph", "bf16-mixed", True, "full",
             "framework, bf16, SDPA, fused Adam, torch.compile of the whole network as one graph (training only)"),
+    Setting("comet-bf16-fast", "bf16-mixed", True, "full",
+            "framework, bf16, SDPA, fused Adam, channels-last, bf16 GroupNorm, whole-network compile; sampling with "
+            "bf16 weights (fp32 ODE state), compiled",
+            (("train_args.channels_last", True), ("model_args.low_precision_norm", True),
+             ("sampling_args.precision", "bf16-true"), ("sampling_args.compile", "full"))),
 )}
 DEFAULT_SETTINGS = [name for name, s in SETTINGS.items() if s.compile == "none"]
 
@@ -272,6 +283,9 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
         keys["warmup_epochs"] = 0  # the contrastive term is part of every timed step
         keys["num_keys"] = -(-keys["num_keys"] // batch) * batch  # whole micro-batches: at least the batch
     values["sampling_args"].update(num_steps=args.num_steps, precision=precision)  # the method's own sampler
+    for key, value in setting.more:
+        section, name = key.split(".")
+        values[section][name] = value
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed,
                         spatial_dims=run_cfg.model_args.spatial_dims)
@@ -280,7 +294,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     if "train" in args.tasks:
         train = train_framework(module, dm, precision, setting, batch, args, device, workdir)
         info["optimizer"] = train["optimizer"]
-    if setting.compile != "none" or "sample" not in args.tasks:  # sampling does not compile: the eager row's
+    if not setting.samples or "sample" not in args.tasks:
         return train, {}
     module.to(device).eval()  # Lightning moves the module back to the CPU after fit
     masks = dm.train_set.mask[: batch * args.sample_batches]
@@ -300,7 +314,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     _sync(device)
     per_batch = (time.perf_counter() - start) / args.sample_batches
     sampling = {"first_s": first, "per_call_s": per_batch, "calls": args.sample_batches,
-                "peak_gib": _peak_gib(device), **info}
+                "peak_gib": _peak_gib(device), **info, "precision": run_cfg.sampling_args.precision}
     profiled(lambda: sample(batch), args.profile, f"{setting.name}_sample_b{batch}", device)
     return train, sampling
 

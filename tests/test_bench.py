@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from bench import device_probe, throughput
 
@@ -67,6 +68,24 @@ def test_sampling_only_with_profiles(tmp_path, capsys):
     assert written == ["comet-bf16_sample_b2.txt", "motfm_sample_b2.txt"]
     table = (tmp_path / "prof" / "comet-bf16_sample_b2.txt").read_text()
     assert "Self CPU" in table and "aten::conv2d" in table  # the network ran inside the profiled call
+
+
+@pytest.mark.slow  # compiles the tiny network for training and for sampling (a cheap backend)
+def test_the_fast_setting_trains_and_samples_with_all_its_levers(capsys, monkeypatch):
+    """comet-bf16-fast: channels-last, bf16 GroupNorm and the compiled network in training, bf16 weights and a
+    compiled network in sampling, each timed against the baseline."""
+    from utils.methods.networks import compile_network
+
+    compiled = []
+    monkeypatch.setattr("utils.methods.base.compile_network",
+                        lambda net, **kw: compiled.append(net) or compile_network(net, backend="aot_eager"))
+    assert throughput.main(["--tiny", "--settings", "comet-bf16-fast"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith('{"record": "result"')]
+    by = {(r["setting"], r["task"]): r for r in rows}
+    assert by["comet-bf16-fast", "train"]["precision"] == "bf16-mixed" and by["comet-bf16-fast", "train"]["compile_s"]
+    assert by["comet-bf16-fast", "sample"]["precision"] == "bf16-true"
+    assert len(compiled) == 2 and next(compiled[1].parameters()).dtype is torch.bfloat16  # training, then sampling
+    assert all(by[k]["ratio_to_baseline"] > 0 for k in by)
 
 
 def test_training_profile_is_an_extra_step(tmp_path, capsys):

@@ -291,6 +291,10 @@ def test_bf16_weights_sample_like_fp32_with_the_state_and_time_in_fp32():
     assert 0.1 < ref.std() and 0 < (got - ref).abs().max() <= 1e-2
     assert got.dtype == torch.float32 and next(fast.model.parameters()).dtype == torch.float32
     assert seen == [(torch.bfloat16, torch.float32)] * 10  # the copy (hooks and all) ran the 10 steps
+    randomise(fast.model, seed=5)  # training went on: the next call samples with the new weights
+    fresh = tiny_module(sampling_args={"precision": "bf16-true"})
+    fresh.load_state_dict(fast.state_dict())
+    assert torch.equal(images(fast), images(fresh)) and len(seen) == 20  # the same copy, refreshed
 
 
 def test_fused_adam_only_on_cuda_and_never_with_fp16_clipping():

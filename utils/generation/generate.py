@@ -7,6 +7,7 @@ hands each batch its samples' noise. Every random number of sample i depends onl
 from __future__ import annotations
 
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ from tqdm import tqdm
 
 from utils.precision import autocast
 from utils.seeding import SampleNoise
+
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {device: its sampling copy}
 
 
 def default_batch_size(device: str, volumes: bool) -> int:
@@ -122,12 +125,21 @@ def same_device(a: str | torch.device, b: str | torch.device) -> bool:
 
 def sampling_copy(module, device: str):
     """The module that samples on ``device``: itself where it is, a copy elsewhere; with ``sampling_args.precision:
-    bf16-true`` always a copy whose sampling network holds bfloat16 weights (the module keeps its own). Compiled
-    for sampling when its ``sampling_args.compile`` says so."""
+    bf16-true`` always a copy whose sampling network holds bfloat16 weights (the module keeps its own). A copy is
+    made once per module and device and given the module's current weights at every call (training goes on
+    between validation grids), in place, so a compiled copy (``sampling_args.compile``) compiles once."""
     cast = module.cfg.sampling_args.precision == "bf16-true"
-    m = module if same_device(module.device, device) and not cast else _copy_to(module, device)
-    if cast:
-        m.sampling_network().to(torch.bfloat16)
+    if same_device(module.device, device) and not cast:
+        m = module
+    else:
+        copies = _COPIES.setdefault(module, {})
+        m = copies.get(str(device))
+        if m is None:
+            m = copies[str(device)] = _copy_to(module, device)
+            if cast:
+                m.sampling_network().to(torch.bfloat16)
+        else:
+            m.load_state_dict(module.state_dict())
     m.compile_for_sampling()
     return m
 

@@ -150,7 +150,7 @@ def test_the_shared_config_knows_no_method():
     text = (ROOT / "utils" / "config.py").read_text()
     for section in ("prior_args", "contrastive_args", "ddpm_args", "spade_args", "med_dt_fm_args", "ukan_args"):
         assert section not in text, section
-    assert len(text.splitlines()) < 420
+    assert len(text.splitlines()) < 440  # framework-wide keys only: 420 before four speed keys (issue 26)
 
 
 # --- adding a method: one package, one registry line, one YAML ---------------------------------------------------

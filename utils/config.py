@@ -88,8 +88,7 @@ class ModelConfig:
     # Attention through PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels) instead of
     # MONAI's einsum softmax (MOTFM's). Same parameters and state dict; outputs agree to float rounding.
     use_flash_attention: bool = True
-    # GroupNorm in its input's dtype under autocast (CUDA's autocast runs it in float32, which turns the residual
-    # stream float32 and makes every following convolution cast back to bf16). Same parameters and state dict.
+    # GroupNorm in its input's dtype under autocast (CUDA's runs it in fp32): a bf16 residual stream stays bf16.
     low_precision_norm: bool = False
     # The output projection of the self-attention blocks (MONAI's include_fc). monai-generative 0.2.3, which the
     # seed's and MOTFM's code run on, defines it (proj_attn) but never applies it: false is that network. Class
@@ -179,9 +178,8 @@ class TrainConfig:
     # state_dict keys unchanged). Faster steps after a first step that compiles (minutes on the seed network).
     # "full": the whole network as one graph (fullgraph, fixed shapes), the step towards CUDA graphs.
     compile: Literal["none", "blocks", "full"] = "none"
-    # The network's (and its EMA's) convolution weights stored channels-last (NHWC; NDHWC for volumes), so cuDNN
-    # runs its tensor-core kernels without transposes; the activations follow the weights. Pairs with compile
-    # (inductor fuses the NCHW copies MONAI's attention blocks make). Same parameters and state dict.
+    # The network's and EMA's convolution weights channels-last (NHWC / NDHWC); activations follow. Pairs with
+    # compile (inductor fuses the NCHW copies MONAI's attention blocks make). Same state dict.
     channels_last: bool = False
     # 3-D only: the memory (GiB) a training step may use; the fit is refused before it starts when the estimate
     # (utils.methods.memory) exceeds it. 0 = what the device has free (CUDA free memory, or available RAM).
@@ -213,17 +211,14 @@ class SamplingConfig:
     # The sampler, one of the method's SAMPLERS; left out, the method's first (flow matching: euler; ddpm: ddim).
     # Configs written before it was named sampler call it method (utils.methods.upgrade renames it).
     sampler: str | None = None
-    # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none;
-    # "bf16-true": a copy of the network with bfloat16 weights, the ODE state and time values in float32
-    # (methods sampled by the ODE sampler only).
+    # Autocast for the network while sampling (validation grids, inferer, evaluate); "32-true" = none; "bf16-true":
+    # a copy of the network with bf16 weights, ODE state and times fp32 (the ODE-sampled methods).
     precision: Literal["32-true", "16-mixed", "bf16-mixed", "bf16-true"] = "32-true"
     # Classifier-free guidance w (flow matching): v = v_uncond + w (v_cond - v_uncond), where v_uncond drops the
     # conditions training dropped (conditioning_args). 1 = no guidance (one network call per step; 2 otherwise).
     guidance_scale: float = 1.0
-    # "full": the network that makes images (the EMA weights when kept) compiled as one graph for fixed shapes
-    # (torch.compile fullgraph, dynamic=False), in place, before the first batch; the last partial batch is padded
-    # so one shape serves. The ODE-sampled methods only (flow_matching, med_dt_fm). The first batch compiles
-    # (minutes on the seed network; inductor caches the kernels).
+    # "full": the network that makes images compiled as one fixed-shape graph before the first batch (which
+    # compiles); the last batch padded so one shape serves. The ODE-sampled methods.
     compile: Literal["none", "full"] = "none"
 
     def check(self, key):
@@ -269,13 +264,9 @@ class RunConfig:
         require(self.GUIDANCE or self.sampling_args.guidance_scale == 1.0, "sampling_args.guidance_scale",
                 f"must be 1 for method {self.method} (guidance is flow matching's), "
                 f"got {self.sampling_args.guidance_scale}")
-        ode = "euler" in self.SAMPLERS  # sampled by the ODE sampler, which calls the network through one adapter
-        require(ode or self.sampling_args.compile == "none", "sampling_args.compile",
-                f"must be none for method {self.method}: only the methods the ODE sampler samples (flow_matching, "
-                f"med_dt_fm) compile their network for sampling")
-        require(ode or self.sampling_args.precision != "bf16-true", "sampling_args.precision",
-                f"bf16-true is for the methods the ODE sampler samples (flow_matching, med_dt_fm), not "
-                f"{self.method}: use bf16-mixed")
+        s = self.sampling_args  # the ODE sampler calls the network through one adapter, which compiles or casts
+        require("euler" in self.SAMPLERS or (s.compile, s.precision == "bf16-true") == ("none", False), "sampling_args",
+                f"compile full and precision bf16-true are for the ODE-sampled methods, not {self.method}")
         if self.UNET:
             depth = 2 ** (len(self.model_args.channels) - 1)
             require(self.data_args.image_size % depth == 0, "data_args.image_size",

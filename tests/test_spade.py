@@ -93,8 +93,11 @@ def test_spectral_norm_sits_where_spades_code_puts_it(discriminator, d_num, d_nu
     module = spade_module(discriminator=discriminator, d_num=d_num, d_num_layers=d_num_layers)
     g, d = module.model, module.discriminator
     modulation = [n for n in convs(g) if ".norm_" in n]  # SPADE's mlp_shared, mlp_gamma, mlp_beta
-    assert len(modulation) == 9 * len(SPADE_ARGS["channels"])  # 3 SPADE layers x 3 convs per block
-    assert len(normalised_convs(g)) == len(convs(g)) - len(modulation) - 2 == 3 * len(SPADE_ARGS["channels"])
+    blocks = g.decoder.blocks
+    block_convs = 2 * len(blocks) + sum(hasattr(b, "conv_s") for b in blocks)  # a shortcut conv where widths change
+    assert len(blocks) == len(SPADE_ARGS["channels"]) and block_convs == 2 * len(blocks) + 1  # the last keeps 8
+    assert len(modulation) == 3 * block_convs  # a SPADE layer of 3 convs before each block conv
+    assert len(normalised_convs(g)) == len(convs(g)) - len(modulation) - 2 == block_convs
     assert not any(".norm_" in n for n in normalised_convs(g))
     layers = d_num_layers * d_num if discriminator == "spade" else d_num_layers * d_num * (d_num + 1) // 2
     assert len(normalised_convs(d)) == len(convs(d)) - 2 * d_num == layers - d_num * (discriminator == "spade")
@@ -443,9 +446,26 @@ def test_a_config_written_before_spectral_norm_reads_as_what_it_trained():
     from utils.methods import as_written
 
     written = config_to_dict(config_from_dict(spade_values()))
-    for key in ("spectral_norm", "discriminator", "alternating"):
+    for key in ("spectral_norm", "discriminator", "alternating", "spade_output"):
         del written["spade_args"][key]
     old = config_from_dict(as_written(written)).spade_args
-    assert (old.spectral_norm, old.discriminator, old.alternating) == (False, "monai", False)
+    assert (old.spectral_norm, old.discriminator, old.alternating, old.spade_output) == (False, "monai", False, False)
     new = config_from_dict(written).spade_args
-    assert (new.spectral_norm, new.discriminator, new.alternating) == (True, "spade", True)
+    assert (new.spectral_norm, new.discriminator, new.alternating, new.spade_output) == (True, "spade", True, True)
+
+
+def test_the_generator_ends_as_spades_and_monais_layout_stays_loadable():
+    """SPADE's end: the last residual block keeps channels[0] features, LeakyReLU(0.2), a 3x3 conv to one channel,
+    tanh. MONAI's (older checkpoints): the last block narrows to one channel, a 3x3 conv from one to one."""
+    ours, monai = spade_module(), spade_module(spade_output=False)
+    width = SPADE_ARGS["channels"][0]
+    assert ours.model.decoder.blocks[-1].conv_1.conv.out_channels == width
+    relu, conv = ours.model.decoder.last_conv
+    assert isinstance(relu, torch.nn.LeakyReLU) and relu.negative_slope == 0.2
+    assert (conv.conv.in_channels, conv.conv.out_channels, conv.conv.kernel_size) == (width, 1, (3, 3))
+    assert isinstance(conv.adn.A, torch.nn.Tanh)
+    assert monai.model.decoder.blocks[-1].conv_1.conv.out_channels == 1
+    assert monai.model.decoder.last_conv.conv.weight.shape == (1, 1, 3, 3)
+    with torch.no_grad():
+        x = ours.model.decode(one_hot(masks(2), 4), None)
+    assert x.shape == (2, 1, 32, 32) and x.abs().max() <= 1

@@ -27,6 +27,12 @@ class SpadeConfig:
     (``norm_G``/``norm_D`` "spectral..."): each residual block's conv_0, conv_1 and learned shortcut in the
     generator (not the SPADE modulation convolutions, the first or the last layer), and every discriminator
     convolution but its first and last. The paper says "all layers"; the code is what its results came from.
+
+    ``spade_output`` (default) ends the generator as SPADE does: the last residual block keeps ``channels[0]``
+    features, then LeakyReLU(0.2), a 3x3 convolution to one channel and tanh (NVlabs/SPADE's ``conv_img``).
+    Off, MONAI's layout (checkpoints from before 2026-12-07): the last block narrows to one channel and a 3x3
+    convolution from one channel to one makes the image, a filter of 9 random weights that trains little; on
+    the quickstart data training seeds 2 and 42 drew difference-like filters and made stripes instead of echo.
     """
 
     channels: tuple[int, ...] = (64, 128, 256, 512, 1024)  # SPADENet levels, finest first; the decoder reverses them
@@ -49,6 +55,7 @@ class SpadeConfig:
     kld_weight: float = 0.05  # only with is_vae
     spectral_norm: bool = True  # as NVlabs/SPADE's code (above); checkpoints from before 2026-12 have none
     alternating: bool = True  # G's step, then D's on the updated G's images (above)
+    spade_output: bool = True  # SPADE's output layer (above); MONAI's 1-channel one before 2026-12-07
 
     def check(self, key):
         require(len(self.channels) >= 1 and min(self.channels) >= 1, key("channels"),
@@ -90,7 +97,8 @@ class SpadeRunConfig(RunConfig):
     SAMPLERS: ClassVar[tuple[str, ...]] = ("generator",)  # one generator pass, whatever sampling_args.num_steps
     WRITTEN_BEFORE: ClassVar[dict[str, object]] = {"spade_args.spectral_norm": False,
                                                    "spade_args.discriminator": "monai",
-                                                   "spade_args.alternating": False}
+                                                   "spade_args.alternating": False,
+                                                   "spade_args.spade_output": False}
 
     def check(self, key):
         super().check(key)

@@ -3,9 +3,9 @@
 Generator: MONAI's ``SPADENet`` on the one-hot mask. Without the VAE it starts from the mask downsampled to
 the coarsest level and is deterministic (the noise of :meth:`generate` is unused); with ``is_vae`` an image
 encoder gives the latent in training (KL term) and generation draws it from N(0, I), the first ``z_dim``
-numbers of each sample's noise. MONAI's default last activation is a LeakyReLU; SPADE's is tanh, which keeps
-images in [-1, 1], so tanh is used. Note MONAI's layout: the last residual block already narrows to one
-channel before the output convolution (SPADE keeps 64).
+numbers of each sample's noise. It ends as SPADE's does (``spade_args.spade_output``, default): the last
+residual block keeps ``channels[0]`` features, then LeakyReLU(0.2), a 3x3 convolution to one channel and tanh;
+MONAI's own layout narrows the last block to one channel and ends with a 1 -> 1 convolution (older checkpoints).
 
 Discriminator on [image, one-hot mask]: SPADE's (:class:`MultiscaleDiscriminator`: ``d_num`` discriminators of
 ``d_num_layers`` layers, the i-th on the input downsampled i times, widths capped at 512), or with
@@ -22,6 +22,7 @@ import re
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks import Convolution
 from monai.networks.nets import MultiScalePatchDiscriminator, SPADENet
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -50,10 +51,16 @@ def spectrally_normalise(network: torch.nn.Module, names: re.Pattern) -> list[st
 
 
 def build_generator(cfg: SpadeConfig, num_classes: int, image_size: int) -> SPADENet:
+    width = cfg.channels[0] if cfg.spade_output else 1  # the last residual block's output channels
     # list(): SPADENet reverses and extends the list it is given
-    net = SPADENet(spatial_dims=2, in_channels=1, out_channels=1, label_nc=num_classes,
+    net = SPADENet(spatial_dims=2, in_channels=1, out_channels=width, label_nc=num_classes,
                    input_shape=(image_size, image_size), channels=list(cfg.channels), z_dim=cfg.z_dim,
                    is_vae=cfg.is_vae, spade_intermediate_channels=cfg.hidden_channels, last_act="TANH")
+    if cfg.spade_output:  # NVlabs/SPADE: tanh(conv_img(leaky_relu(x, 0.2))), conv_img 3x3 to the image channels
+        net.decoder.last_conv = torch.nn.Sequential(
+            torch.nn.LeakyReLU(0.2),
+            Convolution(spatial_dims=2, in_channels=width, out_channels=1, kernel_size=3, padding=1, norm=None,
+                        act="TANH"))
     if cfg.spectral_norm:
         spectrally_normalise(net, SPECTRAL_GENERATOR)
     return net

@@ -118,11 +118,11 @@ def test_the_training_step_is_a_function_of_its_draws(tiny_data):
     g = torch.Generator().manual_seed(1)
     batch = {"x_1": torch.rand(4, 1, 32, 32, generator=g) * 2 - 1, "patient": torch.tensor([0, 1, 1, 2]),
              "mask": torch.randint(0, 4, (4, 1, 32, 32), generator=g, dtype=torch.uint8)}
-    twin = copy.deepcopy(module)
+    twin, triplet = copy.deepcopy(module), copy.deepcopy(module)
     loss = module.training_step(batch, batch_idx=5)
     same, logs = twin.step_loss(batch, twin.step_draws(batch["x_1"], batch_idx=5))
     assert torch.equal(loss, same) and logs["train/nce_valid_keys"].item() <= 4  # half the bank is empty
-    other, _ = copy.deepcopy(module).step_loss(batch, module.step_draws(batch["x_1"], batch_idx=6))
+    other, _ = triplet.step_loss(batch, triplet.step_draws(batch["x_1"], batch_idx=6))  # same bank, other draws
     assert not torch.equal(other, same)
 
 

@@ -29,7 +29,7 @@ RESUMABLE_CHANGES = {
     "train_args.limit_val_batches", "train_args.log_every_n_steps", "train_args.sample_every_n_epochs",
     # speed settings: same parameters, same state dict; numerics agree to rounding (tests/test_fast_paths.py)
     "train_args.compile", "model_args.use_flash_attention", "sampling_args.precision", "sampling_args.compile",
-    "train_args.channels_last", "model_args.low_precision_norm", "train_args.memory_limit_gb",
+    "model_args.low_precision_norm", "train_args.memory_limit_gb",
     "train_args.logger", "train_args.logger_uri",  # where the metrics go besides TensorBoard and CSV
 }
 
@@ -267,6 +267,10 @@ class RunConfig:
         s = self.sampling_args  # the ODE sampler calls the network through one adapter, which compiles or casts
         require("euler" in self.SAMPLERS or (s.compile, s.precision == "bf16-true") == ("none", False), "sampling_args",
                 f"compile full and precision bf16-true are for the ODE-sampled methods, not {self.method}")
+        require(self.UNET or not (self.train_args.channels_last or self.model_args.low_precision_norm), "train_args",
+                f"channels_last and model_args.low_precision_norm are for the UNet methods, not {self.method}")
+        require(not (self.model_args.low_precision_norm and self.train_args.precision == "16-mixed"),
+                "model_args.low_precision_norm", "needs bf16-mixed: fp16 GroupNorm gradients overflow under 16-mixed")
         if self.UNET:
             depth = 2 ** (len(self.model_args.channels) - 1)
             require(self.data_args.image_size % depth == 0, "data_args.image_size",

@@ -64,7 +64,7 @@ def generate(module, masks: torch.Tensor, sample_ids: torch.Tensor, seed: int, n
     chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
     models = [sampling_copy(module, d) for d in devices]
     # a network compiled for fixed shapes sees every batch at batch_size: the last one padded with its last sample
-    pad_to = batch_size if module.cfg.sampling_args.compile != "none" and not batch_invariant else 0
+    pad_to = min(batch_size, n) if module.cfg.sampling_args.compile != "none" and not batch_invariant else 0
     bar = tqdm(total=n, unit="img", desc="generating", disable=not progress, dynamic_ncols=True)
 
     if references is not None and not module.supports_reference:
@@ -125,11 +125,13 @@ def same_device(a: str | torch.device, b: str | torch.device) -> bool:
 
 def sampling_copy(module, device: str):
     """The module that samples on ``device``: itself where it is, a copy elsewhere; with ``sampling_args.precision:
-    bf16-true`` always a copy whose sampling network holds bfloat16 weights (the module keeps its own). A copy is
-    made once per module and device and given the module's current weights at every call (training goes on
-    between validation grids), in place, so a compiled copy (``sampling_args.compile``) compiles once."""
-    cast = module.cfg.sampling_args.precision == "bf16-true"
-    if same_device(module.device, device) and not cast:
+    bf16-true`` or ``sampling_args.compile: full`` always a copy (its sampling network in bfloat16, or compiled:
+    the module's own network, which may be training, stays as it is). A copy is made once per module and device
+    and given the module's current weights at every call (training goes on between validation grids), in place,
+    so a compiled copy compiles once. It holds the whole module: one more module's memory while it lives."""
+    s = module.cfg.sampling_args
+    cast = s.precision == "bf16-true"
+    if same_device(module.device, device) and not cast and s.compile == "none":
         m = module
     else:
         copies = _COPIES.setdefault(module, {})

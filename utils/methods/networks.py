@@ -224,8 +224,7 @@ class VelocityAdapter(ModelWrapper):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **conditions) -> torch.Tensor:
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        weights = next((p.dtype for p in self.model.parameters()), x.dtype)
-        x_in = x.to(weights) if weights.is_floating_point else x
+        x_in = self.network_input(x)
         self.nfe += 1
         v_c = self.model(x_in, t, **conditions).to(x.dtype)
         if self.guidance_scale == 1.0:
@@ -233,3 +232,8 @@ class VelocityAdapter(ModelWrapper):
         self.nfe += 1
         v_u = self.model(x_in, t, **self.null(conditions)).to(x.dtype)
         return v_u + self.guidance_scale * (v_c - v_u)
+
+    def network_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the dtype of the network's weights (a bf16-true copy's), else ``x`` itself."""
+        weights = next((p.dtype for p in self.model.parameters()), x.dtype)
+        return x.to(weights) if weights.is_floating_point else x

@@ -15,7 +15,8 @@ anchor's micro-batch:
 
 The bank holds gathered keys, so it is the same on every rank; the module saves it in the checkpoint and
 a resumed run continues with the keys it would have had. It has its fixed size from the first micro-step, so
-every step's key set has M rows (static shapes, as CUDA graph capture needs), and it is updated in place; its
+every step's key set has M rows (static shapes, as CUDA graph capture needs), and it is updated in place (a
+smaller last batch of an epoch, which the loader keeps on small sets, resizes it to the newest keys); its
 slots start empty (``filled`` False), the loss masks them out, so the first micro-steps of a run see fewer
 keys: the module logs the true count (``train/nce_valid_keys``).
 """
@@ -50,10 +51,10 @@ class ContrastiveKeys:
     def __call__(self, x_0: torch.Tensor, x_1: torch.Tensor, patient: torch.Tensor) -> KeySet:
         """Keys for the local anchors ``x_0``, ``x_1`` (B, C, *spatial) and ``patient`` (B,)."""
         gathered = {}
-        filled = torch.ones(len(patient), dtype=torch.bool, device=patient.device)
-        for name, value in zip(self.FIELDS, (x_0, x_1, patient, filled)):
+        for name, value in zip(self.FIELDS, (x_0, x_1, patient)):
             gathered[name], offset = gather_no_grad(value)
         total, m = len(gathered["x_0"]), self.num_keys
+        gathered["filled"] = torch.ones(total, dtype=torch.bool, device=patient.device)
         local = torch.arange(x_0.shape[0], device=x_0.device)
         if total >= m:
             if total % m:
@@ -88,7 +89,7 @@ class ContrastiveKeys:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """A bank saved by :meth:`state_dict`; one saved before the bank had a fixed size (no ``filled``) holds
         only samples already seen."""
-        self.bank = dict(state)
+        self.bank = {k: v.clone() for k, v in state.items()}  # updated in place: not the caller's tensors
         if self.bank and "filled" not in self.bank:
             self.bank["filled"] = torch.ones(len(self.bank["patient"]), dtype=torch.bool)
 

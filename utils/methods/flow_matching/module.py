@@ -205,9 +205,10 @@ class FlowMatchingModule(SynthesisMethod):
         return StepDraws(t, eps, *self.dropout_draws(len(x_1), x_1.device, batch_idx))
 
     def step_loss(self, batch: dict, draws: StepDraws) -> tuple[torch.Tensor, dict]:
-        """The training loss and its logs: a function of the batch, ``draws``, the weights and the key bank
-        alone, with the batch's shapes (the contrastive term's key set is ``num_keys`` rows from the first
-        step), so a CUDA graph can capture it."""
+        """The training loss and its logs: a function of the batch, ``draws``, the weights, the epoch (the
+        contrastive weight) and the key bank, which it updates in place; no random draw of its own, and the
+        batch's shapes throughout (the key set is ``num_keys`` rows from the first step), as a CUDA graph
+        capture needs."""
         x_1, mask = from_signed(batch["x_1"], self.cfg.prior_args.image_range), batch["mask"]
         conditions = self.dropped_conditions(self.conditions(mask, batch.get("class")), draws)
         fm, v, x_0, ps = self.flow_matching_loss(self.model, x_1, mask, draws.eps, draws.t, conditions)

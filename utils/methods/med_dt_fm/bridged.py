@@ -19,7 +19,7 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 from utils.config import ConditioningConfig, ModelConfig
-from utils.methods.networks import TIME_SCALE, ConditionalVelocityField
+from utils.methods.networks import TIME_SCALE, ConditionalVelocityField, low_precision_norms
 
 NUM_BRIDGES = 4
 
@@ -87,6 +87,8 @@ class BridgedVelocityField(ConditionalVelocityField):
         self.cond = MaskPyramid(num_classes, cond_channels)
         self.bridges = nn.ModuleList(Bridge(c, cond_channels, cfg.norm_num_groups)
                                      for c in bridge_channels(cfg.channels))
+        if cfg.low_precision_norm:  # the bridges' norms too (the UNet's were swapped by the parent)
+            low_precision_norms(self.bridges)
 
     def at_timesteps(self, x_t: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor,
                      classes: torch.Tensor | None = None, labels_kept: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,7 +66,7 @@ class FeatureGuidedAdapter(VelocityAdapter):
         with torch.inference_mode(False), torch.enable_grad():
             x_t = x.clone().requires_grad_(True)
             t = t.clone().to(x.dtype).reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.clone()
-            v, features = self.model.velocity_and_features(x_t, t, extras["mask"].clone())
+            v, features = self.model.velocity_and_features(self.network_input(x_t), t, extras["mask"].clone())
             targets = {i: target.clone() for i, target in self.targets.items()}
             with torch.autocast(device_type=x.device.type, enabled=False):
                 projections = self.heads([f.float() for f in features], {i: p.shape[-2:] for i, p in targets.items()})
@@ -74,7 +74,7 @@ class FeatureGuidedAdapter(VelocityAdapter):
                 distance = sum(self.weights[i] * (projections[i] - targets[i]).square().flatten(1).mean(1).sum()
                                for i in targets)
             grad = torch.autograd.grad(distance, x_t)[0]
-            v = v.detach()
+            v = v.detach().to(x.dtype)
         return v - self.scale * per_sample_norm(v) * grad / per_sample_norm(grad)
 
 

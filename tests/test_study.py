@@ -270,8 +270,13 @@ def test_ctrl_c_in_a_studys_training_stops_the_study_and_the_run_resumes(tmp_pat
     path = _study(tmp_path, tiny_data, seeds=[0], evaluation={"num_samples": 4, "num_steps": 1},
                   rows=[{"name": "MOTFM", "set": [f"data_args.path={tiny_data}", "train_args.max_epochs=3"]}])
     monkeypatch.setattr(EpochPace, "on_train_epoch_end", ctrl_c_after_epoch_2)
-    assert study.main([path]) == 130  # Lightning's own answer is sys.exit(1), which a study took for a failure
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left SIGINT ignored
+    # Python's own handler, whatever this process inherited (a background job starts with SIGINT ignored)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert study.main([path]) == 130  # Lightning's own answer is sys.exit(1), which a study took for a failure
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning had left SIGINT ignored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     run = tmp_path / "tiny_study" / "runs" / "motfm-seed0"
     assert (run / "last.ckpt").is_file() and not (tmp_path / "tiny_study" / "done").exists()
     monkeypatch.setattr(EpochPace, "on_train_epoch_end", real_epoch_end)

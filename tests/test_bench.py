@@ -9,6 +9,7 @@ FIELDS = {"setting", "task", "batch_size", "precision", "attention", "optimizer"
           "peak_gib", "gflop_per_image", "tflops", "fraction_of_peak", "first_step_s", "compile_s", "timed_images"}
 
 
+@pytest.mark.slow  # seconds of tiny training per setting; the fast subset keeps under 2 minutes
 def test_tiny_benchmark_measures_baseline_and_every_framework_setting(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert throughput.main(["--tiny", "--peak_tflops", "2", "--output", str(out)]) == 0
@@ -87,6 +88,7 @@ def test_the_fast_setting_samples_with_bf16_weights_compiled_once(capsys, monkey
     assert all(by[k]["ratio_to_baseline"] > 0 for k in by)
 
 
+@pytest.mark.slow  # seconds of tiny training per setting; the fast subset keeps under 2 minutes
 def test_training_profile_is_an_extra_step(tmp_path, capsys):
     argv = ["--tiny", "--tasks", "train", "--settings", "comet-fp32", "--profile", str(tmp_path / "prof")]
     assert throughput.main(argv) == 0
@@ -97,6 +99,7 @@ def test_training_profile_is_an_extra_step(tmp_path, capsys):
     assert "autograd" in table.lower() or "backward" in table.lower()  # a training step, backward included
 
 
+@pytest.mark.slow  # seconds of tiny training per setting; the fast subset keeps under 2 minutes
 def test_tiny_benchmark_of_a_3d_config_times_volumes(capsys):
     """A 3-D config is measured on volumes (FLOPs, the baseline loop, the framework's data), not on 2-D images
     fed to its 3-D network."""

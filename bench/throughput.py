@@ -44,12 +44,12 @@ class Setting:
     flash: bool  # model_args.use_flash_attention: PyTorch SDPA instead of MONAI's einsum attention
     compile: str  # train_args.compile: none, blocks or full
     about: str
-    more: tuple[tuple[str, object], ...] = ()  # further config keys, ("section.key", value)
+    more: tuple[str, ...] = ()  # further config keys, as --set items "section.key=value"
 
     @property
     def samples(self) -> bool:
         """Whether its sampling is timed: eager sampling is the eager row's, unless the setting sets its own."""
-        return self.compile == "none" or any(key.startswith("sampling_args.") for key, _ in self.more)
+        return self.compile == "none" or any(item.startswith("sampling_args.") for item in self.more)
 
 
 BASELINE = Setting("motfm", "16-mixed", False, "none",
@@ -66,8 +66,8 @@ SETTINGS = {s.name: s for s in (
     Setting("comet-bf16-fast", "bf16-mixed", True, "full",
             "framework, bf16, SDPA, fused Adam, channels-last, bf16 GroupNorm, whole-network compile; sampling with "
             "bf16 weights (fp32 ODE state), compiled",
-            (("train_args.channels_last", True), ("model_args.low_precision_norm", True),
-             ("sampling_args.precision", "bf16-true"), ("sampling_args.compile", "full"))),
+            ("train_args.channels_last=true", "model_args.low_precision_norm=true",
+             "sampling_args.precision=bf16-true", "sampling_args.compile=full")),
 )}
 DEFAULT_SETTINGS = [name for name, s in SETTINGS.items() if s.compile == "none"]
 
@@ -265,7 +265,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
     """The framework's training step (Lightning, as trainer.py) and sampling (generate, as inferer.py)."""
     import torch
 
-    from utils.config import config_to_dict
+    from utils.config import apply_overrides, config_to_dict
     from utils.data.datamodule import EchoDataModule
     from utils.generation.generate import generate
     from utils.methods import config_from_dict, method_class
@@ -283,9 +283,7 @@ def framework(cfg, setting: Setting, batch: int, args, device, data_path: Path, 
         keys["warmup_epochs"] = 0  # the contrastive term is part of every timed step
         keys["num_keys"] = -(-keys["num_keys"] // batch) * batch  # whole micro-batches: at least the batch
     values["sampling_args"].update(num_steps=args.num_steps, precision=precision)  # the method's own sampler
-    for key, value in setting.more:
-        section, name = key.split(".")
-        values[section][name] = value
+    values = apply_overrides(values, list(setting.more))
     run_cfg = config_from_dict(values, f"{args.config_path} (benchmark setting {setting.name})")
     dm = EchoDataModule(run_cfg.data_args, batch, run_cfg.train_args.seed,
                         spatial_dims=run_cfg.model_args.spatial_dims)
